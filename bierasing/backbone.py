@@ -1,0 +1,90 @@
+"""The small interface the erasure engine needs from a text-to-image diffusion model.
+
+Designed for Stable Diffusion 1.5 (diffusers UNet2DConditionModel + CLIP text encoder + an
+IP-Adapter image branch); ShapesWorld is its smallest implementation and ComfyUI's MODEL another.
+
+Conventions:
+  * images are float BCHW RGB in [0, 1];
+  * ``x`` is the diffusion variable (VAE latents for SD, pixels in [-1, 1] for ShapesWorld);
+  * ``t`` is a LongTensor of DDPM timesteps in [0, num_train_timesteps);
+  * predictions are always returned as noise (epsilon), whatever the model was trained to predict,
+    so guidance targets (ESD, CFG) are written once for every model.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Backbone(abc.ABC):
+    """A text-to-image diffusion model with an optional decoupled image branch."""
+
+    unet: nn.Module
+    #: alphas_cumprod of the training noise schedule, shape [num_train_timesteps]
+    alphas_cumprod: torch.Tensor
+    #: "epsilon" or "v_prediction": what ``unet`` itself outputs
+    prediction_type: str = "epsilon"
+    #: clip x0 to [-1, 1] while sampling (pixel-space models)
+    clip_sample: bool = False
+    #: shape of one sample of x, without batch dimension
+    sample_shape: tuple[int, int, int]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @abc.abstractmethod
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text tokens [B, L, D] for cross-attention ("" is the unconditional prompt)."""
+
+    @abc.abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> image tokens [B, N, D] for the decoupled attention."""
+
+    @abc.abstractmethod
+    def to_x(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> clean diffusion variable x0."""
+
+    @abc.abstractmethod
+    def from_x(self, x0: torch.Tensor) -> torch.Tensor:
+        """Clean diffusion variable x0 -> images [B, 3, H, W] in [0, 1]."""
+
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's raw output (in ``prediction_type``)."""
+        kwargs = {"ip_hidden_states": image_tokens} if image_tokens is not None else None
+        return self.unet(x_t, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                      image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """epsilon(x_t, t, text[, image]) - the noise-prediction every objective is written in."""
+        out = self.model_output(x_t, t, text, image_tokens)
+        return self.output_to_eps(out, x_t, t)
+
+    def output_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":
+            a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
+            return a.sqrt() * out + (1 - a).sqrt() * x_t
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def attn2_modules(self) -> dict[str, nn.Module]:
+        """Cross-attention modules by name (``down_blocks.2.attentions.0...attn2``)."""
+        from diffusers.models.attention_processor import Attention
+
+        return {n: m for n, m in self.unet.named_modules()
+                if isinstance(m, Attention) and n.endswith("attn2")}

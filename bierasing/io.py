@@ -1,0 +1,118 @@
+"""Files: atomic writes, safetensors-only weights, and resumable training checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write (metadata values must be strings)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load tensors + metadata; refuses pickle formats with a message that says what to do."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(f"{path.name} is a pickle-format file; pickles can run arbitrary code and "
+                         "are never loaded here. Convert it to .safetensors first.")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such weights file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from e
+
+
+# ---- training checkpoints --------------------------------------------------------------------
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict, dict]:
+    """Flatten an optimizer state_dict into (tensors, json-able meta)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict,
+                           prefix: str = "optim") -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state(np_rng: np.random.Generator | None, torch_gen: torch.Generator | None) -> tuple[dict, dict]:
+    tensors, meta = {}, {}
+    if torch_gen is not None:
+        tensors["rng.torch"] = torch_gen.get_state()
+    if np_rng is not None:
+        meta["numpy"] = np_rng.bit_generator.state
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict, np_rng: np.random.Generator | None,
+                torch_gen: torch.Generator | None) -> None:
+    if torch_gen is not None:
+        torch_gen.set_state(tensors["rng.torch"])
+    if np_rng is not None:
+        np_rng.bit_generator.state = meta["numpy"]
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    save_safetensors(path, tensors, {"checkpoint": json.dumps(meta)})
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, raw = load_safetensors(path)
+    if "checkpoint" not in raw:
+        raise ValueError(f"{path} is not a bierasing checkpoint (no 'checkpoint' metadata)")
+    return tensors, json.loads(raw["checkpoint"])
