@@ -13,6 +13,34 @@ import sys
 from pathlib import Path
 
 
+class _CtrlC:
+    """First Ctrl-C asks the running loop to checkpoint and stop; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -20,13 +48,18 @@ def _threads(n: int) -> None:
 
 
 def _cmd_world_train(args) -> int:
-    from .world.train import TrainConfig, train_world
+    from .world.train import TrainConfig, TrainingInterrupted, train_world
 
     _threads(args.threads)
     tcfg = TrainConfig(seed=args.seed, clip_steps=args.clip_steps, unet_steps=args.unet_steps,
                        ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
     out = Path(args.out)
-    train_world(out, tcfg, progress=not args.quiet)
+    try:
+        with _CtrlC() as stop:
+            train_world(out, tcfg, progress=not args.quiet, should_stop=stop)
+    except TrainingInterrupted as e:
+        print(f"bierasing: {e}", file=sys.stderr)
+        return 130
     model = out / "model"
     if not args.skip_eval:
         from .world.evaluate import evaluate_world, write_model_card

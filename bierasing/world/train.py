@@ -33,6 +33,10 @@ from .models import ShapesWorldBackbone, WorldConfig, build_models, build_tokeni
 STAGES = ("clip", "unet", "ip")
 
 
+class TrainingInterrupted(RuntimeError):
+    """Raised when ``should_stop`` asked to stop; the checkpoint written just before resumes it."""
+
+
 @dataclass
 class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random choice in training"})
@@ -82,10 +86,14 @@ class WorldTrainer:
     """Owns the models, optimizers and RNGs of one training run; ``run`` does what is left."""
 
     def __init__(self, out: Path, tcfg: TrainConfig, wcfg: WorldConfig,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 should_stop: Callable[[], bool] | None = None):
         self.out, self.tcfg, self.wcfg, self.progress, self.log = Path(out), tcfg, wcfg, progress, log
+        self.should_stop = should_stop
         self.tokenizer = build_tokenizer(wcfg.max_text_len)
-        m = build_models(wcfg, self.tokenizer)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(tcfg.seed)
+            m = build_models(wcfg, self.tokenizer)
         self.bb = ShapesWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"],
                                       m["unet"], m["scheduler"], m["image_proj"], wcfg)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -183,10 +191,15 @@ class WorldTrainer:
                 self.history[self.stage].append([self.step, round(loss.item(), 5)])
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % self.tcfg.checkpoint_every == 0 or self.step == total:
+            stop = self.should_stop is not None and self.should_stop()
+            if stop or self.step % self.tcfg.checkpoint_every == 0 or self.step == total:
                 self.seconds[self.stage] += time.time() - t0
                 t0 = time.time()
                 self.save_checkpoint()
+            if stop:
+                bar.close()
+                raise TrainingInterrupted(f"stopped at {self.stage} step {self.step}; "
+                                          f"run again with the same --out to resume from {self.ckpt_path}")
         bar.close()
 
     def _batch(self, n: int, **caption_kwargs):
@@ -284,10 +297,11 @@ class WorldTrainer:
 
 
 def train_world(out: str | Path, tcfg: TrainConfig | None = None, wcfg: WorldConfig | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> ShapesWorldBackbone:
+                progress: bool = True, log: Callable[[str], None] = print,
+                should_stop: Callable[[], bool] | None = None) -> ShapesWorldBackbone:
     """Train (or resume) a ShapesWorld model into ``out``/model; returns the trained backbone."""
     tcfg, wcfg = tcfg or TrainConfig(), wcfg or WorldConfig()
-    trainer = WorldTrainer(Path(out), tcfg, wcfg, progress, log)
+    trainer = WorldTrainer(Path(out), tcfg, wcfg, progress, log, should_stop)
     bb = trainer.run().eval()
     meta = {"train": asdict(tcfg), "seconds": trainer.seconds, "loss_history": trainer.history,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
