@@ -1,0 +1,77 @@
+"""Erasure settings: one dataclass, validated once; each field's help text is the node tooltip."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .adapters import TRAINABLE_SETS
+
+METHODS = {
+    "bi-erasing": "negative branch (concept text + concept images) pushed away, positive branch "
+                  "(safe text + safe images) pulled toward; the paper's method",
+    "esd-x": "ESD, text-only negative guidance, cross-attention trained",
+    "esd-u": "ESD, text-only negative guidance, everything but cross-attention trained",
+    "co-erasing": "negative branch with concept images only (Co-Erasing, ICML 2025)",
+}
+XT_SOURCES = {
+    "cache": "DDIM trajectories of the frozen model for the concept, sampled once and reused (fast, ESD-correct)",
+    "esd": "a fresh partial DDIM from noise down to step t with the frozen model each step (ESD's way)",
+    "noised": "q(x_t | x_0) of the concept exemplars: no sampling at all",
+    "reproduce": "the released Bi-Erasing code: ascending timesteps, trainable model, empty prompt (labelled bug)",
+}
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EraseConfig:
+    method: str = _f("bi-erasing", "erasure objective: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()),
+                     choices=tuple(METHODS))
+    steps: int = _f(200, "optimisation steps", min=1, max=100000)
+    lr: float = _f(1e-3, "Adam learning rate of the adapter weights", min=1e-7, max=1.0)
+    batch_size: int = _f(8, "x_t samples per step", min=1, max=256)
+    trainable: str = _f("attn2", "which UNet layers are trained: " + "; ".join(f"{k}: {v}" for k, v in TRAINABLE_SETS.items()),
+                        choices=tuple(TRAINABLE_SETS))
+    rank: int = _f(4, "LoRA rank; 0 trains full weight deltas of the chosen layers", min=0, max=1024)
+    neg_weight: float = _f(0.6, "lambda-: weight of the negative (suppression) loss", min=0.0, max=10.0)
+    pos_weight: float = _f(0.4, "lambda+: weight of the positive (safe alternative) loss", min=0.0, max=10.0)
+    neg_guidance: float = _f(1.0, "eta-: negative guidance strength (ESD's eta)", min=0.0, max=20.0)
+    pos_guidance: float = _f(1.0, "eta+: positive guidance strength", min=0.0, max=20.0)
+    map_target_to_safe: float = _f(0.0, "extension (not in the released code): weight of a loss that maps the "
+                                   "concept prompt + safe image to the safe target", min=0.0, max=10.0)
+    schedule: str = _f("joint", "joint: both branches every step; guide-then-erase: positive only for the first "
+                       "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
+                       choices=("joint", "guide-then-erase"))
+    stage_threshold: float = _f(0.8, "share of steps in the guide stage of guide-then-erase", min=0.0, max=1.0)
+    text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
+    xt_source: str = _f("cache", "where x_t comes from: " + "; ".join(f"{k}: {v}" for k, v in XT_SOURCES.items()),
+                        choices=tuple(XT_SOURCES))
+    xt_steps: int = _f(20, "DDIM grid for x_t (t is drawn from its steps)", min=2, max=1000)
+    xt_guidance: float = _f(1.5, "CFG scale when sampling x_t trajectories", min=1.0, max=20.0)
+    cache_size: int = _f(64, "trajectories per concept in the x_t cache", min=1, max=100000)
+    seed: int = _f(0, "seed of every random choice (exemplars, t, noise, adapter init)", min=0, max=2**31 - 1)
+    checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only when stopped)", min=0, max=100000)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v, meta = getattr(self, f.name), f.metadata
+            if "choices" in meta and v not in meta["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}; got {v!r}")
+            if "min" in meta and not (meta["min"] <= v <= meta["max"]):
+                raise ValueError(f"{f.name} must be in [{meta['min']}, {meta['max']}]; got {v}")
+        if self.method in ("esd-x", "esd-u", "co-erasing"):
+            # single-direction baselines: their published loss is the negative term alone
+            self.neg_weight, self.pos_weight, self.map_target_to_safe = 1.0, 0.0, 0.0
+        if self.method == "esd-u" and self.trainable == "attn2":
+            self.trainable = "no_attn2"
+        if self.neg_weight == 0 and self.pos_weight == 0:
+            raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}

@@ -1,0 +1,278 @@
+"""The erasure loop: one UNet, adapters toggled for the teacher, every teacher row in one forward.
+
+    result = erase(backbone, [Concept("circle", "square", neg_images, pos_images)], EraseConfig())
+    result.save("erase_circle.safetensors")
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__, io
+from ..backbone import Backbone
+from . import xt as xt_sources
+from .adapters import AdapterSet, attach
+from .config import EraseConfig
+from .export import save_erasure
+from .objectives import branch_weights, mse, negative_guidance_target, positive_guidance_target
+
+
+class ErasureInterrupted(RuntimeError):
+    """``should_stop`` asked to stop; a checkpoint was written if a path was given."""
+
+
+@dataclass
+class Concept:
+    """One concept to erase and its safe alternative, with exemplar images ([N, 3, H, W] in [0, 1],
+    already mask-filtered)."""
+
+    target: str
+    safe: str = ""
+    negative_images: torch.Tensor | None = None
+    positive_images: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not self.target.strip():
+            raise ValueError("the concept to erase is empty; give a word or phrase such as 'nudity'")
+        for name in ("negative_images", "positive_images"):
+            imgs = getattr(self, name)
+            if imgs is not None and (imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[0] == 0):
+                raise ValueError(f"{name} of {self.target!r} must be a non-empty [N, 3, H, W] batch, "
+                                 f"got shape {tuple(imgs.shape)}")
+
+
+@dataclass
+class ErasureResult:
+    adapters: AdapterSet
+    config: EraseConfig
+    concepts: list[tuple[str, str]]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    forward_rows: int = 0
+    xt_forward_rows: int = 0
+
+    def info(self) -> dict:
+        steps = max(1, self.config.steps)
+        return {"library": f"bierasing {__version__}", "method": self.config.method,
+                "concepts": [{"target": t, "safe": s} for t, s in self.concepts],
+                "config": self.config.to_dict(), "seconds": round(self.seconds, 2),
+                "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "unet_forward_equivalents_per_step": round(self.forward_rows / steps, 2),
+                "unet_forward_equivalents_per_sample": round(self.forward_rows / (steps * self.config.batch_size), 2),
+                "xt_forward_rows": self.xt_forward_rows,
+                "adapter_parameters": self.adapters.num_parameters(),
+                "final_loss": self.history[-1]["loss"] if self.history else None}
+
+    def save(self, path: str | Path) -> Path:
+        return save_erasure(path, self.adapters, self.info())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Eraser:
+    """Holds one run's state so it can be checkpointed, stopped and resumed exactly."""
+
+    def __init__(self, backbone: Backbone, concepts: list[Concept], cfg: EraseConfig,
+                 callback: Callable[[int, int, dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 checkpoint_path: str | Path | None = None):
+        if not concepts:
+            raise ValueError("give at least one concept to erase")
+        needs_images = cfg.method in ("bi-erasing", "co-erasing")
+        for c in concepts:
+            if needs_images and c.negative_images is None:
+                raise ValueError(f"{cfg.method} needs negative exemplar images of {c.target!r}: "
+                                 "give an exemplar folder or let the model generate them")
+            if cfg.method == "bi-erasing" and cfg.pos_weight > 0 and c.positive_images is None:
+                raise ValueError(f"bi-erasing needs positive exemplar images of {c.safe or 'the safe concept'!r}")
+            if cfg.method == "bi-erasing" and cfg.pos_weight > 0 and not c.safe.strip():
+                raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
+            if cfg.xt_source == "noised" and c.negative_images is None:
+                raise ValueError("xt_source 'noised' needs negative exemplar images")
+        self.bb, self.concepts, self.cfg = backbone, concepts, cfg
+        self.callback, self.should_stop = callback, should_stop
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self.forward_rows = 0
+        self.seconds = 0.0
+
+    # ---- setup: everything constant is computed once ------------------------------------------
+    def prepare(self) -> None:
+        bb, cfg = self.bb, self.cfg
+        with torch.no_grad():
+            texts = sorted({"", *(c.target for c in self.concepts), *(c.safe for c in self.concepts)})
+            emb = dict(zip(texts, bb.encode_text(texts)))
+            self.uncond = emb[""]
+            self.c_neg = [emb[c.target] for c in self.concepts]
+            self.c_pos = [emb[c.safe] for c in self.concepts]
+            self.tok_neg = [bb.encode_images(c.negative_images) if c.negative_images is not None else None
+                            for c in self.concepts]
+            self.tok_pos = [bb.encode_images(c.positive_images) if c.positive_images is not None else None
+                            for c in self.concepts]
+        self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen)
+        self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
+        self.cache = None
+        self.xt_forward_rows = 0
+        if cfg.xt_source == "cache":
+            with self.adapters.disabled():
+                self.cache = xt_sources.TrajectoryCache(bb, self.c_neg, self.uncond, cfg.cache_size,
+                                                        cfg.xt_steps, cfg.xt_guidance, self.gen)
+            self.xt_forward_rows = self.cache.forwards
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _draw_xt(self, ci: int):
+        cfg, bb, B = self.cfg, self.bb, self.cfg.batch_size
+        if cfg.xt_source == "cache":
+            return self.cache.draw(ci, B, self.gen)
+        if cfg.xt_source == "noised":
+            return xt_sources.noised_exemplars(bb, self.concepts[ci].negative_images, B, self.gen)
+        if cfg.xt_source == "esd":
+            with self.adapters.disabled():
+                return xt_sources.partial_ddim(bb, self.c_neg[ci], self.uncond, B, cfg.xt_steps,
+                                               cfg.xt_guidance, self.gen)
+        return xt_sources.released_code_xt(bb, self.uncond, B, cfg.xt_steps, self.gen)
+
+    def _tokens(self, table, ci: int, B: int):
+        toks = table[ci]
+        if toks is None:
+            return None
+        return toks[torch.randint(0, toks.shape[0], (B,), generator=self.gen)]
+
+    def training_step(self) -> dict:
+        bb, cfg = self.bb, self.cfg
+        B = cfg.batch_size
+        ci = int(torch.randint(0, len(self.concepts), (1,), generator=self.gen))
+        x, t, fw = self._draw_xt(ci)
+        self.xt_forward_rows += fw
+        x, t = x.to(bb.device), t.to(bb.device)
+        lam_neg, lam_pos = branch_weights(cfg.schedule, self.step / cfg.steps, cfg.neg_weight,
+                                          cfg.pos_weight, cfg.stage_threshold)
+        rep = lambda e: e.expand(B, -1, -1)  # noqa: E731
+        i_neg = self._tokens(self.tok_neg, ci, B)
+        i_pos = self._tokens(self.tok_pos, ci, B) if lam_pos > 0 or cfg.map_target_to_safe > 0 else None
+        text_only = cfg.method in ("esd-x", "esd-u")
+
+        # rows: (text, image tokens or None); teacher rows first, then student rows
+        teacher, student = [], []
+        if lam_neg > 0:
+            img = None if text_only else i_neg
+            uncond_img = None if (text_only or cfg.text_uncond) else i_neg
+            teacher += [(rep(self.uncond), uncond_img), (rep(self.c_neg[ci]), img)]
+            student += [(rep(self.c_neg[ci]), img)]
+        if lam_pos > 0 or cfg.map_target_to_safe > 0:
+            teacher += [(rep(self.uncond), i_pos), (rep(self.c_pos[ci]), i_pos)]
+            if lam_pos > 0:
+                student += [(rep(self.c_pos[ci]), i_pos)]
+            if cfg.map_target_to_safe > 0:
+                student += [(rep(self.c_neg[ci]), i_pos)]
+
+        with torch.no_grad(), self.adapters.disabled():
+            eps_t = self._forward(x, t, teacher).chunk(len(teacher))
+        eps_s = self._forward(x, t, student).chunk(len(student))
+        self.forward_rows += B * (len(teacher) + 3 * len(student))  # backward ~ 2 forwards
+
+        parts, loss, k = {}, 0.0, 0
+        if lam_neg > 0:
+            target = negative_guidance_target(eps_t[0], eps_t[1], cfg.neg_guidance)
+            parts["neg"] = mse(eps_s[k], target)
+            loss = loss + lam_neg * parts["neg"]
+            k += 1
+        if lam_pos > 0 or cfg.map_target_to_safe > 0:
+            j = 2 if lam_neg > 0 else 0
+            target = positive_guidance_target(eps_t[j], eps_t[j + 1], cfg.pos_guidance)
+            if lam_pos > 0:
+                parts["pos"] = mse(eps_s[k], target)
+                loss = loss + lam_pos * parts["pos"]
+                k += 1
+            if cfg.map_target_to_safe > 0:
+                parts["map"] = mse(eps_s[k], target)
+                loss = loss + cfg.map_target_to_safe * parts["map"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
+                                     f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {"step": self.step + 1, "loss": round(loss.item(), 6),
+                **{k: round(v.item(), 6) for k, v in parts.items()}}
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, rows: list) -> torch.Tensor:
+        """All rows in one batched UNet call; a row without image gets zero image tokens, which
+        makes its image channel exactly zero (K = V = 0)."""
+        n = len(rows)
+        text = torch.cat([r[0] for r in rows])
+        toks = [r[1] for r in rows]
+        tokens = None
+        if any(tk is not None for tk in toks):
+            ref = next(tk for tk in toks if tk is not None)
+            tokens = torch.cat([tk if tk is not None else torch.zeros_like(ref) for tk in toks])
+        return self.bb.predict_noise(x.repeat(n, 1, 1, 1), t.repeat(n), text, tokens)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tensors = {f"adapter.{k}": v for k, v in self.adapters.state_tensors().items()}
+        t, om = io.optimizer_to_tensors(self.opt)
+        tensors.update(t)
+        g, _ = io.rng_state(None, self.gen)
+        tensors.update(g)
+        meta = {"config": self.cfg.to_dict(), "concepts": [[c.target, c.safe] for c in self.concepts],
+                "step": self.step, "history": self.history, "optim": om,
+                "forward_rows": self.forward_rows, "xt_forward_rows": self.xt_forward_rows,
+                "seconds": self.seconds}
+        io.save_checkpoint(self.checkpoint_path, tensors, meta)
+
+    def _try_resume(self) -> bool:
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return False
+        tensors, meta = io.load_checkpoint(self.checkpoint_path)
+        if meta["config"] != self.cfg.to_dict() or meta["concepts"] != [[c.target, c.safe] for c in self.concepts]:
+            raise ValueError(f"{self.checkpoint_path} belongs to a run with other settings; delete it "
+                             "to start over or resume with the same settings")
+        self.adapters.load_state_tensors({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        io.optimizer_from_tensors(self.opt, tensors, meta["optim"])
+        io.restore_rng(tensors, {}, None, self.gen)
+        self.step, self.history = meta["step"], meta["history"]
+        self.forward_rows, self.xt_forward_rows = meta["forward_rows"], meta["xt_forward_rows"]
+        self.seconds = meta["seconds"]
+        return True
+
+    def run(self) -> ErasureResult:
+        t0 = time.time()
+        self.prepare()
+        self._try_resume()
+        self.bb.unet.train(False)
+        while self.step < self.cfg.steps:
+            rec = self.training_step()
+            self.step += 1
+            self.history.append(rec)
+            if self.callback is not None:
+                self.callback(self.step, self.cfg.steps, rec)
+            stop = self.should_stop is not None and self.should_stop()
+            periodic = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+            if self.checkpoint_path is not None and (stop or periodic):
+                self.seconds += time.time() - t0
+                t0 = time.time()
+                self.save_checkpoint()
+            if stop and self.step < self.cfg.steps:
+                where = f"; resume from {self.checkpoint_path}" if self.checkpoint_path else ""
+                raise ErasureInterrupted(f"erasure stopped at step {self.step} of {self.cfg.steps}{where}")
+        self.seconds += time.time() - t0
+        return ErasureResult(self.adapters, self.cfg, [(c.target, c.safe) for c in self.concepts],
+                             self.history, self.seconds, peak_rss_mb(), self.forward_rows,
+                             self.xt_forward_rows)
+
+
+def erase(backbone: Backbone, concepts: list[Concept], cfg: EraseConfig | None = None, **kw) -> ErasureResult:
+    """Train an erasure (adapters stay attached to ``backbone.unet``; see ``ErasureResult``)."""
+    return Eraser(backbone, concepts, cfg or EraseConfig(), **kw).run()

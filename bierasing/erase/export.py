@@ -1,0 +1,101 @@
+"""Erasure files: safetensors that ComfyUI's LoraLoader and diffusers' load_lora_weights read.
+
+Keys follow the kohya SD1.x convention, ``lora_unet_<diffusers module path with _>``:
+  LoRA adapters  -> ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``
+  full deltas    -> ``.diff`` (ComfyUI's full weight-difference format)
+The metadata carries everything needed to reproduce the run (``bierasing`` JSON) plus the kohya
+``ss_*`` fields other tools display.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import load_safetensors, save_safetensors
+from .adapters import AdapterSet, attach_from_tensors
+
+PREFIX = "lora_unet_"
+
+
+def kohya_name(module_name: str) -> str:
+    return PREFIX + module_name.replace(".", "_")
+
+
+def erasure_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in adapters.layers.items():
+        key = kohya_name(name)
+        if layer.rank == 0:
+            out[f"{key}.diff"] = layer.delta.detach().float()
+        else:
+            out[f"{key}.lora_down.weight"] = layer.down.detach().float()
+            out[f"{key}.lora_up.weight"] = layer.up.detach().float()
+            out[f"{key}.alpha"] = torch.tensor(layer.alpha)
+    return out
+
+
+def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict) -> Path:
+    """Atomically write the erasure; ``info`` (method, concepts, hyper-parameters...) goes to metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"erasures are saved as .safetensors, got {path.name!r}")
+    ranks = {layer.rank for layer in adapters.layers.values()}
+    meta = {"bierasing": json.dumps(info, default=str), "format": "pt",
+            "ss_network_module": "networks.lora" if ranks != {0} else "diff",
+            "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
+            "modelspec.title": info.get("title", path.stem)}
+    save_safetensors(path, erasure_tensors(adapters), meta)
+    return path
+
+
+def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = load_safetensors(path)
+    if not tensors or not all(k.startswith(PREFIX) for k in tensors):
+        raise ValueError(f"{Path(path).name} is not an SD-style UNet LoRA (keys must start with {PREFIX!r})")
+    info = json.loads(meta["bierasing"]) if "bierasing" in meta else {}
+    return tensors, info
+
+
+def _module_index(unet: nn.Module) -> dict[str, str]:
+    return {kohya_name(n): n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> tuple[AdapterSet, dict]:
+    """Attach a saved erasure to ``unet`` as adapters (the erased model's exact forward pass)."""
+    tensors, info = read_erasure(path)
+    index = _module_index(unet)
+    own, alphas = {}, {}
+    for key, v in tensors.items():
+        stem, _, suffix = key.partition(".")
+        if stem not in index:
+            raise ValueError(f"{Path(path).name}: key {key!r} matches no layer of this UNet "
+                             "(was it made for another architecture?)")
+        name = index[stem]
+        if suffix == "lora_down.weight":
+            own[f"{name}.down"] = v
+        elif suffix == "lora_up.weight":
+            own[f"{name}.up"] = v
+        elif suffix == "diff":
+            own[f"{name}.delta"] = v
+        elif suffix == "alpha":
+            alphas[name] = float(v)
+        else:
+            raise ValueError(f"{Path(path).name}: unsupported key suffix in {key!r}")
+    adapters = attach_from_tensors(unet, own, alphas)
+    adapters.set_multiplier(strength)
+    return adapters, info
+
+
+def merge_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> dict:
+    """Add a saved erasure into the UNet's weights in place (what LoraLoader does)."""
+    adapters, info = load_erasure(unet, path, strength)
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.base.weight += strength * layer.delta_weight().to(layer.base.weight)
+    adapters.remove(unet)
+    return info

@@ -1,0 +1,42 @@
+"""Guidance targets, written as the equations (all predictions are noise, epsilon).
+
+ESD negative guidance (Gandikota et al. 2023), Bi-Erasing's negative branch when images are given:
+    eps_neg_target = eps*(x_t, {}, I-) - eta- [eps*(x_t, c-, I-) - eps*(x_t, {}, I-)]
+Bi-Erasing's positive branch (classifier-free guidance toward the safe alternative):
+    eps_pos_target = eps*(x_t, {}, I+) + eta+ [eps*(x_t, c+, I+) - eps*(x_t, {}, I+)]
+Joint loss (Bi-Erasing, Fig. "process"):
+    L = lambda- ||eps_theta(x_t, c-, I-) - eps_neg_target||^2 + lambda+ ||eps_theta(x_t, c+, I+) - eps_pos_target||^2
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def negative_guidance_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:
+    """Push away from the concept: eps_u - eta (eps_c - eps_u)."""
+    return eps_uncond - eta * (eps_cond - eps_uncond)
+
+
+def positive_guidance_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:
+    """Pull toward the safe alternative: eps_u + eta (eps_c - eps_u)."""
+    return eps_uncond + eta * (eps_cond - eps_uncond)
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.float(), target.float())
+
+
+def branch_weights(schedule: str, progress: float, neg_weight: float, pos_weight: float,
+                   stage_threshold: float) -> tuple[float, float]:
+    """(lambda-, lambda+) at ``progress`` in [0, 1) of the run.
+
+    guide-then-erase mirrors the released ``--dynamic_weights``: positive only up to the threshold,
+    negative only after it.
+    """
+    if schedule == "joint":
+        return neg_weight, pos_weight
+    if schedule == "guide-then-erase":
+        return (0.0, 1.0) if progress < stage_threshold else (1.0, 0.0)
+    raise ValueError(f"unknown schedule {schedule!r}")
