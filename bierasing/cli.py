@@ -88,6 +88,115 @@ def _cmd_world_eval(args) -> int:
     return 0
 
 
+def _load_backbone(model: str | None):
+    from .world.models import ShapesWorldBackbone
+
+    if model in (None, "", "shapesworld"):
+        return ShapesWorldBackbone.load()
+    path = Path(model)
+    if (path / "world.json").is_file():
+        return ShapesWorldBackbone.load(path)
+    raise ValueError(f"{model!r} is not a model this command can load yet: give 'shapesworld' or a "
+                     "ShapesWorld model folder")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",")] if text else []
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per EraseConfig field, help text from the dataclass (declared once)."""
+    from dataclasses import MISSING, fields
+
+    from .erase.config import EraseConfig
+
+    g = p.add_argument_group("erasure settings")
+    for f in fields(EraseConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata["help"], "default": f.default if f.default is not MISSING else None}
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action="store_true", help=kw["help"])
+            continue
+        kw["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        g.add_argument(flag, **kw)
+
+
+def _config_from_args(args):
+    from dataclasses import fields
+
+    from .erase.config import EraseConfig
+
+    return EraseConfig(**{f.name: getattr(args, f.name) for f in fields(EraseConfig)})
+
+
+def _cmd_erase(args) -> int:
+    from .erase.job import ConceptSpec, ExemplarSpec, run_erase_job
+    from .erase.masks import MaskFilter
+
+    _threads(args.threads)
+    cfg = _config_from_args(args)
+    targets, safes = _split(args.concept), _split(args.safe)
+    if not targets:
+        raise ValueError("give the concept(s) to erase with --concept (comma-separated for several)")
+    if safes and len(safes) != len(targets):
+        raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one per concept")
+    bb = _load_backbone(args.model)
+    if not safes:
+        from .world import data
+
+        safes = [data.DEFAULT_SAFE.get(t, "") for t in targets]
+    negs, poss = _split(args.neg_exemplars) or ["generate"], _split(args.pos_exemplars) or ["generate"]
+    pick = lambda lst, i: lst[i] if len(lst) > 1 else lst[0]  # noqa: E731
+    specs = [ConceptSpec(t, s, ExemplarSpec(pick(negs, i), args.exemplars),
+                         ExemplarSpec(pick(poss, i), args.exemplars)) for i, (t, s) in enumerate(zip(targets, safes))]
+    with _CtrlC() as stop:
+        from .erase.engine import ErasureInterrupted
+
+        try:
+            report = run_erase_job(bb, specs, cfg, args.out, name=args.name, eval_samples=args.eval_samples,
+                                   mask_filter=MaskFilter(threshold=args.mask_threshold),
+                                   progress=not args.json, should_stop=stop,
+                                   log=(lambda m: print(m, file=sys.stderr)))
+        except ErasureInterrupted as e:
+            print(f"bierasing: {e}", file=sys.stderr)
+            return 130
+    summary = {k: report.get(k) for k in ("acc_e", "acc_p", "h", "seconds", "peak_rss_mb", "output")}
+    summary.update({"grid": report.get("grid"), "report": str(Path(args.out) / "report.md")})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>12}: {v}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .erase.export import load_erasure
+    from .world.evaluate import measure_erasure
+
+    _threads(args.threads)
+    bb = _load_backbone(args.model)
+    out = {}
+    for target in _split(args.concept):
+        before = measure_erasure(bb, target, args.samples, seed=args.seed) if args.baseline else None
+        adapters = None
+        if args.erasure:
+            adapters, _ = load_erasure(bb.unet, args.erasure, args.strength)
+        after = measure_erasure(bb, target, args.samples, seed=args.seed)
+        syn = measure_erasure(bb, target, args.samples, seed=args.seed, synonym=1)
+        if adapters is not None:
+            adapters.remove(bb.unet)
+        out[target] = {"acc_e": round(after["acc_e"], 4), "acc_p": round(after["acc_p"], 4),
+                       "h": round(after["h"], 4), "acc_e_synonyms": round(syn["acc_e"], 4)}
+        if before is not None:
+            out[target]["before"] = {k: round(before[k], 4) for k in ("acc_e", "acc_p", "h")}
+    result = {"erasure": args.erasure, "samples_per_prompt": args.samples, "concepts": out}
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bierasing", description="Bi-Erasing: concept erasure for diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -119,6 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.add_argument("--threads", type=int, default=2)
     e.set_defaults(func=_cmd_world_eval)
+
+    er = sub.add_parser("erase", help="erase concept(s) from a model; writes a LoRA, a grid and a report")
+    er.add_argument("--model", default="shapesworld", help="'shapesworld' (shipped) or a ShapesWorld model folder")
+    er.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated (e.g. circle,red)")
+    er.add_argument("--safe", default="", help="safe alternative per concept, comma-separated (default: a ShapesWorld neighbour)")
+    er.add_argument("--neg-exemplars", default="generate", help="'generate' or folder(s) of concept images (+ *_mask.png)")
+    er.add_argument("--pos-exemplars", default="generate", help="'generate' or folder(s) of safe-alternative images")
+    er.add_argument("--exemplars", type=int, default=16, help="exemplars per branch")
+    er.add_argument("--mask-threshold", type=float, default=0.4, help="binarisation threshold of supplied masks")
+    er.add_argument("--out", default="outputs/erase", help="output folder")
+    er.add_argument("--name", default="erasure", help="file name of the LoRA (without .safetensors)")
+    er.add_argument("--eval-samples", type=int, default=8, help="samples per prompt for the before/after report (0: skip)")
+    er.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    er.add_argument("--threads", type=int, default=2)
+    _add_config_args(er)
+    er.set_defaults(func=_cmd_erase)
+
+    ev = sub.add_parser("eval", help="ACC_e / ACC_p / H of a saved erasure on a ShapesWorld model")
+    ev.add_argument("--model", default="shapesworld")
+    ev.add_argument("--erasure", default=None, help="erasure .safetensors (omit to score the plain model)")
+    ev.add_argument("--concept", required=True, help="erased concept(s), comma-separated")
+    ev.add_argument("--strength", type=float, default=1.0, help="LoRA strength")
+    ev.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--baseline", action="store_true", help="also score the model without the erasure")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--threads", type=int, default=2)
+    ev.set_defaults(func=_cmd_eval)
     return p
 
 

@@ -239,3 +239,18 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC."""
     x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255)
     return np.round(x).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+DEFAULT_SAFE = {"circle": "square", "square": "circle", "triangle": "square", "cross": "circle",
+                "star": "circle", "red": "green", "yellow": "blue", "green": "red", "blue": "yellow",
+                "purple": "green", "black": "gray", "white": "gray", "gray": "black"}
+
+
+def concept_prompt(concept: str, synonym: int = 0) -> str:
+    """The prompt that names one concept alone: "a circle", "something red", "on a white background"."""
+    axis = axis_of(concept)
+    return prompt(**{axis: concept}, synonym=synonym)
+
+
+def is_concept(word: str) -> bool:
+    return any(word in values for values in AXES.values())

@@ -1,0 +1,169 @@
+import numpy as np
+import pytest
+import torch
+
+from bierasing.erase import Concept, EraseConfig, ErasureInterrupted, erase
+from bierasing.erase.adapters import attach, select_modules
+from bierasing.erase.engine import Eraser
+from bierasing.erase.export import load_erasure, merge_erasure, read_erasure
+from bierasing.erase.objectives import branch_weights, negative_guidance_target, positive_guidance_target
+from bierasing.io import load_safetensors
+
+
+def _images(seed, n=4):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _concept():
+    return Concept("a circle", "a square", _images(1), _images(2))
+
+
+def _cfg(**kw):
+    base = dict(steps=4, batch_size=2, cache_size=4, xt_steps=5)
+    base.update(kw)
+    return EraseConfig(**base)
+
+
+def _probe(bb):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([100, 600])
+    with torch.no_grad():
+        text = bb.encode_text(["a red circle", "a blue star"])
+        return bb.predict_noise(x, t, text)
+
+
+def test_guidance_targets_are_the_equations():
+    u, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    assert negative_guidance_target(u, c, 2.0).tolist() == [1 - 2 * 2, 2 - 2 * -1]
+    assert positive_guidance_target(u, c, 1.0).tolist() == c.tolist()
+    assert branch_weights("joint", 0.9, 0.6, 0.4, 0.8) == (0.6, 0.4)
+    assert branch_weights("guide-then-erase", 0.5, 0.6, 0.4, 0.8) == (0.0, 1.0)
+    assert branch_weights("guide-then-erase", 0.85, 0.6, 0.4, 0.8) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("trainable,rank", [("attn2", 4), ("attn2_kv", 0), ("no_attn2", 2), ("full", 0)])
+def test_adapters_start_as_exact_no_ops_and_switch_off(tiny_world, trainable, rank):
+    before = _probe(tiny_world)
+    adapters = attach(tiny_world.unet, trainable, rank, generator=torch.Generator().manual_seed(0))
+    try:
+        assert torch.equal(_probe(tiny_world), before)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in adapters.parameters():  # random, not constant: text tokens are zero-mean after LayerNorm
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        changed = _probe(tiny_world)
+        assert (changed - before).abs().max() > 1e-5
+        with adapters.disabled():
+            assert torch.equal(_probe(tiny_world), before)
+    finally:
+        adapters.remove(tiny_world.unet)
+    assert torch.equal(_probe(tiny_world), before)
+
+
+def test_trainable_sets_select_by_diffusers_names(tiny_world):
+    kv = select_modules(tiny_world.unet, "attn2_kv")
+    assert len(kv) == 8 and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in kv)
+    x = select_modules(tiny_world.unet, "attn2")
+    assert len(x) == 16
+    u = select_modules(tiny_world.unet, "no_attn2")
+    assert not any("attn2" in n or n.startswith(("time_embedding", "conv_out")) for n in u)
+    assert not any("processor" in n for n in select_modules(tiny_world.unet, "full"))
+    with pytest.raises(ValueError, match="unknown trainable set 'xlayer'"):
+        select_modules(tiny_world.unet, "xlayer")
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="method must be one of"):
+        EraseConfig(method="fmn")
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100000\]"):
+        EraseConfig(steps=0)
+    with pytest.raises(ValueError, match="both 0"):
+        EraseConfig(neg_weight=0, pos_weight=0)
+    esd = EraseConfig(method="esd-u")
+    assert esd.trainable == "no_attn2" and esd.pos_weight == 0 and esd.neg_weight == 1.0
+
+
+@pytest.mark.parametrize("method,xt", [("bi-erasing", "cache"), ("esd-x", "esd"), ("co-erasing", "noised"),
+                                       ("bi-erasing", "reproduce")])
+def test_erasure_changes_the_model_and_same_seed_is_bit_identical(tiny_world, tmp_path, method, xt):
+    before = _probe(tiny_world)
+    cfg = _cfg(method=method, xt_source=xt, lr=1e-2)
+    r1 = erase(tiny_world, [_concept()], cfg)
+    after = _probe(tiny_world)
+    r1.save(tmp_path / "a.safetensors")
+    r1.adapters.remove(tiny_world.unet)
+    r2 = erase(tiny_world, [_concept()], cfg)
+    r2.save(tmp_path / "b.safetensors")
+    r2.adapters.remove(tiny_world.unet)
+    a, _ = load_safetensors(tmp_path / "a.safetensors")
+    b, _ = load_safetensors(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (after - before).abs().max() > 1e-6
+    assert len(r1.history) == 4 and all(np.isfinite(h["loss"]) for h in r1.history)
+
+
+def test_saved_erasure_reproduces_the_erased_model(tiny_world, tmp_path):
+    r = erase(tiny_world, [_concept()], _cfg(lr=1e-2, map_target_to_safe=0.5))
+    erased = _probe(tiny_world)
+    path = r.save(tmp_path / "e.safetensors")
+    r.adapters.remove(tiny_world.unet)
+    tensors, info = read_erasure(path)
+    assert info["method"] == "bi-erasing" and info["concepts"] == [{"target": "a circle", "safe": "a square"}]
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in tensors)
+    assert any("down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k" in k for k in tensors)
+    adapters, _ = load_erasure(tiny_world.unet, path)
+    assert torch.equal(_probe(tiny_world), erased)  # identical forward pass
+    adapters.remove(tiny_world.unet)
+    backup = {k: v.clone() for k, v in tiny_world.unet.state_dict().items()}
+    merge_erasure(tiny_world.unet, path)
+    torch.testing.assert_close(_probe(tiny_world), erased, atol=1e-5, rtol=1e-4)
+    tiny_world.unet.load_state_dict(backup)
+
+
+def test_interrupted_erasure_resumes_to_identical_tensors(tiny_world, tmp_path):
+    cfg = _cfg(steps=6, lr=1e-2)
+    full = erase(tiny_world, [_concept()], cfg)
+    ref = {k: v.clone() for k, v in full.adapters.state_tensors().items()}
+    full.adapters.remove(tiny_world.unet)
+
+    ckpt = tmp_path / "ck.safetensors"
+    eraser = Eraser(tiny_world, [_concept()], cfg, checkpoint_path=ckpt, should_stop=lambda: eraser.step == 3)
+    with pytest.raises(ErasureInterrupted, match="stopped at step 3 of 6"):
+        eraser.run()
+    eraser.adapters.remove(tiny_world.unet)
+    resumed = Eraser(tiny_world, [_concept()], cfg, checkpoint_path=ckpt).run()
+    got = resumed.adapters.state_tensors()
+    resumed.adapters.remove(tiny_world.unet)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_nan_loss_is_reported_clearly(tiny_world):
+    bad = Concept("a circle", "a square", torch.full((2, 3, 32, 32), float("nan")), _images(2))
+    eraser = Eraser(tiny_world, [bad], _cfg(xt_source="cache"))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        eraser.run()
+    eraser.adapters.remove(tiny_world.unet)
+
+
+def test_missing_inputs_are_reported():
+    with pytest.raises(ValueError, match="concept to erase is empty"):
+        Concept("  ")
+    with pytest.raises(ValueError, match=r"non-empty \[N, 3, H, W\]"):
+        Concept("a circle", "a square", torch.zeros(0, 3, 32, 32))
+
+
+def test_bi_erasing_requires_images_and_a_safe_concept(tiny_world):
+    with pytest.raises(ValueError, match="needs negative exemplar images"):
+        Eraser(tiny_world, [Concept("a circle", "a square")], _cfg())
+    with pytest.raises(ValueError, match="needs a safe alternative"):
+        Eraser(tiny_world, [Concept("a circle", "", _images(1), _images(2))], _cfg())
+
+
+def test_multi_concept_run_trains_each_concept(tiny_world):
+    cs = [_concept(), Concept("something red", "something green", _images(3), _images(4))]
+    r = erase(tiny_world, cs, _cfg(steps=6))
+    assert r.info()["concepts"][1] == {"target": "something red", "safe": "something green"}
+    r.adapters.remove(tiny_world.unet)
