@@ -1,0 +1,91 @@
+"""Random-weight stand-ins for the real models, built locally from configs (nothing is downloaded).
+
+``build_sd15_folder(path, size="tiny"|"full")`` writes a diffusers SD1.x pipeline folder, a CLIP
+vision encoder folder and an ``ip-adapter_sd15``-layout safetensors file:
+  * "full": the real SD1.5 UNet/VAE/text-encoder architecture (860 M UNet parameters);
+  * "tiny": the same classes and SD1.x interface (4 latent channels, 768-d cross-attention,
+    77 tokens) with few channels and layers, for fast tests.
+Weights are random, so outputs are noise: these check plumbing, shapes, key names and cost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _byte_vocab(folder: Path) -> None:
+    """A CLIP BPE vocabulary in which every byte is a token (no merges): real CLIPTokenizer files."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to 256+
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from .adapter import ImageProjModel, install_decoupled_attention, ip_adapter_state_dict
+    from .io import save_safetensors
+
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _byte_vocab(root / "tokenizer")
+        tok = CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                            model_max_length=77)
+        ids = {"bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"),
+               "eos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+               "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
+        tok.save_pretrained(root / "tokenizer")
+        if size == "full":
+            unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.x's UNet
+            text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                      num_hidden_layers=12, num_attention_heads=12,
+                                      max_position_embeddings=77, hidden_act="quick_gelu", **ids)
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                                sample_size=512)
+            vis_cfg = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                       num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024,
+                                       hidden_act="gelu")
+        else:
+            unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=8)
+            text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=256,
+                                      num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77, **ids)
+            vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                                norm_num_groups=8, sample_size=32)
+            vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=32, patch_size=8, projection_dim=64)
+        unet.save_pretrained(root / "unet")
+        CLIPTextModel(text_cfg).save_pretrained(root / "text_encoder")
+        vae.save_pretrained(root / "vae")
+        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, clip_sample=False).save_pretrained(root / "scheduler")
+        enc = CLIPVisionModelWithProjection(vis_cfg)
+        enc.save_pretrained(root / "image_encoder")
+        install_decoupled_attention(unet)
+        for p in (p for n, p in unet.named_parameters() if "processor" in n):
+            torch.nn.init.normal_(p, std=0.02)
+        proj = ImageProjModel(vis_cfg.projection_dim, 768, 4)
+        save_safetensors(root / "ip-adapter_sd15.safetensors", ip_adapter_state_dict(proj, unet))
+    return {"model": root, "ip_adapter": root / "ip-adapter_sd15.safetensors", "image_encoder": root / "image_encoder"}
