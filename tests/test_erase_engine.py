@@ -167,3 +167,41 @@ def test_multi_concept_run_trains_each_concept(tiny_world):
     r = erase(tiny_world, cs, _cfg(steps=6))
     assert r.info()["concepts"][1] == {"target": "something red", "safe": "something green"}
     r.adapters.remove(tiny_world.unet)
+
+
+def test_uce_closed_form_maps_erased_tokens_to_guide_outputs(tiny_world):
+    from bierasing.erase.uce import _subject_tokens, uce_edit
+
+    before = {n: m.weight.detach().clone() for n, m in tiny_world.unet.named_modules()
+              if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    adapters, secs = uce_edit(tiny_world, ["a circle"], ["a square"], ["a star", "a cross"], lam=1e-4)
+    try:
+        e = _subject_tokens(tiny_world, ["a circle"])[0]
+        g = _subject_tokens(tiny_world, ["a square"])[0]
+        p = _subject_tokens(tiny_world, ["a star"])[0]
+        for name, layer in adapters.layers.items():
+            w0 = before[name]
+            w = w0 + layer.delta
+            # erased tokens now produce (nearly) what the guide tokens produced; preserved ones are kept
+            err_e = (e @ w.T - g[: len(e)] @ w0.T).norm() / (g @ w0.T).norm()
+            err_p = (p @ w.T - p @ w0.T).norm() / (p @ w0.T).norm()
+            assert err_e < 0.05 and err_p < 0.05, (name, float(err_e), float(err_p))
+    finally:
+        adapters.remove(tiny_world.unet)
+    assert secs < 10
+
+
+def test_released_rerun_trains_every_unet_weight_with_a_second_copy(tiny_world):
+    import copy
+
+    from bierasing.erase.released import released_bi_erasing
+
+    backup = copy.deepcopy(tiny_world.unet.state_dict())
+    try:
+        out = released_bi_erasing(tiny_world, _concept(), steps=2, lr=1e-3, ddim_steps=5)
+        n_unet = sum(p.numel() for n, p in tiny_world.unet.named_parameters() if "processor." not in n)
+        assert out["trained_parameters"] == n_unet
+        changed = [k for k, v in tiny_world.unet.state_dict().items() if not torch.equal(v, backup[k])]
+        assert changed and not any("processor." in k for k in changed)
+    finally:
+        tiny_world.unet.load_state_dict(backup)
