@@ -41,6 +41,7 @@ class DecoupledCrossAttnProcessor(nn.Module):
     def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):
         super().__init__()
         self.scale = scale
+        self.attention_store: list | None = None  # set to a list to record text attention maps
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -66,6 +67,9 @@ class DecoupledCrossAttnProcessor(nn.Module):
         key = _heads(attn, attn.to_k(encoder_hidden_states))
         value = _heads(attn, attn.to_v(encoder_hidden_states))
         out = F.scaled_dot_product_attention(query, key, value)  # B,heads,L,d
+        if self.attention_store is not None:  # [B, HW, tokens], averaged over heads
+            probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)
+            self.attention_store.append(probs.mean(1).detach())
         if ip_hidden_states is not None and self.scale != 0:
             ip_key = _heads(attn, self.to_k_ip(ip_hidden_states))
             ip_value = _heads(attn, self.to_v_ip(ip_hidden_states))

@@ -149,8 +149,9 @@ def _cmd_erase(args) -> int:
         safes = [data.DEFAULT_SAFE.get(t, "") for t in targets]
     negs, poss = _split(args.neg_exemplars) or ["generate"], _split(args.pos_exemplars) or ["generate"]
     pick = lambda lst, i: lst[i] if len(lst) > 1 else lst[0]  # noqa: E731
-    specs = [ConceptSpec(t, s, ExemplarSpec(pick(negs, i), args.exemplars),
-                         ExemplarSpec(pick(poss, i), args.exemplars)) for i, (t, s) in enumerate(zip(targets, safes))]
+    specs = [ConceptSpec(t, s, ExemplarSpec(pick(negs, i), args.exemplars, auto_mask=args.auto_mask),
+                         ExemplarSpec(pick(poss, i), args.exemplars, auto_mask=args.auto_mask))
+             for i, (t, s) in enumerate(zip(targets, safes))]
     with _CtrlC() as stop:
         from .erase.engine import ErasureInterrupted
 
@@ -236,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--neg-exemplars", default="generate", help="'generate' or folder(s) of concept images (+ *_mask.png)")
     er.add_argument("--pos-exemplars", default="generate", help="'generate' or folder(s) of safe-alternative images")
     er.add_argument("--exemplars", type=int, default=16, help="exemplars per branch")
-    er.add_argument("--mask-threshold", type=float, default=0.4, help="binarisation threshold of supplied masks")
+    er.add_argument("--mask-threshold", type=float, default=0.4, help="binarisation threshold of masks")
+    er.add_argument("--auto-mask", choices=("attention", "none"), default="attention",
+                    help="mask exemplars that have no mask file by the model's cross-attention to the concept word")
     er.add_argument("--out", default="outputs/erase", help="output folder")
     er.add_argument("--name", default="erasure", help="file name of the LoRA (without .safetensors)")
     er.add_argument("--eval-samples", type=int, default=8, help="samples per prompt for the before/after report (0: skip)")

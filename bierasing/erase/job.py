@@ -31,10 +31,13 @@ class ExemplarSpec:
     source: str = "generate"
     count: int = 16
     prompt: str | None = None  # for generate; default: the concept's own prompt
+    auto_mask: str = "attention"  # images without a mask file: "attention" (concept word) or "none"
 
     def __post_init__(self):
         if self.count < 1:
             raise ValueError(f"exemplar count must be >= 1, got {self.count}")
+        if self.auto_mask not in ("attention", "none"):
+            raise ValueError(f"auto_mask must be 'attention' or 'none', got {self.auto_mask!r}")
 
 
 @dataclass
@@ -64,14 +67,21 @@ def load_exemplars(backbone, spec: ExemplarSpec, concept: str, seed: int,
                    mask_filter: MaskFilter | None, log: Callable[[str], None]) -> torch.Tensor:
     from . import exemplars
 
+    prompt = spec.prompt or concept_text(backbone, concept)
     if spec.source == "generate":
-        prompt = spec.prompt or concept_text(backbone, concept)
         log(f"generating {spec.count} exemplars of {prompt!r}")
         with torch.no_grad():
-            return exemplars.generate(backbone, prompt, spec.count, seed=seed)
-    images, masks, names = exemplars.load_folder(spec.source, size=backbone.sample_shape[-1]
-                                                 if _is_world(backbone) else None, limit=spec.count)
-    log(f"loaded {len(names)} exemplars from {spec.source}" + (" with masks" if masks is not None else ""))
+            images, masks = exemplars.generate(backbone, prompt, spec.count, seed=seed), None
+    else:
+        images, masks, names = exemplars.load_folder(spec.source, size=backbone.sample_shape[-1]
+                                                     if _is_world(backbone) else None, limit=spec.count)
+        log(f"loaded {len(names)} exemplars from {spec.source}" + (" with masks" if masks is not None else ""))
+    if masks is None and spec.auto_mask == "attention":
+        from .attention_mask import attention_masks
+
+        word = concept if concept.lower() in prompt.lower() else prompt
+        masks = attention_masks(backbone, images, prompt, word, seed=seed)
+        log(f"masked {len(images)} exemplars by the model's attention to {word!r}")
     if masks is not None:
         images = apply_masks(images, masks, mask_filter)
     return images

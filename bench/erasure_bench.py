@@ -1,0 +1,226 @@
+"""Erasure benchmark on ShapesWorld: Bi-Erasing vs baselines vs the released algorithm, + ablations.
+
+    python bench/erasure_bench.py                   # everything, results in bench/results/
+    python bench/erasure_bench.py --targets circle --runs bi-erasing,esd-x
+
+Each (target, run) executes in its own process (so peak RSS belongs to that run alone) and is
+appended to bench/results/erasure.json as soon as it finishes; a re-run skips finished rows.
+Per row: ACC_e, ACC_p, H (detector-scored), ACC_e under synonym prompts never used in training,
+erasure wall time, peak RSS and its increase over the loaded model, UNet forward-equivalents per
+x_t sample (forward = 1, backward = 2, x_t sampling included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "attribute", "white": "style"}
+
+# name -> (kind, settings); "engine" rows are EraseConfig overrides
+RUNS = {
+    "bi-erasing": ("engine", {}),
+    "esd-x": ("engine", {"method": "esd-x"}),
+    "esd-u": ("engine", {"method": "esd-u"}),
+    "co-erasing": ("engine", {"method": "co-erasing"}),
+    "uce": ("uce", {}),
+    "released": ("released", {"steps": 400, "lr": 1e-4}),
+    # ablations
+    "bi-no-positive": ("engine", {"pos_weight": 0.0}),
+    "bi-no-masks": ("engine", {}, ),
+    "bi-lambda-0.8-0.2": ("engine", {"neg_weight": 0.8, "pos_weight": 0.2}),
+    "bi-lambda-0.4-0.6": ("engine", {"neg_weight": 0.4, "pos_weight": 0.6}),
+    "bi-xt-noised": ("engine", {"xt_source": "noised"}),
+    "bi-xt-esd": ("engine", {"xt_source": "esd"}),
+    "bi-xt-reproduce": ("engine", {"xt_source": "reproduce"}),
+    "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase"}),
+    "bi-map-target": ("engine", {"map_target_to_safe": 0.4}),
+}
+MAIN = ["bi-erasing", "esd-x", "esd-u", "co-erasing", "uce", "released"]
+ABLATIONS = [r for r in RUNS if r not in MAIN]
+
+
+def single(spec: dict) -> dict:
+    """One run, in this process."""
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 2))
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.engine import Eraser, peak_rss_mb
+    from bierasing.erase.job import ExemplarSpec, load_exemplars
+    from bierasing.world import data
+    from bierasing.world.evaluate import measure_erasure
+    from bierasing.world.models import ShapesWorldBackbone
+
+    target, run = spec["target"], spec["run"]
+    kind, settings = RUNS[run][0], dict(RUNS[run][1])
+    safe = data.DEFAULT_SAFE[target]
+    bb = ShapesWorldBackbone.load()
+    mask = "none" if run == "bi-no-masks" else "attention"
+    quiet = lambda m: None  # noqa: E731
+    neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
+    pos = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), safe, 500, None, quiet)
+    concept = Concept(data.concept_prompt(target), data.concept_prompt(safe), neg, pos)
+    rss0 = peak_rss_mb()
+    t0 = time.time()
+    if kind == "engine":
+        cfg = EraseConfig(**settings)
+        res = Eraser(bb, [concept], cfg).run()
+        fe = res.info()["unet_forward_equivalents_per_sample"]
+        xt_rows = res.xt_forward_rows
+        params = res.adapters.num_parameters()
+        extra = {"config": cfg.to_dict()}
+    elif kind == "uce":
+        from bierasing.erase.uce import uce_edit
+
+        axis = data.axis_of(target)
+        preserve = [data.concept_prompt(c) for c in data.AXES[axis] if c != target]
+        adapters, _ = uce_edit(bb, [concept.target], [concept.safe], preserve)
+        fe, xt_rows, params = 0.0, 0, adapters.num_parameters()
+        extra = {"preserve": preserve}
+    else:
+        from bierasing.erase.released import released_bi_erasing
+
+        out = released_bi_erasing(bb, concept, steps=settings["steps"], lr=settings["lr"], ddim_steps=20)
+        # 4 teacher + 2 student (x3 for backward) + on average 10.5 sampling forwards (t+1, t ~ U{0..19})
+        fe, xt_rows, params = 4 + 2 * 3 + 10.5, 0, out["trained_parameters"]
+        extra = {"steps": settings["steps"], "lr": settings["lr"], "batch": 1, "unet_copies": 2}
+    seconds = time.time() - t0
+    peak = peak_rss_mb()
+    ev = measure_erasure(bb, target, spec.get("samples", 8))
+    syn = measure_erasure(bb, target, spec.get("samples", 8), synonym=1)
+    return {"target": target, "kind": TARGETS[target], "run": run, "safe": safe,
+            "acc_e": round(ev["acc_e"], 4), "acc_p": round(ev["acc_p"], 4), "h": round(ev["h"], 4),
+            "acc_e_synonyms": round(syn["acc_e"], 4), "seconds": round(seconds, 1),
+            "peak_rss_mb": round(peak, 1), "peak_rss_increase_mb": round(peak - rss0, 1),
+            "unet_forward_equivalents_per_sample": fe, "xt_cache_forward_rows": xt_rows,
+            "trained_parameters": params, "samples_per_prompt": spec.get("samples", 8), **extra}
+
+
+def _baseline(samples: int, targets: list[str]) -> dict:
+    from bierasing.world.evaluate import measure_erasure
+    from bierasing.world.models import ShapesWorldBackbone
+
+    bb = ShapesWorldBackbone.load()
+    out = {}
+    for t in targets:
+        ev, syn = measure_erasure(bb, t, samples), measure_erasure(bb, t, samples, synonym=1)
+        out[t] = {"acc_e": round(ev["acc_e"], 4), "acc_p": round(ev["acc_p"], 4), "h": round(ev["h"], 4),
+                  "acc_e_synonyms": round(syn["acc_e"], 4)}
+    return out
+
+
+def write_reports(results: dict) -> None:
+    from bierasing.io import atomic_write_text
+
+    rows = results["rows"]
+    atomic_write_text(RESULTS / "erasure.json", json.dumps(results, indent=2))
+    lines = ["# Erasure benchmark (ShapesWorld)", "",
+             f"Machine: 2 CPU cores, torch threads 2. {results['samples_per_prompt']} samples per prompt, "
+             "DDIM 20 steps, CFG 1.5, detector-scored. ACC_e lower is better, ACC_p and H higher. "
+             "`syn ACC_e`: target named by synonyms never used in erasure training. "
+             "FE/sample: UNet forward-equivalents per x_t sample (backward = 2 forwards).", ""]
+    if results.get("baseline"):
+        lines += ["## Untouched model", "", "| target | ACC_e | ACC_p | H | syn ACC_e |", "|---|---|---|---|---|"]
+        for t, b in results["baseline"].items():
+            lines.append(f"| {t} | {b['acc_e']:.3f} | {b['acc_p']:.3f} | {b['h']:.3f} | {b['acc_e_synonyms']:.3f} |")
+        lines.append("")
+    for title, names in (("Methods", MAIN), ("Ablations (Bi-Erasing)", ["bi-erasing"] + ABLATIONS)):
+        sel = [r for r in rows if r["run"] in names]
+        if not sel:
+            continue
+        lines += [f"## {title}", "", "| run | target | kind | ACC_e | ACC_p | H | syn ACC_e | seconds | peak RSS MB (+over model) | FE/sample | trained params |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(sel, key=lambda r: (names.index(r["run"]), r["target"])):
+            lines.append(f"| {r['run']} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | {r['acc_p']:.3f} | "
+                         f"{r['h']:.3f} | {r['acc_e_synonyms']:.3f} | {r['seconds']} | {r['peak_rss_mb']} "
+                         f"(+{r['peak_rss_increase_mb']}) | {r['unet_forward_equivalents_per_sample']} | {r['trained_parameters']} |")
+        lines += ["", "| run | mean ACC_e | mean ACC_p | mean H | mean syn ACC_e | mean seconds | targets |", "|---|---|---|---|---|---|---|"]
+        for n in names:
+            rr = [r for r in sel if r["run"] == n]
+            if rr:
+                m = lambda k: sum(r[k] for r in rr) / len(rr)  # noqa: E731
+                lines.append(f"| {n} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
+                             f"{m('acc_e_synonyms'):.3f} | {m('seconds'):.1f} | {len(rr)} |")
+        lines.append("")
+    lines.append("![H by method](erasure.png)")
+    atomic_write_text(RESULTS / "erasure.md", "\n".join(lines) + "\n")
+    _plot(rows)
+
+
+def _plot(rows: list[dict]) -> None:
+    """Bar chart of mean H per run (opencv; no plotting dependency)."""
+    import cv2
+    import numpy as np
+
+    from bierasing.grid import save_png
+
+    names = [n for n in RUNS if any(r["run"] == n for r in rows)]
+    if not names:
+        return
+    means = [float(np.mean([r["h"] for r in rows if r["run"] == n])) for n in names]
+    W, H, left, bar = 900, 40 + 28 * len(names), 190, 22
+    img = np.full((H, W, 3), 255, np.uint8)
+    cv2.putText(img, "mean H (higher is better)", (left, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    for i, (n, v) in enumerate(zip(names, means)):
+        y = 40 + 28 * i
+        color = (40, 110, 220) if n.startswith("bi-erasing") else (150, 150, 150) if n.startswith("bi-") else (230, 120, 40)
+        cv2.rectangle(img, (left, y), (left + int(v * (W - left - 80)), y + bar), color, -1)
+        cv2.putText(img, n, (6, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, f"{v:.3f}", (left + int(v * (W - left - 80)) + 6, y + 16), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    save_png(RESULTS / "erasure.png", img)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="circle,red,white")
+    p.add_argument("--runs", default=",".join(MAIN))
+    p.add_argument("--ablations", action="store_true", help="also run the ablations (on the first target)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.single:
+        print(json.dumps(single(json.loads(args.single))))
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "erasure.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if results.get("samples_per_prompt", args.samples) != args.samples:
+        raise SystemExit(f"{path} was made with {results['samples_per_prompt']} samples per prompt; "
+                         "use the same --samples or move the file away")
+    results["samples_per_prompt"] = args.samples
+    targets = args.targets.split(",")
+    if "baseline" not in results or set(targets) - set(results["baseline"]):
+        results["baseline"] = {**results.get("baseline", {}), **_baseline(args.samples, targets)}
+        write_reports(results)
+    jobs = [(t, r) for t in targets for r in args.runs.split(",")]
+    if args.ablations:
+        jobs += [(targets[0], r) for r in ABLATIONS]
+    done = {(r["target"], r["run"]) for r in results["rows"]}
+    for t, r in jobs:
+        if (t, r) in done:
+            continue
+        print(f"[bench] {r} on {t} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--single",
+                               json.dumps({"target": t, "run": r, "samples": args.samples})],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[bench]   H {row['h']:.3f}  ACC_e {row['acc_e']:.3f}  ACC_p {row['acc_p']:.3f}  "
+              f"{row['seconds']} s", flush=True)
+        results["rows"].append(row)
+        write_reports(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
