@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) with CPU torch 2.13.0 and the pinned dependencies; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
