@@ -38,7 +38,7 @@ RUNS = {
     "bi-lambda-0.4-0.6": ("engine", {"neg_weight": 0.4, "pos_weight": 0.6}),
     "bi-xt-noised": ("engine", {"xt_source": "noised"}),
     "bi-xt-esd": ("engine", {"xt_source": "esd"}),
-    "bi-xt-reproduce": ("engine", {"xt_source": "reproduce"}),
+    "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase"}),
     "bi-map-target": ("engine", {"map_target_to_safe": 0.4}),
 }
@@ -87,9 +87,9 @@ def single(spec: dict) -> dict:
     else:
         from bierasing.erase.released import released_bi_erasing
 
-        out = released_bi_erasing(bb, concept, steps=settings["steps"], lr=settings["lr"], ddim_steps=20)
-        # 4 teacher + 2 student (x3 for backward) + on average 10.5 sampling forwards (t+1, t ~ U{0..19})
-        fe, xt_rows, params = 4 + 2 * 3 + 10.5, 0, out["trained_parameters"]
+        out = released_bi_erasing(bb, concept, steps=settings["steps"], lr=settings["lr"], ddim_steps=50)
+        # 4 teacher + 2 student (x3 for backward) + on average 25.5 sampling forwards (t+1, t ~ U{0..49})
+        fe, xt_rows, params = 4 + 2 * 3 + 25.5, 0, out["trained_parameters"]
         extra = {"steps": settings["steps"], "lr": settings["lr"], "batch": 1, "unet_copies": 2}
     seconds = time.time() - t0
     peak = peak_rss_mb()

@@ -80,6 +80,8 @@ def test_config_validation_messages():
         EraseConfig(steps=0)
     with pytest.raises(ValueError, match="both 0"):
         EraseConfig(neg_weight=0, pos_weight=0)
+    with pytest.raises(ValueError, match="guide-then-erase alternates"):
+        EraseConfig(method="esd-x", schedule="guide-then-erase")
     esd = EraseConfig(method="esd-u")
     assert esd.trainable == "no_attn2" and esd.pos_weight == 0 and esd.neg_weight == 1.0
 
@@ -143,9 +145,11 @@ def test_interrupted_erasure_resumes_to_identical_tensors(tiny_world, tmp_path):
 def test_nan_loss_is_reported_clearly(tiny_world):
     bad = Concept("a circle", "a square", torch.full((2, 3, 32, 32), float("nan")), _images(2))
     eraser = Eraser(tiny_world, [bad], _cfg(xt_source="cache"))
+    before = _probe(tiny_world)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         eraser.run()
-    eraser.adapters.remove(tiny_world.unet)
+    assert eraser.adapters.layers == {}  # a failed run leaves the model as it was
+    assert torch.equal(_probe(tiny_world), before)
 
 
 def test_missing_inputs_are_reported():

@@ -66,6 +66,9 @@ class EraseConfig:
             self.neg_weight, self.pos_weight, self.map_target_to_safe = 1.0, 0.0, 0.0
         if self.method == "esd-u" and self.trainable == "attn2":
             self.trainable = "no_attn2"
+        if self.schedule == "guide-then-erase" and (self.pos_weight == 0 or self.neg_weight == 0):
+            raise ValueError("guide-then-erase alternates the two branches; it needs both neg_weight and "
+                             f"pos_weight > 0 (method {self.method!r} has only one branch)")
         if self.neg_weight == 0 and self.pos_weight == 0:
             raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
 

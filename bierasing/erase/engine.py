@@ -250,6 +250,13 @@ class Eraser:
     def run(self) -> ErasureResult:
         t0 = time.time()
         self.prepare()
+        try:
+            return self._loop(t0)
+        except BaseException:
+            self.adapters.remove(self.bb.unet)  # never leave a half-erased model behind
+            raise
+
+    def _loop(self, t0: float) -> ErasureResult:
         self._try_resume()
         self.bb.unet.train(False)
         while self.step < self.cfg.steps:

@@ -1,8 +1,9 @@
-"""Erasure files: safetensors that ComfyUI's LoraLoader and diffusers' load_lora_weights read.
+"""Erasure files: safetensors that ComfyUI's LoraLoader reads (and diffusers, for LoRA ranks > 0).
 
 Keys follow the kohya SD1.x convention, ``lora_unet_<diffusers module path with _>``:
-  LoRA adapters  -> ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``
-  full deltas    -> ``.diff`` (ComfyUI's full weight-difference format)
+  LoRA adapters  -> ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``  (ComfyUI and diffusers'
+                    ``load_lora_weights``)
+  full deltas    -> ``.diff`` (ComfyUI's full weight-difference format; diffusers does not read it)
 The metadata carries everything needed to reproduce the run (``bierasing`` JSON) plus the kohya
 ``ss_*`` fields other tools display.
 """

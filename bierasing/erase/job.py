@@ -1,7 +1,7 @@
 """A whole erasure job: exemplars -> masks -> erase -> LoRA file -> before/after grid and report.
 
 This is what ``bierasing erase`` runs; it writes into one output folder:
-  erasure.safetensors   the LoRA (ComfyUI LoraLoader / diffusers load_lora_weights)
+  erasure.safetensors   the LoRA (ComfyUI LoraLoader; diffusers load_lora_weights for rank > 0)
   before_after.png      the same prompts and seeds before and after (ShapesWorld models)
   report.md / .json     ACC_e, ACC_p, H before and after, time, memory, every setting
   checkpoint.safetensors while running; a re-run resumes from it, it is removed when done

@@ -37,6 +37,7 @@ def branch_weights(schedule: str, progress: float, neg_weight: float, pos_weight
     """
     if schedule == "joint":
         return neg_weight, pos_weight
-    if schedule == "guide-then-erase":
-        return (0.0, 1.0) if progress < stage_threshold else (1.0, 0.0)
+    if schedule == "guide-then-erase":  # a branch switched off in the config stays off
+        guide = progress <= stage_threshold
+        return (0.0, 1.0 if pos_weight > 0 else 0.0) if guide else (1.0 if neg_weight > 0 else 0.0, 0.0)
     raise ValueError(f"unknown schedule {schedule!r}")

@@ -53,6 +53,7 @@ def released_bi_erasing(backbone, concept: Concept, steps: int = 1000, lr: float
         i_neg = tok_neg[torch.randint(0, tok_neg.shape[0], (1,), generator=gen)]
         i_pos = tok_pos[torch.randint(0, tok_pos.shape[0], (1,), generator=gen)]
         x, t, _ = released_code_xt(backbone, c_null, 1, ddim_steps, gen)  # student = backbone.unet
+        t = t.to(x.device)
         with torch.no_grad():
             e_null_neg = eps(teacher, x, t, c_null, i_neg)
             e_neg = eps(teacher, x, t, c_neg, i_neg)

@@ -54,7 +54,7 @@ def uce_edit(backbone, erase: Sequence[str], guide: Sequence[str], preserve: Seq
             w0 = layer.base.weight.double()
             d = w0.shape[1]
             mat1 = lam * w0
-            mat2 = lam * torch.eye(d, dtype=torch.float64)
+            mat2 = lam * torch.eye(d, dtype=torch.float64, device=w0.device)
             for e, g in pairs:
                 e, g = e.double(), g.double()
                 mat1 = mat1 + erase_scale * (w0 @ g.T) @ e

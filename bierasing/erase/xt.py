@@ -80,14 +80,18 @@ def released_code_xt(backbone: Backbone, uncond: torch.Tensor, batch: int, steps
 
     DDPM steps over *ascending* timesteps (reversed(scheduler.timesteps)) from pure noise, t+1 of
     them, with the model being trained and the empty prompt; then t_ddpm is drawn in
-    [t*ratio, (t+1)*ratio).  The caller runs this with the adapters switched on.
+    [t*ratio, (t+1)*ratio).  The caller runs this with the adapters switched on.  Not reproduced:
+    Quirk 2 (the released code pushed the last 4 empty-prompt tokens through the image path here).
     """
     from diffusers import DDPMScheduler
 
-    ac = backbone.alphas_cumprod.double()
-    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
-    sched = DDPMScheduler(num_train_timesteps=backbone.num_train_timesteps, trained_betas=betas.numpy(),
-                          prediction_type="epsilon", clip_sample=backbone.clip_sample)
+    if getattr(backbone, "scheduler", None) is not None:  # the model's own config (SD1.5: steps_offset 1)
+        sched = DDPMScheduler.from_config(backbone.scheduler.config, prediction_type="epsilon")
+    else:
+        ac = backbone.alphas_cumprod.double()
+        betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+        sched = DDPMScheduler(num_train_timesteps=backbone.num_train_timesteps, trained_betas=betas.numpy(),
+                              prediction_type="epsilon", clip_sample=backbone.clip_sample)
     sched.set_timesteps(steps)
     ratio = backbone.num_train_timesteps // steps
     k = int(torch.randint(0, steps, (1,), generator=generator))
