@@ -205,6 +205,8 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         "", "Per colour: " + ", ".join(f"{k} {v:.2f}" for k, v in report["per_color"].items()), "",
         "Re-measure: `bierasing world eval --json`.", "",
     ]
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     path = folder / "model_card.md"
     atomic_write_text(path, "\n".join(lines))
     return path
