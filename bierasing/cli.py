@@ -52,7 +52,7 @@ def _cmd_world_train(args) -> int:
 
     _threads(args.threads)
     tcfg = TrainConfig(seed=args.seed, clip_steps=args.clip_steps, unet_steps=args.unet_steps,
-                       ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
+                       lit_steps=args.lit_steps, ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
     out = Path(args.out)
     try:
         with _CtrlC() as stop:
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/world", help="output folder; re-running resumes from its checkpoint")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--clip-steps", type=int, default=400)
-    t.add_argument("--unet-steps", type=int, default=3500)
+    t.add_argument("--unet-steps", type=int, default=5500)
+    t.add_argument("--lit-steps", type=int, default=1000)
     t.add_argument("--ip-steps", type=int, default=1000)
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument("--eval-samples", type=int, default=16, help="samples per prompt for the model card")
