@@ -211,6 +211,18 @@ class WorldTrainer:
         imgs, caps, truths, mentions = data.sample_batch(n, self.np_rng, caption_kwargs or None)
         return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, caps, truths, mentions
 
+    def _denoising_loss(self, images: torch.Tensor, text: torch.Tensor,
+                        tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss on DDPM-noised images, in the model's own prediction type."""
+        bb, g = self.bb, self.gen
+        x0 = bb.to_x(images)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, bb.num_train_timesteps, (x0.shape[0],), generator=g)
+        x_t = bb.add_noise(x0, noise, t)
+        a = bb.alphas_cumprod[t].view(-1, 1, 1, 1)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if bb.prediction_type == "v_prediction" else noise
+        return F.mse_loss(bb.model_output(x_t, t, text, tokens).float(), target)
+
     def _stage_clip(self, lock_text: bool = False) -> None:
         bb = self.bb
         params = list(bb.image_encoder.parameters()) + [self.logit_scale]
@@ -257,13 +269,7 @@ class WorldTrainer:
             caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
             with torch.no_grad():
                 text = bb.encode_text(caps)
-            x0 = bb.to_x(images)
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, bb.num_train_timesteps, (x0.shape[0],), generator=g)
-            x_t = bb.add_noise(x0, noise, t)
-            a = bb.alphas_cumprod[t].view(-1, 1, 1, 1)
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if bb.prediction_type == "v_prediction" else noise
-            return F.mse_loss(bb.model_output(x_t, t, text).float(), target)
+            return self._denoising_loss(images, text)
 
         def ema_update():
             d = self.tcfg.ema
@@ -297,13 +303,7 @@ class WorldTrainer:
                 text = bb.encode_text(caps)
                 embeds = bb.embed_images(refs)
             tokens = bb.image_proj(embeds)
-            x0 = bb.to_x(images)
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, bb.num_train_timesteps, (n,), generator=g)
-            x_t = bb.add_noise(x0, noise, t)
-            a = bb.alphas_cumprod[t].view(-1, 1, 1, 1)
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if bb.prediction_type == "v_prediction" else noise
-            return F.mse_loss(bb.model_output(x_t, t, text, tokens).float(), target)
+            return self._denoising_loss(images, text, tokens)
 
         self._loop(self.tcfg.ip_steps, params, step)
 
