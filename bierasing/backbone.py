@@ -88,3 +88,19 @@ class Backbone(abc.ABC):
 
         return {n: m for n, m in self.unet.named_modules()
                 if isinstance(m, Attention) and n.endswith("attn2")}
+
+    def attention_recorders(self) -> list:
+        """Objects with an ``attention_store`` list slot that record attn2 text-attention maps."""
+        from .adapter import DecoupledCrossAttnProcessor
+
+        return [m.processor for m in self.attn2_modules().values()
+                if isinstance(getattr(m, "processor", None), DecoupledCrossAttnProcessor)]
+
+    def word_positions(self, prompt: str, word: str) -> list[int]:
+        """Token positions (BOS = 0) of ``word`` inside ``prompt``, for attention maps."""
+        p = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        w = self.tokenizer(word, add_special_tokens=False).input_ids
+        for i in range(len(p) - len(w) + 1):
+            if p[i:i + len(w)] == w:
+                return [1 + i + k for k in range(len(w))]
+        raise ValueError(f"the word {word!r} does not occur in the prompt {prompt!r}")

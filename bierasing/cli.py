@@ -52,7 +52,7 @@ def _cmd_world_train(args) -> int:
 
     _threads(args.threads)
     tcfg = TrainConfig(seed=args.seed, clip_steps=args.clip_steps, unet_steps=args.unet_steps,
-                       lit_steps=args.lit_steps, ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
+                       vision_steps=args.vision_steps, ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
     out = Path(args.out)
     try:
         with _CtrlC() as stop:
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--clip-steps", type=int, default=400)
     t.add_argument("--unet-steps", type=int, default=5500)
-    t.add_argument("--lit-steps", type=int, default=1000)
+    t.add_argument("--vision-steps", type=int, default=1500)
     t.add_argument("--ip-steps", type=int, default=1000)
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument("--eval-samples", type=int, default=16, help="samples per prompt for the model card")

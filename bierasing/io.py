@@ -31,6 +31,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def safe_child(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` if it stays inside ``root``; a clear error for absolute paths and '..' escapes."""
+    if not name or not name.strip():
+        raise ValueError("the output name is empty")
+    if "\x00" in name:
+        raise ValueError("the output name contains a NUL character")
+    p = Path(name)
+    if p.is_absolute() or p.drive:
+        raise ValueError(f"{name!r} is an absolute path; give a name inside the output folder")
+    base = Path(root).resolve()
+    target = (base / p).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{name!r} would leave the output folder {base}; remove the '..' parts")
+    return target
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -1,13 +1,7 @@
-"""ComfyUI nodes: thin wrappers over the ``bierasing`` library (ComfyUI V3 schema).
+"""ComfyUI nodes of the Bi-Erasing pack: thin wrappers over the ``bierasing`` library.
 
-The node declarations are built from the library's config dataclasses when ComfyUI loads the pack.
-The erasure nodes are tracked in the "ComfyUI node pack" issue; until they land the extension
-registers no nodes, so the pack loads cleanly but adds nothing to the graph.
+  spec.py        node declarations (no ComfyUI import: CI validates them and the workflows)
+  build.py       turns the declarations into ComfyUI V3 node classes (imported by ComfyUI only)
+  impl.py        what each node does, in library calls
+  comfy_glue.py  the one module that touches ComfyUI internals (ModelPatcher, model_sampling, ...)
 """
-
-from comfy_api.latest import ComfyExtension, io
-
-
-class BiErasingExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []

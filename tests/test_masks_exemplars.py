@@ -93,12 +93,12 @@ def test_load_folder_errors(tmp_path):
 
 
 def test_word_positions_and_attention_masks(tiny_world):
-    from bierasing.erase.attention_mask import attention_masks, word_positions
+    from bierasing.erase.attention_mask import attention_masks
 
-    assert word_positions(tiny_world.tokenizer, "a red circle", "circle") == [3]
-    assert word_positions(tiny_world.tokenizer, "a red round shape", "round shape") == [3, 4]
+    assert tiny_world.word_positions("a red circle", "circle") == [3]
+    assert tiny_world.word_positions("a red round shape", "round shape") == [3, 4]
     with pytest.raises(ValueError, match="does not occur"):
-        word_positions(tiny_world.tokenizer, "a red circle", "star")
+        tiny_world.word_positions("a red circle", "star")
     imgs = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     m = attention_masks(tiny_world, imgs, "a red circle", "circle")
     assert m.shape == (3, 32, 32) and float(m.min()) == 0.0 and float(m.max()) == pytest.approx(1.0)

@@ -12,7 +12,7 @@ TINY = WorldConfig(unet_channels=(8, 16, 16))
 
 
 def _cfg(**kw):
-    base = dict(seed=3, clip_steps=3, clip_batch=8, unet_steps=4, unet_batch=4, lit_steps=2, ip_steps=3,
+    base = dict(seed=3, clip_steps=3, clip_batch=8, unet_steps=4, unet_batch=4, vision_steps=2, ip_steps=3,
                 ip_batch=4, warmup=2, checkpoint_every=100)
     base.update(kw)
     return TrainConfig(**base)
@@ -25,7 +25,7 @@ def _state(bb):
     return sd
 
 
-@pytest.mark.parametrize("stop_stage,stop_step", [("unet", 2), ("lit", 1), ("ip", 1)])
+@pytest.mark.parametrize("stop_stage,stop_step", [("unet", 2), ("vision", 1), ("ip", 1)])
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stop_stage, stop_step):
     full = train_world(tmp_path / "full", _cfg(), TINY, progress=False, log=lambda m: None)
 
@@ -68,12 +68,12 @@ def test_training_lowers_the_losses(tmp_path):
 def test_cli_world_train_then_eval_smoke(tmp_path):
     out = tmp_path / "w"
     r = subprocess.run([sys.executable, "-m", "bierasing.cli", "world", "train", "--out", str(out),
-                        "--clip-steps", "2", "--unet-steps", "2", "--lit-steps", "2", "--ip-steps", "2", "--skip-eval",
+                        "--clip-steps", "2", "--unet-steps", "2", "--vision-steps", "2", "--ip-steps", "2", "--skip-eval",
                         "--quiet", "--threads", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     bb = ShapesWorldBackbone.load(out / "model")
     meta = json.loads((out / "model" / "world.json").read_text())
-    assert meta["train"]["unet_steps"] == 2 and set(meta["seconds"]) == {"clip", "unet", "lit", "ip"}
+    assert meta["train"]["unet_steps"] == 2 and set(meta["seconds"]) == {"clip", "unet", "vision", "ip"}
     assert bb.config == WorldConfig()
     r = subprocess.run([sys.executable, "-m", "bierasing.cli", "world", "eval", "--model",
                         str(out / "model"), "--samples", "1", "--steps", "2", "--json"],

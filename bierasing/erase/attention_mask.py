@@ -10,26 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..adapter import DecoupledCrossAttnProcessor
-
-
-def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Sequence positions (BOS = 0) of ``word``'s tokens inside ``prompt``."""
-    p = tokenizer(prompt, add_special_tokens=False).input_ids
-    w = tokenizer(word, add_special_tokens=False).input_ids
-    for i in range(len(p) - len(w) + 1):
-        if p[i:i + len(w)] == w:
-            return [1 + i + k for k in range(len(w))]
-    raise ValueError(f"the word {word!r} does not occur in the prompt {prompt!r}")
-
 
 @torch.no_grad()
 def attention_masks(backbone, images: torch.Tensor, prompt: str, word: str, t: int = 300,
                     seed: int = 0) -> torch.Tensor:
     """Raw masks [N, H, W] in [0, 1] for images [N, 3, H, W]: where the model attends to ``word``."""
-    positions = word_positions(backbone.tokenizer, prompt, word)
-    procs = [m.processor for m in backbone.attn2_modules().values()
-             if isinstance(m.processor, DecoupledCrossAttnProcessor)]
+    positions = backbone.word_positions(prompt, word)
+    procs = backbone.attention_recorders()
     if not procs:
         raise ValueError("automatic masks need the decoupled attention processors (load the image branch)")
     x0 = backbone.to_x(images.to(backbone.device))

@@ -120,6 +120,8 @@ class Eraser:
                             for c in self.concepts]
             self.tok_pos = [bb.encode_images(c.positive_images) if c.positive_images is not None else None
                             for c in self.concepts]
+            self.x0_neg = [bb.to_x(c.negative_images.to(bb.device)) if cfg.xt_source == "noised" else None
+                           for c in self.concepts]
         self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen)
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
         self.cache = None
@@ -136,7 +138,7 @@ class Eraser:
         if cfg.xt_source == "cache":
             return self.cache.draw(ci, B, self.gen)
         if cfg.xt_source == "noised":
-            return xt_sources.noised_exemplars(bb, self.concepts[ci].negative_images, B, self.gen)
+            return xt_sources.noised_exemplars(bb, self.x0_neg[ci], B, self.gen)
         if cfg.xt_source == "esd":
             with self.adapters.disabled():
                 return xt_sources.partial_ddim(bb, self.c_neg[ci], self.uncond, B, cfg.xt_steps,

@@ -27,10 +27,12 @@ def kohya_name(module_name: str) -> str:
     return PREFIX + module_name.replace(".", "_")
 
 
-def erasure_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
+def erasure_tensors(adapters: AdapterSet, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter weights under kohya keys; ``rename`` maps module names first (ComfyUI's LDM names ->
+    diffusers names, so files from both paths are the same format)."""
     out = {}
     for name, layer in adapters.layers.items():
-        key = kohya_name(name)
+        key = kohya_name((rename or {}).get(name, name))
         if layer.rank == 0:
             out[f"{key}.diff"] = layer.delta.detach().float()
         else:
@@ -40,17 +42,24 @@ def erasure_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict) -> Path:
+def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict,
+                 rename: dict[str, str] | None = None) -> Path:
     """Atomically write the erasure; ``info`` (method, concepts, hyper-parameters...) goes to metadata."""
+    return save_erasure_tensors(path, erasure_tensors(adapters, rename), info)
+
+
+def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"erasures are saved as .safetensors, got {path.name!r}")
-    ranks = {layer.rank for layer in adapters.layers.values()}
+    if not tensors or not all(k.startswith(PREFIX) for k in tensors):
+        raise ValueError(f"not an erasure: tensor keys must start with {PREFIX!r}")
+    ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")} or {0}
     meta = {"bierasing": json.dumps(info, default=str), "format": "pt",
             "ss_network_module": "networks.lora" if ranks != {0} else "diff",
             "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
-            "modelspec.title": info.get("title", path.stem)}
-    save_safetensors(path, erasure_tensors(adapters), meta)
+            "modelspec.title": str(info.get("title", path.stem))}
+    save_safetensors(path, {k: v.detach().float().contiguous() for k, v in tensors.items()}, meta)
     return path
 
 

@@ -74,13 +74,14 @@ def fill_background(image: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:
     return m[..., None] * img + (1 - m[..., None]) * mean
 
 
-def apply_masks(images, masks, cfg: MaskFilter | None = None):
-    """Tensor images [N, 3, H, W] and raw masks [N, H, W] -> filtered images (torch, same layout)."""
+def apply_masks(images, masks, cfg: MaskFilter | None = None, return_masks: bool = False):
+    """Tensor images [N, 3, H, W] and raw masks [N, H, W] -> filtered images (torch, same layout),
+    and the cleaned soft masks [N, H, W] with ``return_masks``."""
     import torch
 
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images; give one mask per image")
-    out = []
+    out, softs = [], []
     for img, m in zip(images, masks):
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise ValueError(f"mask is {m.shape[-1]}x{m.shape[-2]} but its image is {img.shape[-1]}x{img.shape[-2]}; "
@@ -91,4 +92,6 @@ def apply_masks(images, masks, cfg: MaskFilter | None = None):
                              "threshold or check the mask")
         filled = fill_background(img.permute(1, 2, 0).cpu().numpy(), soft)
         out.append(torch.from_numpy(filled).permute(2, 0, 1))
-    return torch.stack(out).to(images)
+        softs.append(torch.from_numpy(soft))
+    filtered = torch.stack(out).to(images)
+    return (filtered, torch.stack(softs)) if return_masks else filtered

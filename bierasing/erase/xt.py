@@ -64,11 +64,11 @@ def partial_ddim(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor, b
     return x, torch.full((batch,), int(ts[k]), dtype=torch.long), fw
 
 
-def noised_exemplars(backbone: Backbone, images: torch.Tensor, batch: int, generator: torch.Generator):
-    """q(x_t | x_0) of exemplar images (no sampling): t uniform over the training schedule."""
-    idx = torch.randint(0, images.shape[0], (batch,), generator=generator)
-    with torch.no_grad():
-        x0 = backbone.to_x(images[idx].to(backbone.device))
+def noised_exemplars(backbone: Backbone, x0_all: torch.Tensor, batch: int, generator: torch.Generator):
+    """q(x_t | x_0) of the exemplars' clean x0 (``backbone.to_x`` once, up front): no sampling;
+    t uniform over the training schedule."""
+    idx = torch.randint(0, x0_all.shape[0], (batch,), generator=generator)
+    x0 = x0_all[idx.to(x0_all.device)]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)
     return backbone.add_noise(x0, noise, t.to(x0.device)), t, 0

@@ -7,10 +7,12 @@ Stages (each seeded, each resumable from a checkpoint written every ``checkpoint
              image it correctly describes (captions mention only some of the three axes);
   2. unet  - v-prediction loss on DDPM-noised images, frozen text encoder, 10% caption dropout
              for classifier-free guidance, EMA weights kept for sampling;
-  3. lit   - the image encoder alone is tuned further against the now locked text encoder (LiT):
-             contrastive training long enough for the UNet leaves colour and background learned
-             but shape weak in the image embedding (shape zero-shot 0.56), and the image branch can
-             only pass on what the embedding holds;
+  3. vision - the image encoder of the image branch: a fresh CLIP pair (image encoder + its own
+             text tower, discarded afterwards) trained contrastively for longer. As in SD1.5 +
+             IP-Adapter, where the image encoder (OpenCLIP ViT-H) is not the text encoder's CLIP
+             (ViT-L), the UNet's text encoder stays as it is. The short clip stage leaves shape weak
+             in the pooled embeddings (shape zero-shot 0.56, shape text embeddings at cosine
+             0.92-0.98), and the image branch can only pass on what the image embedding holds;
   4. ip    - image projector + to_k_ip/to_v_ip in every attn2 trained on the frozen EMA UNet;
              the exemplar is a *different* render of the same concepts (so the branch carries
              concepts, not pixels), and half of the captions are empty (an image alone steers).
@@ -18,7 +20,6 @@ Stages (each seeded, each resumable from a checkpoint written every ``checkpoint
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from .. import io
 from . import data
 from .models import ShapesWorldBackbone, WorldConfig, build_models, build_tokenizer
 
-STAGES = ("clip", "unet", "lit", "ip")
+STAGES = ("clip", "unet", "vision", "ip")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -48,7 +49,7 @@ class TrainConfig:
     clip_batch: int = 128
     unet_steps: int = 5500
     unet_batch: int = 32
-    lit_steps: int = 1000
+    vision_steps: int = 1500
     ip_steps: int = 1000
     ip_batch: int = 32
     lr: float = 1e-3
@@ -59,7 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 500
 
     def __post_init__(self):
-        for name in ("clip_steps", "unet_steps", "lit_steps", "ip_steps"):
+        for name in ("clip_steps", "unet_steps", "vision_steps", "ip_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("clip_batch", "unet_batch", "ip_batch", "checkpoint_every"):
@@ -99,6 +100,10 @@ class WorldTrainer:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(tcfg.seed)
             m = build_models(wcfg, self.tokenizer)
+            torch.manual_seed(tcfg.seed + 1)  # the image-branch CLIP pair: its own seeded init
+            pair = build_models(wcfg, self.tokenizer)
+        self.aux_text, self.vision_init = pair["text_encoder"], pair["image_encoder"].state_dict()
+        self.vision_logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.bb = ShapesWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"],
                                       m["unet"], m["scheduler"], m["image_proj"], wcfg)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -117,12 +122,13 @@ class WorldTrainer:
 
     def _modules(self) -> dict:
         return {"text": self.bb.text_encoder, "vision": self.bb.image_encoder,
-                "unet": self.bb.unet, "proj": self.bb.image_proj}
+                "unet": self.bb.unet, "proj": self.bb.image_proj, "aux_text": self.aux_text}
 
     def save_checkpoint(self) -> None:
         tensors = {f"{n}.{k}": v for n, mod in self._modules().items()
                    for k, v in mod.state_dict().items()}
         tensors["logit_scale"] = self.logit_scale.detach()
+        tensors["vision_logit_scale"] = self.vision_logit_scale.detach()
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
         meta = {"stage": self.stage, "step": self.step, "history": self.history,
@@ -144,9 +150,13 @@ class WorldTrainer:
             raise ValueError(f"{self.ckpt_path} was written by a run with another seed or model "
                              "config; delete it or use another --out folder")
         for n, mod in self._modules().items():
-            mod.load_state_dict({k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")})
+            own = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
+            if own or n != "aux_text":  # checkpoints from before the vision stage have no aux tower
+                mod.load_state_dict(own)
         with torch.no_grad():
             self.logit_scale.copy_(tensors["logit_scale"])
+            if "vision_logit_scale" in tensors:
+                self.vision_logit_scale.copy_(tensors["vision_logit_scale"])
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         self.ema = ema or None
         self.stage, self.step = meta["stage"], meta["step"]
@@ -223,32 +233,35 @@ class WorldTrainer:
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if bb.prediction_type == "v_prediction" else noise
         return F.mse_loss(bb.model_output(x_t, t, text, tokens).float(), target)
 
-    def _stage_clip(self, lock_text: bool = False) -> None:
-        bb = self.bb
-        params = list(bb.image_encoder.parameters()) + [self.logit_scale]
-        if not lock_text:
-            params += list(bb.text_encoder.parameters())
-        bb.text_encoder.train(not lock_text).requires_grad_(not lock_text)
-        bb.image_encoder.train().requires_grad_(True)
+    def _contrastive(self, text_model, image_model, logit_scale, steps: int) -> None:
+        """Multi-positive InfoNCE between captions and images (a caption is a positive for every
+        image it correctly describes)."""
+        params = list(image_model.parameters()) + list(text_model.parameters()) + [logit_scale]
+        for mod in (text_model, image_model):
+            mod.train().requires_grad_(True)
 
         def step():
             images, caps, truths, mentions = self._batch(self.tcfg.clip_batch)
-            with torch.set_grad_enabled(not lock_text):
-                t = F.normalize(bb.embed_text(caps), dim=-1)
-            i = F.normalize(bb.embed_images(images), dim=-1)
-            logits = self.logit_scale.exp().clamp(max=100) * t @ i.T
+            ids = self.bb.tokenize(caps)
+            t = F.normalize(text_model(input_ids=ids).text_embeds, dim=-1)
+            i = F.normalize(image_model(pixel_values=images * 2 - 1).image_embeds, dim=-1)
+            logits = logit_scale.exp().clamp(max=100) * t @ i.T
             m = _consistency(mentions, truths)
-            # multi-positive InfoNCE in both directions
             l_t2i = -(m / m.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
             l_i2t = -(m.T / m.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
             return (l_t2i + l_i2t) / 2
 
-        self._loop(self.tcfg.lit_steps if lock_text else self.tcfg.clip_steps, params, step)
-        bb.text_encoder.eval().requires_grad_(False)
-        bb.image_encoder.eval().requires_grad_(False)
+        self._loop(steps, params, step)
+        for mod in (text_model, image_model):
+            mod.eval().requires_grad_(False)
 
-    def _stage_lit(self) -> None:
-        self._stage_clip(lock_text=True)
+    def _stage_clip(self) -> None:
+        self._contrastive(self.bb.text_encoder, self.bb.image_encoder, self.logit_scale, self.tcfg.clip_steps)
+
+    def _stage_vision(self) -> None:
+        if self.step == 0:  # a fresh CLIP pair (not resumed mid-stage)
+            self.bb.image_encoder.load_state_dict(self.vision_init)
+        self._contrastive(self.aux_text, self.bb.image_encoder, self.vision_logit_scale, self.tcfg.vision_steps)
 
     def _stage_unet(self) -> None:
         bb = self.bb

@@ -1,0 +1,86 @@
+"""ComfyUI V3 node classes of the pack, built from the declarations in ``spec.py``.
+
+Only imported by ComfyUI (through the pack's ``comfy_entrypoint``); the declarations themselves
+(``nodes.spec``) import no ComfyUI module, so CI checks them without ComfyUI.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import comfy_glue, impl
+from .spec import CATEGORY, SPECS, NodeSpec, Port
+
+comfy_glue.register_model_folders()
+
+_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae,
+            "CLIP_VISION": io.ClipVision, "LORA_MODEL": io.LoraModel, "INT": io.Int, "FLOAT": io.Float,
+            "STRING": io.String, "BOOLEAN": io.Boolean}
+
+RUN = {
+    "LoadExemplars": impl.load_exemplars,
+    "GenerateExemplars": impl.generate_exemplars,
+    "MaskFilter": impl.mask_filter,
+    "ImageAdapterLoader": impl.load_image_adapter,
+    "Erase": impl.erase,
+    "SaveErasure": impl.save_erasure,
+    "LoadErasure": impl.load_erasure,
+    "CompareGrid": impl.compare_grid,
+    "Evaluate": impl.evaluate,
+}
+
+
+def _socket(type_name: str):
+    return _SOCKETS.get(type_name) or io.Custom(type_name)
+
+
+def _input(p: Port):
+    common = {"optional": p.optional, "tooltip": p.tooltip or None}
+    if p.type == "COMBO":
+        options = list(p.options)
+        if p.files:
+            options = comfy_glue.files(p.files)
+        default = p.default if p.default in options else None
+        return io.Combo.Input(p.name, options=options, default=default, **common)
+    if p.type == "INT":
+        return io.Int.Input(p.name, default=p.default, min=p.min, max=p.max, step=p.step,
+                            control_after_generate=p.control_after_generate or None, **common)
+    if p.type == "FLOAT":
+        return io.Float.Input(p.name, default=p.default, min=p.min, max=p.max, step=p.step, **common)
+    if p.type == "STRING":
+        return io.String.Input(p.name, default=p.default, multiline=p.multiline, **common)
+    if p.type == "BOOLEAN":
+        return io.Boolean.Input(p.name, default=p.default, **common)
+    return _socket(p.type).Input(p.name, **common)
+
+
+def _output(p: Port):
+    return _socket(p.type).Output(display_name=p.name, tooltip=p.tooltip or None)
+
+
+def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
+    run = RUN[spec.key]
+
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id=spec.node_id, display_name=spec.display_name, category=CATEGORY,
+                         description=spec.description, inputs=[_input(p) for p in spec.inputs],
+                         outputs=[_output(p) for p in spec.outputs], is_output_node=spec.output_node,
+                         not_idempotent=spec.not_idempotent)
+
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        out = run(**kwargs)
+        if len(out) == 2 and isinstance(out[1], dict) and isinstance(out[0], tuple):
+            return io.NodeOutput(*out[0], ui=out[1])
+        return io.NodeOutput(*out)
+
+    return type(spec.node_id, (io.ComfyNode,), {
+        "define_schema": classmethod(define_schema), "execute": classmethod(execute),
+        "__doc__": spec.description, "__module__": __name__})
+
+
+NODES = [make_node(s) for s in SPECS]
+
+
+class BiErasingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

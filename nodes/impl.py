@@ -1,0 +1,255 @@
+"""What each node does: translate ComfyUI values to library calls and back (no erasure logic here).
+
+ComfyUI IMAGE is [B, H, W, 3] in [0, 1] and MASK [B, H, W]; the library takes [B, 3, H, W].
+Every function returns the node's outputs as a tuple, or (outputs, ui) for output nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bierasing.erase.config import EraseConfig
+from bierasing.erase.masks import MaskFilter
+
+from . import comfy_glue as glue
+
+
+def to_bchw(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an IMAGE batch [B, H, W, 3], got shape {tuple(images.shape)}")
+    return images[..., :3].permute(0, 3, 1, 2).contiguous().float()
+
+
+def to_bhwc(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 2, 3, 1).contiguous().float().cpu()
+
+
+def _masks_like(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    m = masks if masks.ndim == 3 else masks[None]
+    if m.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"{m.shape[0]} masks for {images.shape[0]} images; give one mask per image (or one for all)")
+    if tuple(m.shape[1:]) != tuple(images.shape[-2:]):
+        raise ValueError(f"masks are {m.shape[2]}x{m.shape[1]} but the images are {images.shape[-1]}x{images.shape[-2]}; "
+                         "resize the masks to the images (e.g. with an Upscale Image node on the mask) or "
+                         "use masks made from these images")
+    return m.expand(images.shape[0], -1, -1).float()
+
+
+# ---- exemplars ------------------------------------------------------------------------------------
+def load_exemplars(folder: str, size: int, max_images: int):
+    from bierasing.erase.exemplars import load_folder
+
+    if not folder.strip():
+        raise ValueError("give the exemplar folder (absolute, or relative to ComfyUI's input folder)")
+    path = Path(folder).expanduser()
+    if not path.is_absolute():
+        path = Path(glue.input_folder()) / path
+    images, masks, names = load_folder(path, size=size, limit=max_images or None)
+    if masks is None:
+        masks = torch.ones(images.shape[0], images.shape[2], images.shape[3])
+    return to_bhwc(images), masks.float(), len(names)
+
+
+def generate_exemplars(model, clip, vae, prompt: str, negative: str, count: int, seed: int, steps: int,
+                       cfg: float, resolution: int):
+    if not prompt.strip():
+        raise ValueError("the exemplar prompt is empty; describe what the exemplars should show")
+    images = glue.sample(model, clip, vae, [prompt] * count, negative, list(range(seed, seed + count)),
+                         steps, cfg, resolution)
+    return (images,)
+
+
+# ---- masks ----------------------------------------------------------------------------------------
+def mask_filter(images, masks=None, concept="", caption="", model=None, clip=None, vae=None, **filter_kw):
+    from bierasing.erase.masks import apply_masks
+
+    cfg = MaskFilter(**filter_kw)
+    imgs = to_bchw(images)
+    if masks is None:
+        raw = _automatic_masks(imgs, concept, caption, model, clip, vae)
+    else:
+        raw = _masks_like(masks, imgs)
+        if float(raw.max()) <= 0:
+            raise ValueError("every mask is empty (all zero); paint or segment the concept, or leave the mask "
+                             "input unconnected for automatic masks")
+    filtered, soft = apply_masks(imgs, raw, cfg, return_masks=True)
+    return to_bhwc(filtered), soft.float()
+
+
+def _automatic_masks(imgs, concept, caption, model, clip, vae):
+    from bierasing.erase.attention_mask import attention_masks
+
+    if model is None or clip is None or vae is None:
+        raise ValueError("automatic masks need model, clip and vae connected (or connect a MASK)")
+    if not concept.strip():
+        raise ValueError("automatic masks need the concept word")
+    caption = caption.strip() or f"a photo of {concept.strip()}"
+    bb = glue.ComfyBackbone(model, clip, vae, resolution=imgs.shape[-1])
+    with torch.inference_mode(False):
+        x = glue.plain(imgs)
+        bb.encode_text([caption])
+        bb.to_x(x)
+    with glue.unet_session(bb, train=False):
+        return attention_masks(bb, x, caption, concept.strip())
+
+
+# ---- image adapter --------------------------------------------------------------------------------
+def load_image_adapter(adapter_name: str, scale: float):
+    from bierasing.io import load_safetensors
+
+    path = glue.file_path("ipadapter", adapter_name)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{adapter_name}: only .safetensors adapters are read (pickled .bin files can run code); "
+                         "download the safetensors version of the IP-Adapter")
+    tensors, _ = load_safetensors(path)
+    missing = [k for k in ("image_proj.proj.weight", "image_proj.norm.weight") if k not in tensors]
+    if missing or not any(k.startswith("ip_adapter.") for k in tensors):
+        raise ValueError(f"{adapter_name} is not an IP-Adapter SD1.5 file (missing {missing or 'ip_adapter.* tensors'})")
+    return ({"tensors": tensors, "scale": float(scale), "name": adapter_name},)
+
+
+# ---- erasure --------------------------------------------------------------------------------------
+def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_adapter=None,
+          negative_images=None, positive_images=None, vae=None, resolution: int = 512, **settings):
+    from bierasing.erase.engine import Concept, Eraser
+    from bierasing.erase.export import erasure_tensors
+    from bierasing.plot import loss_curve
+
+    cfg = EraseConfig(**settings)
+    targets = [c.strip() for c in concept.split(",") if c.strip()]
+    safes = [s.strip() for s in safe_concept.split(",")]
+    if not targets:
+        raise ValueError("the concept to erase is empty; type a word or phrase such as 'nudity'")
+    if len(safes) not in (1, len(targets)):
+        raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one safe concept, "
+                         "or one per concept (comma-separated)")
+    safes = safes * len(targets) if len(safes) == 1 else safes
+    needs_images = cfg.method in ("bi-erasing", "co-erasing")
+    if needs_images and (clip_vision is None or image_adapter is None):
+        raise ValueError(f"{cfg.method} conditions on exemplar images: connect a CLIP_VISION (Load CLIP Vision) "
+                         "and an image adapter (Load Image Adapter), or pick esd-x / esd-u")
+    bb = glue.ComfyBackbone(model, clip, vae, clip_vision,
+                            image_adapter["tensors"] if image_adapter else None,
+                            image_adapter["scale"] if image_adapter else 1.0, resolution)
+    with torch.inference_mode(False):
+        neg = glue.plain(to_bchw(negative_images)).to(bb.device) if negative_images is not None else None
+        pos = glue.plain(to_bchw(positive_images)).to(bb.device) if positive_images is not None else None
+    concepts = [Concept(t, s, neg if needs_images else None, pos if cfg.method == "bi-erasing" else None)
+                for t, s in zip(targets, safes)]
+    # conditioning first: CLIP and CLIP vision are done before the UNet is loaded for training
+    with torch.inference_mode(False):
+        bb.encode_text(sorted({"", *targets, *safes}))
+        for c in concepts:
+            for imgs in (c.negative_images, c.positive_images):
+                if imgs is not None:
+                    bb.encode_images(imgs)
+            if cfg.xt_source == "noised":
+                bb.to_x(c.negative_images)
+    progress = glue.Progress(cfg.steps)
+    eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
+    with glue.unet_session(bb, train=True):
+        try:
+            result = eraser.run()
+        except Exception as e:
+            from bierasing.erase.engine import ErasureInterrupted
+
+            if isinstance(e, ErasureInterrupted):
+                glue.raise_if_interrupted()
+            raise
+        try:
+            tensors = erasure_tensors(result.adapters, glue.ldm_to_diffusers_names(model))
+        finally:
+            result.adapters.remove(bb.unet)
+    info = result.info()
+    erased = glue.apply_lora(model, tensors)
+    curve = torch.from_numpy(loss_curve(result.history, f"{cfg.method}: {concept} -> {safe_concept}")).float()[None] / 255
+    return erased, tensors, curve, json.dumps(info, indent=1)
+
+
+def save_erasure(lora: dict, filename: str, report: str = ""):
+    from bierasing.erase.export import save_erasure_tensors
+    from bierasing.io import safe_child
+
+    root = Path(glue.output_folder("loras"))
+    name = filename.strip()
+    if not name:
+        raise ValueError("give a file name for the erasure")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = safe_child(root, name)
+    try:
+        info = json.loads(report) if report and report.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the report input is not the JSON from Erase Concept ({e})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_erasure_tensors(path, lora, info)
+    rel = os.path.relpath(path, root)
+    return (rel,), {"text": [f"saved {rel} in models/loras ({len(lora)} tensors)"]}
+
+
+def load_erasure(model, erasure_name: str, strength: float):
+    from bierasing.erase.export import read_erasure
+
+    path = glue.file_path("loras", erasure_name)
+    tensors, info = read_erasure(path)
+    return glue.apply_lora(model, tensors, strength), json.dumps(info, indent=1)
+
+
+# ---- looking at the result -----------------------------------------------------------------------
+def compare_grid(original_model, erased_model, clip, vae, prompts: str, negative: str, samples_per_prompt: int,
+                 seed: int, steps: int, cfg: float, resolution: int):
+    from bierasing.grid import make_grid
+
+    plist = [p.strip() for p in prompts.splitlines() if p.strip()]
+    if not plist:
+        raise ValueError("give at least one prompt (one per line)")
+    rows = [p for p in plist for _ in range(samples_per_prompt)]
+    seeds = [seed + i for i in range(samples_per_prompt)] * len(plist)
+    before = glue.sample(original_model, clip, vae, rows, negative, seeds, steps, cfg, resolution)
+    after = glue.sample(erased_model, clip, vae, rows, negative, seeds, steps, cfg, resolution)
+    u8 = lambda t: (t.numpy() * 255).round().astype(np.uint8)  # noqa: E731
+    b, a = u8(before), u8(after)
+    cells = np.stack([np.stack([*b[r * samples_per_prompt:(r + 1) * samples_per_prompt],
+                                *a[r * samples_per_prompt:(r + 1) * samples_per_prompt]]) for r in range(len(plist))])
+    cols = [f"original s{seed + i}" for i in range(samples_per_prompt)] + \
+           [f"erased s{seed + i}" for i in range(samples_per_prompt)]
+    grid = make_grid(cells, plist, cols, cell_px=min(256, max(96, resolution // 2)), title="before | after")
+    return torch.from_numpy(grid).float()[None] / 255, before, after
+
+
+def evaluate(images, detector: str, threshold: float, target: str = ""):
+    imgs = (images[..., :3].cpu().numpy() * 255).round().astype(np.uint8)
+    if detector == "nudenet":
+        from bierasing.nudity import nudenet_report
+
+        report = nudenet_report(imgs, threshold)
+    elif detector == "shapesworld":
+        report = _shapes_report(imgs, target.strip())
+    else:
+        raise ValueError(f"unknown detector {detector!r}; choose nudenet or shapesworld")
+    text = json.dumps(report, indent=1)
+    return (text, float(report["flagged_rate"])), {"text": [text]}
+
+
+def _shapes_report(imgs: np.ndarray, target: str) -> dict:
+    from bierasing.world import data
+    from bierasing.world.detector import detect_batch
+
+    if imgs.shape[1:3] != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+        raise ValueError(f"the ShapesWorld detector reads {data.IMAGE_SIZE}x{data.IMAGE_SIZE} images, got "
+                         f"{imgs.shape[2]}x{imgs.shape[1]}")
+    dets = detect_batch(imgs)
+    counts: dict[str, int] = {}
+    for d in dets:
+        counts[d.shape] = counts.get(d.shape, 0) + 1
+    if target and not data.is_concept(target):
+        raise ValueError(f"{target!r} is not a ShapesWorld concept word")
+    flagged = [target in (d.shape, d.color, d.background) for d in dets] if target else [False] * len(dets)
+    return {"detector": "shapesworld", "images": len(dets), "shape_counts": counts, "target": target,
+            "flagged_rate": round(sum(flagged) / max(1, len(dets)), 4),
+            "per_image": [{"shape": d.shape, "color": d.color, "background": d.background} for d in dets]}

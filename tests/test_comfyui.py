@@ -1,0 +1,241 @@
+"""The node pack inside real ComfyUI (skipped with the reason when ComfyUI is absent).
+
+Run: COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/.venv/bin/python -m pytest tests/test_comfyui.py
+(ComfyUI's Python, with pytest and this pack's requirements installed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comfy_support import build_standins, comfy_available, load_comfy, pack, small_clip_vision
+
+WHY = comfy_available()
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
+IDS = ["BiErasingLoadExemplars", "BiErasingGenerateExemplars", "BiErasingMaskFilter",
+       "BiErasingImageAdapterLoader", "BiErasingErase", "BiErasingSaveErasure", "BiErasingLoadErasure",
+       "BiErasingCompareGrid", "BiErasingEvaluate"]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    torch.set_num_threads(2)
+    nodes = load_comfy()
+    root = tmp_path_factory.mktemp("comfy_models")
+    paths = build_standins(root)
+    with torch.inference_mode():  # as ComfyUI's executor runs every prompt
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:3]
+        cv = small_clip_vision(paths["vision_config"])
+    return SimpleNamespace(nodes=nodes, model=model, clip=clip, vae=vae, cv=cv, paths=paths, root=root,
+                           glue=pack("nodes.comfy_glue"), spec=pack("nodes.spec"))
+
+
+def run(comfy, node_id: str, **kw):
+    with torch.inference_mode():
+        out = comfy.nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kw)
+    return out.args if hasattr(out, "args") else out
+
+
+def test_every_node_registers_with_the_declared_schema(comfy):
+    for nid in IDS:
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS[nid]
+        info = cls.GET_NODE_INFO_V1()
+        want = comfy.spec.object_info(comfy.spec.BY_ID[nid])
+        assert info["output"] == want["output"] and info["category"] == want["category"], nid
+        for group in ("required", "optional"):
+            got = info["input"].get(group, {})
+            exp = want["input"].get(group, {})
+            assert list(got) == list(exp), (nid, group)
+            for name, entry in exp.items():
+                if not isinstance(entry[0], list):  # file combos are listed live
+                    assert got[name][0] == entry[0], (nid, name)
+                assert got[name][1].get("tooltip") == entry[1].get("tooltip"), (nid, name)
+
+
+def _diffusers_twin(env):
+    """The same UNet as a diffusers UNet2DConditionModel (weights through ComfyUI's name map)."""
+    from comfy.utils import unet_to_diffusers
+    from diffusers import UNet2DConditionModel
+
+    u = UNet2DConditionModel(sample_size=8, block_out_channels=(320,), layers_per_block=1,
+                             down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                             cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+    mapping = unet_to_diffusers(env.model.model.model_config.unet_config)
+    src = env.model.model.diffusion_model.state_dict()
+    u.load_state_dict({d: src[ldm].float().clone() for d, ldm in mapping.items() if ldm in src}, strict=True)
+    return u.eval().requires_grad_(False)
+
+
+def _diffusers_backbone(unet, texts: dict):
+    from diffusers import DDPMScheduler
+
+    from bierasing.sd15 import SD15Backbone
+
+    class Given(SD15Backbone):
+        def __init__(self):
+            self.unet = unet
+            sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+            self.alphas_cumprod = sched.alphas_cumprod.float()
+            self.prediction_type = "epsilon"
+            self.sample_shape = (4, 8, 8)
+
+        def encode_text(self, prompts):
+            return torch.cat([texts[p] for p in prompts])
+
+    return Given()
+
+
+def test_comfy_and_diffusers_paths_agree(comfy):
+    from bierasing.adapter import ImageProjModel, install_decoupled_attention, load_ip_adapter_state_dict
+    from bierasing.io import load_safetensors
+
+    glue = comfy.glue
+    ip, _ = load_safetensors(comfy.paths["ip_adapter"])
+    cb = glue.ComfyBackbone(comfy.model, comfy.clip, None, comfy.cv, ip, 1.0, resolution=64)
+    with torch.inference_mode(False):
+        text = cb.encode_text(["a photo of a cat", ""])
+        twin = _diffusers_twin(comfy)
+        install_decoupled_attention(twin)
+        load_ip_adapter_state_dict(ip, ImageProjModel(1024, 768, 4), twin)
+        db = _diffusers_backbone(twin, {})
+        assert torch.allclose(cb.alphas_cumprod, db.alphas_cumprod, rtol=1e-4, atol=1e-6)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        t = torch.tensor([50, 700])
+        tokens = torch.randn(2, 4, 768, generator=g)
+        with glue.unet_session(cb, train=False):
+            ec = cb.predict_noise(x, t, text)
+            ec_ip = cb.predict_noise(x, t, text, tokens)
+        with torch.no_grad():
+            ed, ed_ip = db.predict_noise(x, t, text), db.predict_noise(x, t, text, tokens)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
+    print(f"\nnoise prediction rel. max diff: text {rel(ec, ed):.2e}, text+image {rel(ec_ip, ed_ip):.2e}; "
+          f"image channel effect {rel(ed_ip, ed):.2e}")
+    assert rel(ec, ed) < 1e-4 and rel(ec_ip, ed_ip) < 1e-4
+    assert rel(ed_ip, ed) > 1e-3  # the image channel does change the prediction
+
+
+def test_first_training_step_agrees(comfy):
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.engine import Eraser
+    from bierasing.erase.export import erasure_tensors
+
+    glue = comfy.glue
+    cfg = EraseConfig(method="esd-x", steps=2, batch_size=2, rank=4, xt_source="cache", cache_size=2,
+                      xt_steps=3, lr=1e-3, seed=0)
+    concepts = [Concept("cat", "dog")]
+    cb = glue.ComfyBackbone(comfy.model, comfy.clip, resolution=64)
+    with torch.inference_mode(False):
+        texts = dict(zip(["", "cat", "dog"], cb.encode_text(["", "cat", "dog"]).split(1)))
+        db = _diffusers_backbone(_diffusers_twin(comfy), texts)
+        names = glue.ldm_to_diffusers_names(comfy.model)
+        with glue.unet_session(cb, train=True):
+            ec, ed = Eraser(cb, concepts, cfg), Eraser(db, concepts, cfg)
+            ec.prepare()
+            ed.prepare()
+            # LoRA "down" init is seeded in module order, which differs between LDM and diffusers
+            # layouts: start both from the same weights
+            by_dif = {names[n]: layer for n, layer in ec.adapters.layers.items()}
+            with torch.no_grad():
+                for n, layer in ed.adapters.layers.items():
+                    layer.down.copy_(by_dif[n].down)
+            a, b = ec.cache.states[0], ed.cache.states[0]
+            cache_diff = float((a - b).abs().max() / b.abs().max())
+            rc, rd = ec.training_step(), ed.training_step()
+            gc = {names[n]: torch.cat([layer.down.grad.flatten(), layer.up.grad.flatten()])
+                  for n, layer in ec.adapters.layers.items()}
+            tc = erasure_tensors(ec.adapters, names)
+            ec.adapters.remove(cb.unet)
+        gd = {n: torch.cat([layer.down.grad.flatten(), layer.up.grad.flatten()])
+              for n, layer in ed.adapters.layers.items()}
+        td = erasure_tensors(ed.adapters)
+        ed.adapters.remove(db.unet)
+    assert set(tc) == set(td)
+    grad_rel = max(float((gc[n] - gd[n]).abs().max() / gd[n].abs().max()) for n in gd)
+    diffs = torch.cat([(tc[k] - td[k]).abs().flatten() for k in tc])
+    same = float((diffs < 1e-6).float().mean())
+    print(f"\nx_t cache rel. diff {cache_diff:.2e}; step-1 loss comfy {rc['loss']} vs diffusers {rd['loss']}; "
+          f"gradient rel. max diff {grad_rel:.2e}; LoRA weights equal to 1e-6 after step 1: {same:.4%} "
+          f"(Adam's first step is lr * sign(grad): near-zero gradients may flip)")
+    assert cache_diff < 1e-3
+    assert abs(rc["loss"] - rd["loss"]) <= 1e-4 * abs(rd["loss"]) + 1e-9
+    assert grad_rel < 1e-3 and same > 0.99
+
+
+def test_erase_save_loraloader_ksampler(comfy, caplog):
+    (adapter,) = run(comfy, "BiErasingImageAdapterLoader", adapter_name="tiny_ip_sd15.safetensors", scale=1.0)
+    (neg,) = run(comfy, "BiErasingGenerateExemplars", model=comfy.model, clip=comfy.clip, vae=comfy.vae,
+                 prompt="a photo of a cat", negative="", count=2, seed=0, steps=2, cfg=5.0, resolution=64)
+    (pos,) = run(comfy, "BiErasingGenerateExemplars", model=comfy.model, clip=comfy.clip, vae=comfy.vae,
+                 prompt="a photo of a dog", negative="", count=2, seed=10, steps=2, cfg=5.0, resolution=64)
+    assert neg.shape == (2, 64, 64, 3) and not torch.equal(neg, pos)
+    filt, masks = run(comfy, "BiErasingMaskFilter", images=neg, masks=None, concept="cat", caption="",
+                      model=comfy.model, clip=comfy.clip, vae=comfy.vae, threshold=0.4, min_component=0.001,
+                      morph_radius_512=3.0, feather_sigma_512=2.0, min_coverage=0.05)
+    assert filt.shape == neg.shape and masks.shape == (2, 64, 64) and 0 < float(masks.mean()) < 1
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", steps=3, batch_size=2, cache_size=2, xt_steps=3,
+                    resolution=64)
+    erased, lora, curve, report = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip,
+                                      clip_vision=comfy.cv, image_adapter=adapter, negative_images=filt,
+                                      positive_images=pos, **settings)
+    info = json.loads(report)
+    assert info["method"] == "bi-erasing" and info["config"]["steps"] == 3 and curve.shape[-1] == 3
+    assert all(k.startswith("lora_unet_down_blocks_") or k.startswith(("lora_unet_up_blocks_", "lora_unet_mid_block_"))
+               for k in lora)
+    out = run(comfy, "BiErasingSaveErasure", lora=lora, filename="erasures/cat0", report=report)
+    assert out[0] == "erasures/cat0.safetensors"
+    saved = comfy.root / "loras" / "erasures" / "cat0.safetensors"
+    assert saved.is_file()
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        m2, _ = comfy.nodes.LoraLoader().load_lora(comfy.model, comfy.clip, "erasures/cat0.safetensors", 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    m3, info3 = run(comfy, "BiErasingLoadErasure", model=comfy.model, erasure_name="erasures/cat0.safetensors",
+                    strength=1.0)
+    assert json.loads(info3)["method"] == "bi-erasing"
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        pos_c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "a photo of a cat")[0]
+        neg_c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "")[0]
+        outs = [comfy.nodes.common_ksampler(m, 7, 2, 5.0, "euler", "normal", pos_c, neg_c, latent)[0]["samples"]
+                for m in (comfy.model, erased, m2, m3)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.allclose(outs[1], outs[2], atol=1e-5) and torch.allclose(outs[2], outs[3], atol=1e-5)
+    assert not torch.allclose(outs[0], outs[1], atol=1e-6)  # the erasure changed the model
+
+
+def test_grid_and_evaluate_nodes(comfy):
+    grid, before, after = run(comfy, "BiErasingCompareGrid", original_model=comfy.model, erased_model=comfy.model,
+                              clip=comfy.clip, vae=comfy.vae, prompts="a cat\na dog", negative="",
+                              samples_per_prompt=1, seed=3, steps=2, cfg=5.0, resolution=64)
+    assert grid.ndim == 4 and before.shape == (2, 64, 64, 3) and torch.equal(before, after)
+    report, rate = run(comfy, "BiErasingEvaluate", images=before, detector="nudenet", threshold=0.6, target="")
+    assert json.loads(report)["images"] == 2 and 0.0 <= rate <= 1.0
+
+
+def test_bad_inputs_give_clear_messages(comfy, tmp_path):
+    with pytest.raises(ValueError, match="has no images"):
+        run(comfy, "BiErasingLoadExemplars", folder=str(tmp_path), size=64, max_images=0)
+    imgs = torch.rand(2, 64, 64, 3)
+    with pytest.raises(ValueError, match="masks are 32x32 but the images are 64x64"):
+        run(comfy, "BiErasingMaskFilter", images=imgs, masks=torch.ones(2, 32, 32), concept="cat", caption="",
+            threshold=0.4, min_component=0.001, morph_radius_512=3.0, feather_sigma_512=2.0, min_coverage=0.05)
+    with pytest.raises(ValueError, match="all zero"):
+        run(comfy, "BiErasingMaskFilter", images=imgs, masks=torch.zeros(2, 64, 64), concept="cat", caption="",
+            threshold=0.4, min_component=0.001, morph_radius_512=3.0, feather_sigma_512=2.0, min_coverage=0.05)
+    with pytest.raises(ValueError, match="steps must be in"):
+        run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat", safe_concept="dog",
+            method="esd-x", steps=0)
+    with pytest.raises(ValueError, match="CLIP_VISION"):
+        run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat", safe_concept="dog",
+            method="bi-erasing")
+    with pytest.raises(ValueError, match="is not in ComfyUI's models/ipadapter"):
+        run(comfy, "BiErasingImageAdapterLoader", adapter_name="missing.safetensors", scale=1.0)
+    with pytest.raises(ValueError, match="leave|outside"):
+        run(comfy, "BiErasingSaveErasure", lora={"lora_unet_x.alpha": torch.tensor(1.0)}, filename="../../evil")
