@@ -1,7 +1,7 @@
 """Erasure benchmark on ShapesWorld: Bi-Erasing vs baselines vs the released algorithm, + ablations.
 
     python bench/erasure_bench.py                   # everything, results in bench/results/
-    python bench/erasure_bench.py --targets circle --runs bi-erasing,esd-x
+    python bench/erasure_bench.py --targets circle --runs bi-erasing,esd-x --ablations bi-no-positive
 
 Each (target, run) executes in its own process (so peak RSS belongs to that run alone) and is
 appended to bench/results/erasure.json as soon as it finishes; a re-run skips finished rows.
@@ -94,7 +94,7 @@ def single(spec: dict) -> dict:
     seconds = time.time() - t0
     peak = peak_rss_mb()
     ev = measure_erasure(bb, target, spec.get("samples", 8))
-    syn = measure_erasure(bb, target, spec.get("samples", 8), synonym=1)
+    syn = measure_erasure(bb, target, spec.get("samples", 8), synonym=1, target_only=True)
     return {"target": target, "kind": TARGETS[target], "run": run, "safe": safe,
             "acc_e": round(ev["acc_e"], 4), "acc_p": round(ev["acc_p"], 4), "h": round(ev["h"], 4),
             "acc_e_synonyms": round(syn["acc_e"], 4), "seconds": round(seconds, 1),
@@ -110,7 +110,7 @@ def _baseline(samples: int, targets: list[str]) -> dict:
     bb = ShapesWorldBackbone.load()
     out = {}
     for t in targets:
-        ev, syn = measure_erasure(bb, t, samples), measure_erasure(bb, t, samples, synonym=1)
+        ev, syn = measure_erasure(bb, t, samples), measure_erasure(bb, t, samples, synonym=1, target_only=True)
         out[t] = {"acc_e": round(ev["acc_e"], 4), "acc_p": round(ev["acc_p"], 4), "h": round(ev["h"], 4),
                   "acc_e_synonyms": round(syn["acc_e"], 4)}
     return out
@@ -182,7 +182,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="circle,red,white")
     p.add_argument("--runs", default=",".join(MAIN))
-    p.add_argument("--ablations", action="store_true", help="also run the ablations (on the first target)")
+    p.add_argument("--ablations", default="", help="ablation runs on the first target: comma-separated names or 'all'")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,7 +202,11 @@ def main() -> int:
         write_reports(results)
     jobs = [(t, r) for t in targets for r in args.runs.split(",")]
     if args.ablations:
-        jobs += [(targets[0], r) for r in ABLATIONS]
+        names = ABLATIONS if args.ablations == "all" else args.ablations.split(",")
+        unknown = set(names) - set(ABLATIONS)
+        if unknown:
+            raise SystemExit(f"unknown ablations {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
+        jobs += [(targets[0], r) for r in names]
     done = {(r["target"], r["run"]) for r in results["rows"]}
     for t, r in jobs:
         if (t, r) in done:

@@ -260,11 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_eval)
+
+    sub.add_parser("batch", add_help=False,
+                   help="erase every row of a concept list (CSV/TOML) through a running ComfyUI "
+                        "(bierasing batch --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["batch"]:  # its own argument parser (bierasing.batch)
+        from .batch import main as batch_main
+
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -138,7 +138,7 @@ SPECS: list[NodeSpec] = [
         "Cleans exemplar masks (threshold, drop specks, close/open, feather) and fills the background "
         "with the image's mean colour, so the image encoder sees the concept and not its surroundings. "
         "Without a MASK input the mask comes from the model's own cross-attention to the concept word "
-        "(needs model, clip, vae, image adapter and clip vision).",
+        "in the caption (connect model, clip and vae for that).",
         inputs=[_image("images", "exemplar images"),
                 _mask("masks", "masks from any segmenter or a painted mask (1 = concept); leave empty for automatic masks"),
                 Port("concept", "STRING", "concept word for automatic masks (must appear in the caption)", default="person"),

@@ -9,7 +9,7 @@ fi
 . .venv/bin/activate
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,batch]"
 # NudeNet (the nudity metric; its ONNX model ships in the wheel). --no-deps: it asks for
 # opencv-python-headless, which would clash with opencv-python's cv2.
 python -m pip install -q --disable-pip-version-check -c constraints.txt onnxruntime

@@ -239,10 +239,14 @@ def erasure_prompts(target: str, synonym: int = 0) -> list[tuple[str, str, data.
 
 def measure_erasure(backbone, target: str, samples_per_prompt: int = 8, seed: int = 0,
                     steps: int = 20, guidance: float = 1.5, synonym: int = 0,
-                    progress: bool = False) -> dict:
-    """ACC_e / ACC_p / H of ``backbone`` for an erased ShapesWorld concept; keeps the images."""
+                    progress: bool = False, target_only: bool = False) -> dict:
+    """ACC_e / ACC_p / H of ``backbone`` for an erased ShapesWorld concept; keeps the images.
+
+    ``target_only`` samples only the target prompts (ACC_e alone; e.g. for synonym attacks)."""
     axis = data.axis_of(target)
     prompts = erasure_prompts(target, synonym)
+    if target_only:
+        prompts = [p for p in prompts if p[1] == "target"]
     imgs = generate(backbone, [p for p, _, _ in prompts], samples_per_prompt, seed, steps, guidance,
                     progress=progress, desc=f"eval {target}")
     dets = _detect(imgs)
@@ -253,7 +257,11 @@ def measure_erasure(backbone, target: str, samples_per_prompt: int = 8, seed: in
         else:
             hits = sum(_correct(d, want) for d in row)
         scores.append(PromptScore(p, kind, len(row), hits))
-    result = erasure_scores(scores)
+    if target_only:
+        result = {"acc_e": sum(s.rate for s in scores) / len(scores),
+                  "per_prompt": [{"prompt": s.prompt, "rate": s.rate} for s in scores]}
+    else:
+        result = erasure_scores(scores)
     result.update({"target": target, "axis": axis, "samples_per_prompt": samples_per_prompt,
                    "images": imgs, "detections": dets, "prompts": prompts})
     return result
