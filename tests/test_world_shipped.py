@@ -44,8 +44,8 @@ def test_text_prompts_produce_the_named_shape_and_colour(world):
 
 
 def test_an_exemplar_image_alone_steers_colour_and_beats_chance_on_shape(world):
-    # regression guard at today's level (full eval: colour 0.995, shape 0.41); the 0.80 shape bar is
-    # the xfail test below
+    # regression guard at today's level (full eval: colour 0.998, shape 0.615); the 0.80 shape bar
+    # is the xfail test below
     rng = np.random.default_rng(3)
     ex = np.stack([data.render(s, c, "gray", rng) for s, c in zip(data.SHAPES, data.COLORS)])
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_an_exemplar_image_alone_steers_colour_and_beats_chance_on_shape(world):
     color = np.mean([[d.color == c for d in row] for row, c in zip(dets, data.COLORS)])
     shape = np.mean([[d.shape == s for d in row] for row, s in zip(dets, data.SHAPES)])
     assert color >= 0.9, color
-    assert shape > 0.2 + 0.1, shape  # chance is 0.2
+    assert shape > 0.2 + 0.2, shape  # chance is 0.2
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_world_meets_the_text_quality_bar(full_eval):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="image steering reproduces the exemplar's shape in 0.41 of samples "
-                   "(bar 0.80): the image embedding carries little shape; see the model card")
+@pytest.mark.xfail(strict=True, reason="image steering reproduces the exemplar's shape in 0.615 of samples "
+                   "(bar 0.80); see the model card")
 def test_world_meets_the_image_steering_bar(full_eval):
     assert full_eval["image_steer_acc"] >= 0.80, full_eval
 
