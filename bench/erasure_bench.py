@@ -46,6 +46,13 @@ MAIN = ["bi-erasing", "esd-x", "esd-u", "co-erasing", "uce", "released"]
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
 
+def _erasure_path(target: str, run: str) -> Path:
+    """Where a row's erasure is kept for later attacks (not committed; rerun the bench to rebuild)."""
+    folder = ROOT / "runs" / "bench_erasures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{target}__{run}.safetensors"
+
+
 def single(spec: dict) -> dict:
     """One run, in this process."""
     import torch
@@ -72,6 +79,7 @@ def single(spec: dict) -> dict:
     if kind == "engine":
         cfg = EraseConfig(**settings)
         res = Eraser(bb, [concept], cfg).run()
+        res.save(_erasure_path(target, run))
         fe = res.info()["unet_forward_equivalents_per_sample"]
         xt_rows = res.xt_forward_rows
         params = res.adapters.num_parameters()
@@ -82,6 +90,9 @@ def single(spec: dict) -> dict:
         axis = data.axis_of(target)
         preserve = [data.concept_prompt(c) for c in data.AXES[axis] if c != target]
         adapters, _ = uce_edit(bb, [concept.target], [concept.safe], preserve)
+        from bierasing.erase.export import save_erasure
+
+        save_erasure(_erasure_path(target, run), adapters, {"method": "uce", "concepts": [[target, safe]]})
         fe, xt_rows, params = 0.0, 0, adapters.num_parameters()
         extra = {"preserve": preserve}
     else:

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, disk, a loss that became NaN
         print(f"bierasing: error: {e}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,21 +14,44 @@ import torch
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or choose an output folder on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output folder",
+    errno.EACCES: "choose an output folder you can write to (or fix its permissions)",
+    errno.EPERM: "choose an output folder you can write to (or fix its permissions)",
+    errno.EROFS: "the file system is read-only; choose another output folder",
+    errno.ENOTDIR: "part of that path is a file, not a folder; choose another output folder",
+    errno.EEXIST: "part of that path is a file, not a folder; choose another output folder",
+}
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same OSError subclass (errno kept) with a message that says what to change."""
+    hint = _WRITE_HINTS.get(e.errno, "check that the output folder exists and is writable")
+    return OSError(e.errno, f"could not write {path} ({e.strerror or e}); {hint}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename.
+
+    On any failure (disk full, no permission, interrupted) neither the temp file nor a partial
+    ``path`` is left behind; an existing ``path`` keeps its old contents."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise _write_error(path, e) from e
         raise
 
 
@@ -75,7 +99,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:  # safetensors raises several types for a damaged header
-        raise ValueError(f"{path.name} is not a readable safetensors file ({e})") from e
+        raise ValueError(f"{path.name} is not a readable safetensors file ({e}); it is damaged or another "
+                         "format: download it again or re-export it as .safetensors") from e
 
 
 # ---- training checkpoints --------------------------------------------------------------------

@@ -27,6 +27,33 @@ class ErasureInterrupted(RuntimeError):
     """``should_stop`` asked to stop; a checkpoint was written if a path was given."""
 
 
+#: longest concept / safe-alternative text accepted (a phrase, not a paragraph)
+MAX_CONCEPT_CHARS = 300
+
+
+def check_concept_text(target: str, safe: str = "") -> None:
+    """A concept is a non-empty short phrase; so is its safe alternative (which may be empty)."""
+    if not target.strip():
+        raise ValueError("the concept to erase is empty; give a word or phrase such as 'nudity'")
+    for name, text in (("concept to erase", target), ("safe alternative", safe)):
+        if len(text) > MAX_CONCEPT_CHARS:
+            raise ValueError(f"the {name} is {len(text)} characters long (limit {MAX_CONCEPT_CHARS}); "
+                             "give a short word or phrase such as 'nudity'")
+
+
+def check_text_fits(backbone, text: str, what: str = "concept") -> None:
+    """Refuse text the backbone's tokenizer would silently truncate (an erasure of a cut-off
+    prompt would not erase what was asked). Backbones without a known limit are not checked."""
+    tok = getattr(backbone, "tokenizer", None)
+    limit = getattr(backbone, "max_tokens", None) or getattr(getattr(backbone, "config", None), "max_text_len", None)
+    if tok is None or not limit or not text or not callable(tok):
+        return
+    n = len(tok(text, verbose=False).input_ids)  # with the start/end tokens the encoder also sees
+    if n > int(limit):
+        raise ValueError(f"the {what} {text!r} is {n} tokens but this model reads at most {int(limit)} "
+                         "(start/end tokens included), so it would be silently cut off; shorten it")
+
+
 @dataclass
 class Concept:
     """One concept to erase and its safe alternative, with exemplar images ([N, 3, H, W] in [0, 1],
@@ -38,8 +65,7 @@ class Concept:
     positive_images: torch.Tensor | None = None
 
     def __post_init__(self):
-        if not self.target.strip():
-            raise ValueError("the concept to erase is empty; give a word or phrase such as 'nudity'")
+        check_concept_text(self.target, self.safe)
         for name in ("negative_images", "positive_images"):
             imgs = getattr(self, name)
             if imgs is not None and (imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[0] == 0):
@@ -98,6 +124,8 @@ class Eraser:
                 raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
             if cfg.xt_source == "noised" and c.negative_images is None:
                 raise ValueError("xt_source 'noised' needs negative exemplar images")
+            check_text_fits(backbone, c.target, "concept to erase")
+            check_text_fits(backbone, c.safe, "safe alternative")
         self.bb, self.concepts, self.cfg = backbone, concepts, cfg
         self.callback, self.should_stop = callback, should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None

@@ -21,7 +21,8 @@ def read_image(path: Path) -> np.ndarray:
 
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
-        raise ValueError(f"{path.name} is not a readable image (corrupt or unsupported format)")
+        raise ValueError(f"{path.name} is not a readable image (empty, corrupt or unsupported format); "
+                         "re-save it as PNG or JPEG, or remove it from the folder")
     peak = 65535.0 if raw.dtype == np.uint16 else 255.0 if raw.dtype == np.uint8 else None
     if peak is None:
         raise ValueError(f"{path.name}: unsupported pixel type {raw.dtype}; save it as 8- or 16-bit PNG/JPEG")
@@ -42,8 +43,11 @@ def read_mask(path: Path) -> np.ndarray:
     import cv2
 
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ValueError(f"mask {path.name} is not a readable image")
+    if raw is None or raw.size == 0:
+        raise ValueError(f"mask {path.name} is not a readable image (empty, corrupt or unsupported format); "
+                         "re-save it as a PNG (white = concept, black = background) or delete it")
+    if raw.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"mask {path.name}: unsupported pixel type {raw.dtype}; save it as an 8- or 16-bit PNG")
     m = raw.astype(np.float32) / (65535.0 if raw.dtype == np.uint16 else 255.0)
     if m.ndim == 3:
         m = m[:, :, 3] if m.shape[2] == 4 else m[:, :, :3].mean(2)

@@ -66,13 +66,30 @@ def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tenso
 def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_safetensors(path)
     if not tensors or not all(k.startswith(PREFIX) for k in tensors):
-        raise ValueError(f"{Path(path).name} is not an SD-style UNet LoRA (keys must start with {PREFIX!r})")
+        raise ValueError(f"{Path(path).name} is not an SD-style UNet LoRA (keys must start with {PREFIX!r}); "
+                         "give an erasure file written by bierasing or another UNet LoRA")
     info = json.loads(meta["bierasing"]) if "bierasing" in meta else {}
     return tensors, info
 
 
 def _module_index(unet: nn.Module) -> dict[str, str]:
     return {kohya_name(n): n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _check_shape(path, key: str, suffix: str, v: torch.Tensor, weight: torch.Tensor) -> None:
+    """Refuse a tensor that cannot fit its layer before anything is attached to the UNet."""
+    w = tuple(weight.shape)
+    if suffix == "alpha":
+        ok = v.numel() == 1
+    elif suffix == "diff":
+        ok = tuple(v.shape) == w
+    elif suffix == "lora_down.weight":  # [rank, in, (k, k)]
+        ok = v.ndim == len(w) and tuple(v.shape[1:]) == w[1:]
+    else:  # lora_up.weight: [out, rank, (1, 1)]
+        ok = v.ndim == len(w) and v.shape[0] == w[0] and tuple(v.shape[2:]) == (1,) * (len(w) - 2)
+    if suffix in ("diff", "alpha", "lora_down.weight", "lora_up.weight") and not ok:
+        raise ValueError(f"{Path(path).name}: {key!r} has shape {tuple(v.shape)}, which does not fit this UNet's "
+                         f"layer of shape {w} (made for another architecture?); load it with the model it was made for")
 
 
 def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> tuple[AdapterSet, dict]:
@@ -84,8 +101,9 @@ def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0
         stem, _, suffix = key.partition(".")
         if stem not in index:
             raise ValueError(f"{Path(path).name}: key {key!r} matches no layer of this UNet "
-                             "(was it made for another architecture?)")
+                             "(was it made for another architecture?); load it with the model it was made for")
         name = index[stem]
+        _check_shape(path, key, suffix, v, unet.get_submodule(name).weight)
         if suffix == "lora_down.weight":
             own[f"{name}.down"] = v
         elif suffix == "lora_up.weight":

@@ -10,6 +10,7 @@ This is what ``bierasing erase`` runs; it writes into one output folder:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from ..io import atomic_write_text
 from .config import EraseConfig
-from .engine import Concept, Eraser, peak_rss_mb
+from .engine import Concept, Eraser, check_concept_text, check_text_fits, peak_rss_mb
 from .masks import MaskFilter, apply_masks
 
 
@@ -46,6 +47,9 @@ class ConceptSpec:
     safe: str = ""
     negative: ExemplarSpec = field(default_factory=ExemplarSpec)
     positive: ExemplarSpec = field(default_factory=ExemplarSpec)
+
+    def __post_init__(self):
+        check_concept_text(self.target, self.safe)
 
 
 def _is_world(backbone) -> bool:
@@ -94,9 +98,18 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     from tqdm.auto import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"output name {name!r} must be a plain file name (no folders, not hidden)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot use {out} as the output folder ({e.strerror or e}); choose a folder "
+                         "that can be created and written to") from e
+    if not os.access(out, os.W_OK | os.X_OK):  # fail now, not after the whole erasure has run
+        raise ValueError(f"the output folder {out} is not writable; choose another folder or fix its permissions")
+    for s in specs:  # before any exemplar is made: a cut-off prompt would erase the wrong thing
+        check_text_fits(backbone, concept_text(backbone, s.target), "concept to erase")
+        check_text_fits(backbone, concept_text(backbone, s.safe), "safe alternative")
     t_start = time.time()
     concepts = []
     for i, s in enumerate(specs):
