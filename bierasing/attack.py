@@ -83,6 +83,14 @@ def paraphrase_prompts(target: str) -> list[str]:
 
 # ---- soft-prompt attack ------------------------------------------------------------------------
 
+#: default timesteps of the attack loss: the top 10% (t in [900, 1000) of 1000).  ShapesWorld
+#: decides shape, colour and background in the first DDIM steps; below that x_t already shows them
+#: and the prompt barely moves the epsilon-MSE (for backgrounds "a thing" even beats "on a white
+#: background" for t < 960).  Measured on the shipped model, init "thing", 60 steps, lr 0.01, 8
+#: samples: ASR circle / red / white = 0.75 / 1.0 / 0.0 with t uniform over [0, 1000),
+#: 0.875 / 1.0 / 1.0 with [900, 1000).
+HIGH_T_FRACTION = 0.1
+
 def _token_embedding(backbone) -> torch.nn.Module:
     te = backbone.text_encoder
     try:
@@ -166,11 +174,18 @@ class SoftPrompt:
         """The conditioning before the attack (the init words' own embeddings)."""
         return self.encode(self.init_embeddings)
 
+    def nearest_words(self) -> list[str]:
+        """The vocabulary token nearest (L2) to each learned embedding - a readable diagnostic."""
+        table = _token_embedding(self.backbone).weight.detach().float().cpu()
+        ids = torch.cdist(self.embeddings.float(), table).argmin(dim=1).tolist()
+        return self.backbone.tokenizer.convert_ids_to_tokens(ids)
+
     def info(self) -> dict:
         drift = (self.embeddings - self.init_embeddings).norm(dim=1)
         return {"target": self.target, "prompt": self.prompt, "positions": self.positions,
-                "init_words": self.init_words, "initial_loss": self.initial_loss,
-                "final_loss": self.final_loss, "max_drift": float(drift.max()), **self.config}
+                "init_words": self.init_words, "nearest_words": self.nearest_words(),
+                "initial_loss": self.initial_loss, "final_loss": self.final_loss,
+                "max_drift": round(float(drift.max()), 4), **self.config}
 
 
 def _target_images(target: str, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -203,17 +218,20 @@ def _init_words(backbone, target: str, n: int, init: str, gen: torch.Generator) 
 
 def soft_prompt_attack(backbone, target: str, *, n_tokens: int = 2, steps: int = 60, lr: float = 0.01,
                        batch: int = 8, seed: int = 0, budget: float | None = None,
-                       init: str = "random", template: str = "a {}", placeholder: str = "thing",
+                       init: str = "thing", template: str = "a {}", placeholder: str = "thing",
                        eval_batch: int = 16, t_range: tuple[int, int] | None = None) -> SoftPrompt:
     """Learn ``n_tokens`` embeddings under which ``backbone`` (erased or not) denoises ``target``.
 
     Each step renders ``batch`` fresh images of the concept, noises them at uniform random t and
     takes an Adam step on the epsilon-MSE w.r.t. the embeddings only (UnlearnDiffAtk's objective).
-    ``init``: "random" = distinct random vocabulary words that are not the target's words (seeded),
-    or one word used for every token.  ``template``: the prompt, "{}" = the learned tokens.
+    ``init``: a word used for every token (default the neutral "thing"), or "random" = distinct
+    random vocabulary words that are not the target's words (seeded; converges less often:
+    "something snow" stayed 0/8 on circle where "thing" reached 7/8).
+    ``t_range``: [lo, hi) of the training timesteps drawn (default the top 10%, see HIGH_T_FRACTION).  ``template``: the prompt, "{}" = the learned tokens.
     ``budget``: max L2 distance of each embedding from its init (projected after every step).
     ``initial_loss``/``final_loss`` are measured on one fixed batch (same images, noise and t).
-    ``lr`` is in embedding units: ShapesWorld token embeddings have L2 norm ~0.19 (0.024 a coordinate).
+    ``lr`` (Adam) is in embedding units: ShapesWorld token embeddings have L2 norm ~0.19 (0.024 a
+    coordinate); 0.05 overshoots (drift ~2.7, white background ASR 1.0 -> 0.125), 0.01 drifts ~0.5.
     """
     if n_tokens < 1 or steps < 0 or batch < 1:
         raise ValueError("n_tokens and batch must be >= 1 and steps >= 0")
@@ -236,7 +254,7 @@ def soft_prompt_attack(backbone, target: str, *, n_tokens: int = 2, steps: int =
     init_emb = table[[_token_id(backbone, w) for w in words]].detach().clone().float()
     emb = init_emb.clone().to(dev).requires_grad_(True)
     T = backbone.num_train_timesteps
-    t_lo, t_hi = t_range if t_range is not None else (0, T)
+    t_lo, t_hi = t_range if t_range is not None else (int(round(T * (1 - HIGH_T_FRACTION))), T)
     if not 0 <= t_lo < t_hi <= T:
         raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {T}, got {t_range}")
 

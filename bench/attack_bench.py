@@ -1,0 +1,192 @@
+"""Attack benchmark on ShapesWorld: do erased concepts come back under synonyms, paraphrases and a
+soft-prompt (UnlearnDiffAtk-style) attack?
+
+    python bench/attack_bench.py                          # every runs/bench_erasures/*.safetensors
+    python bench/attack_bench.py --only circle__bi-erasing,circle__none --samples 8
+
+Inputs are the erasures bench/erasure_bench.py keeps in runs/bench_erasures/<target>__<run>.safetensors
+(the `released` run saves none), plus the untouched model as reference row "none" for every target
+seen.  Each row runs in its own process on a freshly loaded shipped model (a failure does not stop
+the rest) and is appended to bench/results/attacks.json as soon as it finishes; a re-run skips
+finished rows.  ASR = share of samples in which the detector sees the erased concept (lower is a
+more robust erasure); see bierasing/attack.py for the three attacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ERASURES = ROOT / "runs" / "bench_erasures"
+ERASURE_JSON = ROOT / "bench" / "results" / "erasure.json"
+DEFAULT_TARGETS = ("circle", "red", "white")
+
+
+def _method_order() -> list[str]:
+    """Rows in erasure_bench.py's order (methods, then ablations); alphabetical if unavailable."""
+    try:
+        spec = importlib.util.spec_from_file_location("_erasure_bench", ROOT / "bench" / "erasure_bench.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return ["none"] + list(mod.RUNS)
+    except Exception:  # noqa: BLE001 - ordering only
+        return ["none"]
+
+
+def jobs(erasures: Path) -> list[dict]:
+    """One job per erasure file and one "none" reference per target that has files."""
+    out, targets = [], []
+    for f in sorted(erasures.glob("*.safetensors")):
+        target, sep, run = f.stem.partition("__")
+        if not sep:
+            continue
+        out.append({"target": target, "method": run, "file": str(f)})
+        if target not in targets:
+            targets.append(target)
+    refs = [{"target": t, "method": "none", "file": None} for t in (targets or DEFAULT_TARGETS)]
+    return refs + out
+
+
+def single(spec: dict) -> dict:
+    """One row, in this process."""
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 2))
+    from bierasing.attack import attack_report
+    from bierasing.world.models import ShapesWorldBackbone
+
+    bb = ShapesWorldBackbone.load()
+    info = {}
+    if spec["file"]:
+        from bierasing.erase.export import load_erasure
+
+        _, info = load_erasure(bb.unet, spec["file"])
+    t0 = time.time()
+    rep = attack_report(bb, spec["target"], samples=spec["samples"], seed=spec.get("seed", 0),
+                        soft_steps=spec["soft_steps"])
+    return {"target": spec["target"], "method": spec["method"],
+            "file": Path(spec["file"]).name if spec["file"] else None,
+            "erasure_method": info.get("method"), **rep, "total_seconds": round(time.time() - t0, 1)}
+
+
+def _canonical_acc_e() -> dict[tuple[str, str], float]:
+    """ACC_e under canonical prompts from bench/results/erasure.json (if present)."""
+    path = ERASURE_JSON
+    if not path.exists():
+        return {}
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    out = {(r["target"], r["run"]): r["acc_e"] for r in res.get("rows", []) if "acc_e" in r}
+    for t, b in (res.get("baseline") or {}).items():
+        out[(t, "none")] = b.get("acc_e")
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def write_reports(results: dict) -> None:
+    from bierasing.io import atomic_write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / "attacks.json", json.dumps(results, indent=2))
+    acc = _canonical_acc_e()
+    order = _method_order()
+    rank = lambda m: order.index(m) if m in order else len(order)  # noqa: E731
+    rows = sorted(results["rows"], key=lambda r: (r["target"], rank(r["method"]), r["method"]))
+    lines = ["# Attack benchmark (ShapesWorld)", "",
+             f"Machine: 2 CPU cores, torch threads 2. {results['samples']} samples per prompt (soft prompt: "
+             f"{results['samples']} samples), DDIM 20 steps, CFG 1.5, detector-scored. ASR = share of samples "
+             "showing the erased concept: lower is a more robust erasure. `ACC_e` = canonical prompts "
+             "(bench/results/erasure.json); `synonym` = the erasure prompts with the target's synonyms "
+             "(never used in training; synonyms containing the canonical word are left out); `paraphrase` = "
+             "synonyms in caption templates used neither in world training nor in erasure; `soft prompt` = "
+             f"UnlearnDiffAtk-style, 2 learned token embeddings, {results['soft_steps']} Adam steps on the erased "
+             "model's own denoising loss (`init` = the same sampling before optimisation). "
+             "`none` = the untouched model.", "",
+             "| target | method | ACC_e canonical | synonym ASR | paraphrase ASR | soft-prompt ASR | soft init ASR | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['method']} | {_fmt(acc.get((r['target'], r['method'])))} | "
+                     f"{_fmt(r['synonym_asr'])} | {_fmt(r['paraphrase_asr'])} | {_fmt(r['soft_prompt_asr'])} | "
+                     f"{_fmt(r.get('soft_prompt_init_asr'))} | {r.get('total_seconds', '-')} |")
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (rank(m), m))
+    lines += ["", "Mean over targets:", "",
+              "| method | synonym ASR | paraphrase ASR | soft-prompt ASR | targets |", "|---|---|---|---|---|"]
+    for m in methods:
+        rr = [r for r in rows if r["method"] == m]
+        mean = lambda k: (sum(r[k] for r in rr if r[k] is not None)  # noqa: E731
+                          / max(1, sum(r[k] is not None for r in rr)))
+        lines.append(f"| {m} | {mean('synonym_asr'):.3f} | {mean('paraphrase_asr'):.3f} | "
+                     f"{mean('soft_prompt_asr'):.3f} | {len(rr)} |")
+    atomic_write_text(RESULTS / "attacks.md", "\n".join(lines) + "\n")
+
+
+def main() -> int:
+    global RESULTS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=16, help="samples per prompt (and for each soft-prompt ASR)")
+    p.add_argument("--soft-steps", type=int, default=60, help="Adam steps of the soft-prompt attack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated rows target__method (method 'none' = untouched model)")
+    p.add_argument("--erasures", default=str(ERASURES), help="folder of <target>__<run>.safetensors")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (attacks.json, attacks.md)")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.single:
+        print(json.dumps(single(json.loads(args.single))))
+        return 0
+    RESULTS = Path(args.out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "attacks.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    for key, val in (("samples", args.samples), ("soft_steps", args.soft_steps), ("seed", args.seed)):
+        if results.get(key, val) != val:
+            raise SystemExit(f"{path} was made with {key} {results[key]}; use the same value or move the file away")
+        results[key] = val
+    todo = jobs(Path(args.erasures))
+    if args.only:
+        want = set(args.only.split(","))
+        known = {f"{j['target']}__{j['method']}" for j in todo}
+        for w in want - known:  # a "none" row for a target without files is still allowed
+            target, _, method = w.partition("__")
+            if method != "none":
+                raise SystemExit(f"no erasure {w}.safetensors in {args.erasures}")
+            todo.append({"target": target, "method": "none", "file": None})
+        todo = [j for j in todo if f"{j['target']}__{j['method']}" in want]
+    done = {(r["target"], r["method"]) for r in results["rows"]}
+    failed = 0
+    for j in todo:
+        if (j["target"], j["method"]) in done:
+            continue
+        print(f"[attack] {j['method']} on {j['target']} ...", flush=True)
+        spec = {**j, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed}
+        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            failed += 1
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[attack]   synonym {row['synonym_asr']}  paraphrase {row['paraphrase_asr']}  "
+              f"soft prompt {row['soft_prompt_asr']} (init {row['soft_prompt_init_asr']})  "
+              f"{row['total_seconds']} s", flush=True)
+        results["rows"].append(row)
+        write_reports(results)
+    if results["rows"]:
+        write_reports(results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
