@@ -163,6 +163,8 @@ def write_reports(results: dict) -> None:
                 lines.append(f"| {n} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
                              f"{m('acc_e_synonyms'):.3f} | {m('seconds'):.1f} | {len(rr)} |")
         lines.append("")
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     lines.append("![H by method](erasure.png)")
     atomic_write_text(RESULTS / "erasure.md", "\n".join(lines) + "\n")
     _plot(rows)
