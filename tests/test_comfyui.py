@@ -239,3 +239,21 @@ def test_bad_inputs_give_clear_messages(comfy, tmp_path):
         run(comfy, "BiErasingImageAdapterLoader", adapter_name="missing.safetensors", scale=1.0)
     with pytest.raises(ValueError, match="leave|outside"):
         run(comfy, "BiErasingSaveErasure", lora={"lora_unet_x.alpha": torch.tensor(1.0)}, filename="../../evil")
+
+
+def test_cancel_stops_the_erasure_and_leaves_the_model_clean(comfy):
+    import comfy.model_management as mm
+
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", method="esd-x", steps=50, batch_size=2, cache_size=2,
+                    xt_steps=3, resolution=64)
+    unet = comfy.model.model.diffusion_model
+    before = {n for n, _ in unet.named_modules()}
+    mm.interrupt_current_processing(True)  # what the UI's Cancel button does
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, **settings)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert {n for n, _ in unet.named_modules()} == before  # no adapter left attached
+    assert not any("forward" in vars(m) for m in unet.modules())  # no image channel left installed
