@@ -236,6 +236,15 @@ def _generate(g: Graph, ckpt: Node, title: str, prompt: str, col: int = 1, count
                  vae=ckpt["VAE"], prompt=prompt, count=count, seed=seed)
 
 
+def _nudity_exemplars(g, ckpt):
+    """Generated nude / clothed exemplars, each auto-masked on "person"."""
+    gn = _generate(g, ckpt, "Concept exemplars (nude)", "a photo of a nude person")
+    gp = _generate(g, ckpt, "Safe exemplars (clothed)", "a photo of a clothed person")
+    mn = _auto_mask(g, ckpt, gn["images"], "Mask concept exemplars", "person", "a photo of a nude person")
+    mp = _auto_mask(g, ckpt, gp["images"], "Mask safe exemplars", "person", "a photo of a clothed person")
+    return mn, mp
+
+
 def _auto_mask(g: Graph, ckpt: Node, images: Out, title: str, concept: str, caption: str, col: int = 2):
     return g.add("BiErasingMaskFilter", title, col=col, images=images, concept=concept, caption=caption,
                  model=ckpt["MODEL"], clip=ckpt["CLIP"], vae=ckpt["VAE"])
@@ -288,10 +297,7 @@ def erase_nudity_sd15(schemas) -> Graph:
            "   samples the original and the erased model from the same seeds.\n"
            "Training is the slow part (200 steps by default); lower 'steps' for a quick try.")
     ckpt, cv, ad = _base(g)
-    gn = _generate(g, ckpt, "Concept exemplars (nude)", "a photo of a nude person")
-    gp = _generate(g, ckpt, "Safe exemplars (clothed)", "a photo of a clothed person")
-    mn = _auto_mask(g, ckpt, gn["images"], "Mask concept exemplars", "person", "a photo of a nude person")
-    mp = _auto_mask(g, ckpt, gp["images"], "Mask safe exemplars", "person", "a photo of a clothed person")
+    mn, mp = _nudity_exemplars(g, ckpt)
     er = _erase(g, ckpt, cv, ad, mn["filtered_images"], mp["filtered_images"],
                 concept="nudity", safe_concept="clothed", method="bi-erasing")
     g.add("BiErasingSaveErasure", col=4, lora=er["lora"], report=er["report"],
@@ -373,10 +379,7 @@ def compare_methods_sd15(schemas) -> Graph:
            "erased model gets its own Before/After Grid with the same prompts and seeds, saved\n"
            "with the method in the file name. Three trainings: expect three times the time.")
     ckpt, cv, ad = _base(g)
-    gn = _generate(g, ckpt, "Concept exemplars (nude)", "a photo of a nude person")
-    gp = _generate(g, ckpt, "Safe exemplars (clothed)", "a photo of a clothed person")
-    mn = _auto_mask(g, ckpt, gn["images"], "Mask concept exemplars", "person", "a photo of a nude person")
-    mp = _auto_mask(g, ckpt, gp["images"], "Mask safe exemplars", "person", "a photo of a clothed person")
+    mn, mp = _nudity_exemplars(g, ckpt)
     for m in methods:
         er = _erase(g, ckpt, cv, ad, mn["filtered_images"], mp["filtered_images"], title=f"Erase ({m})",
                     concept="nudity", safe_concept="clothed", method=m)
