@@ -65,12 +65,26 @@ def single(spec: dict) -> dict:
     bb = ShapesWorldBackbone.load()
     info = {}
     if spec["file"]:
-        from bierasing.erase.export import load_erasure
+        from bierasing.io import load_safetensors
 
-        _, info = load_erasure(bb.unet, spec["file"])
+        tensors, meta = load_safetensors(spec["file"])
+        if meta.get("kind") == "unet_weights":  # the released algorithm: a fully trained UNet
+            bb.unet.load_state_dict(tensors, strict=False)
+            info = {"method": "released"}
+        else:
+            from bierasing.erase.export import load_erasure
+
+            _, info = load_erasure(bb.unet, spec["file"])
     t0 = time.time()
+    if spec.get("embedding_only"):
+        from bierasing.attack import attack_success, embedding_attack
+
+        a = embedding_attack(bb, spec["target"], steps=spec["embedding_steps"], seed=spec.get("seed", 0))
+        return {"embedding_asr": round(attack_success(bb, spec["target"], a.cond(), spec["samples"], spec.get("seed", 0)), 4),
+                "embedding_init_asr": round(attack_success(bb, spec["target"], a.base, spec["samples"], spec.get("seed", 0)), 4),
+                "embedding_attack": a.info(), "embedding_seconds": round(time.time() - t0, 1)}
     rep = attack_report(bb, spec["target"], samples=spec["samples"], seed=spec.get("seed", 0),
-                        soft_steps=spec["soft_steps"])
+                        soft_steps=spec["soft_steps"], embedding_steps=spec["embedding_steps"])
     return {"target": spec["target"], "method": spec["method"],
             "file": Path(spec["file"]).name if spec["file"] else None,
             "erasure_method": info.get("method"), **rep, "total_seconds": round(time.time() - t0, 1)}
@@ -112,23 +126,32 @@ def write_reports(results: dict) -> None:
              "(never used in training; synonyms containing the canonical word are left out); `paraphrase` = "
              "synonyms in caption templates used neither in world training nor in erasure; `soft prompt` = "
              f"UnlearnDiffAtk-style, 2 learned token embeddings, {results['soft_steps']} Adam steps on the erased "
-             "model's own denoising loss (`init` = the same sampling before optimisation). "
-             "`none` = the untouched model.", "",
-             "| target | method | ACC_e canonical | synonym ASR | paraphrase ASR | soft-prompt ASR | soft init ASR | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "model's own denoising loss (`init` = the same sampling before optimisation); `embedding` = "
+             f"the conditioning-space attack (bierasing/cond_attack.py), {results.get('embedding_steps', 40)} Adam "
+             "steps from the erasure prompt's conditioning, each token moved by at most 0.5 of its norm "
+             "(`emb init` = the erasure prompt itself). `none` = the untouched model; `released` = the "
+             "faithful re-run of the released algorithm (full UNet).", "",
+             "| target | method | ACC_e canonical | synonym ASR | paraphrase ASR | soft-prompt ASR | soft init ASR "
+             "| embedding ASR | emb init ASR | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['target']} | {r['method']} | {_fmt(acc.get((r['target'], r['method'])))} | "
                      f"{_fmt(r['synonym_asr'])} | {_fmt(r['paraphrase_asr'])} | {_fmt(r['soft_prompt_asr'])} | "
-                     f"{_fmt(r.get('soft_prompt_init_asr'))} | {r.get('total_seconds', '-')} |")
+                     f"{_fmt(r.get('soft_prompt_init_asr'))} | {_fmt(r.get('embedding_asr'))} | "
+                     f"{_fmt(r.get('embedding_init_asr'))} | {r.get('total_seconds', '-')} |")
     methods = sorted({r["method"] for r in rows}, key=lambda m: (rank(m), m))
     lines += ["", "Mean over targets:", "",
-              "| method | synonym ASR | paraphrase ASR | soft-prompt ASR | targets |", "|---|---|---|---|---|"]
+              "| method | synonym ASR | paraphrase ASR | soft-prompt ASR | embedding ASR | targets |",
+              "|---|---|---|---|---|---|"]
     for m in methods:
         rr = [r for r in rows if r["method"] == m]
-        mean = lambda k: (sum(r[k] for r in rr if r[k] is not None)  # noqa: E731
-                          / max(1, sum(r[k] is not None for r in rr)))
-        lines.append(f"| {m} | {mean('synonym_asr'):.3f} | {mean('paraphrase_asr'):.3f} | "
-                     f"{mean('soft_prompt_asr'):.3f} | {len(rr)} |")
+
+        def mean(k):
+            vals = [r[k] for r in rr if r.get(k) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        lines.append(f"| {m} | {_fmt(mean('synonym_asr'))} | {_fmt(mean('paraphrase_asr'))} | "
+                     f"{_fmt(mean('soft_prompt_asr'))} | {_fmt(mean('embedding_asr'))} | {len(rr)} |")
     atomic_write_text(RESULTS / "attacks.md", "\n".join(lines) + "\n")
 
 
@@ -137,6 +160,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (and for each soft-prompt ASR)")
     p.add_argument("--soft-steps", type=int, default=60, help="Adam steps of the soft-prompt attack")
+    p.add_argument("--embedding-steps", type=int, default=40, help="Adam steps of the conditioning-space attack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated rows target__method (method 'none' = untouched model)")
     p.add_argument("--erasures", default=str(ERASURES), help="folder of <target>__<run>.safetensors")
@@ -150,7 +174,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "attacks.json"
     results = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    for key, val in (("samples", args.samples), ("soft_steps", args.soft_steps), ("seed", args.seed)):
+    for key, val in (("samples", args.samples), ("soft_steps", args.soft_steps), ("seed", args.seed),
+                     ("embedding_steps", args.embedding_steps)):
         if results.get(key, val) != val:
             raise SystemExit(f"{path} was made with {key} {results[key]}; use the same value or move the file away")
         results[key] = val
@@ -164,13 +189,27 @@ def main() -> int:
                 raise SystemExit(f"no erasure {w}.safetensors in {args.erasures}")
             todo.append({"target": target, "method": "none", "file": None})
         todo = [j for j in todo if f"{j['target']}__{j['method']}" in want]
-    done = {(r["target"], r["method"]) for r in results["rows"]}
+    by_key = {(r["target"], r["method"]): r for r in results["rows"]}
     failed = 0
     for j in todo:
-        if (j["target"], j["method"]) in done:
+        old = by_key.get((j["target"], j["method"]))
+        if old is not None and old.get("embedding_asr") is not None:
+            continue
+        spec = {**j, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed,
+                "embedding_steps": args.embedding_steps, "embedding_only": old is not None}
+        if old is not None:  # a row from before the embedding attack existed: add that column only
+            print(f"[attack] embedding attack on {j['method']} / {j['target']} ...", flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+                                  capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                failed += 1
+                continue
+            old.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"[attack]   embedding {old['embedding_asr']} (init {old['embedding_init_asr']})", flush=True)
+            write_reports(results)
             continue
         print(f"[attack] {j['method']} on {j['target']} ...", flush=True)
-        spec = {**j, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed}
         proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
@@ -180,6 +219,7 @@ def main() -> int:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"[attack]   synonym {row['synonym_asr']}  paraphrase {row['paraphrase_asr']}  "
               f"soft prompt {row['soft_prompt_asr']} (init {row['soft_prompt_init_asr']})  "
+              f"embedding {row['embedding_asr']}  "
               f"{row['total_seconds']} s", flush=True)
         results["rows"].append(row)
         write_reports(results)

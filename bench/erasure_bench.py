@@ -42,10 +42,11 @@ RUNS = {
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, "map_target_to_safe": 0.0}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", "map_target_to_safe": 0.0}),
     "bi-map-target": ("engine", {"map_target_to_safe": 0.4}),
+    "bi-adversarial": ("engine", {"map_target_to_safe": 0.4, "adversarial": 1.0}),  # our default + adversarial rows
     "bi-text-uncond": ("engine", {"text_uncond": True, "map_target_to_safe": 0.0}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, "map_target_to_safe": 0.0}),
 }
-MAIN = ["bi-erasing", "bi-map-target", "esd-x", "esd-u", "co-erasing", "uce", "released"]
+MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "released"]
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
 
@@ -102,6 +103,11 @@ def single(spec: dict) -> dict:
         from bierasing.erase.released import released_bi_erasing
 
         out = released_bi_erasing(bb, concept, steps=settings["steps"], lr=settings["lr"], ddim_steps=50)
+        from bierasing.io import save_safetensors
+
+        # the released algorithm trains the whole UNet: keep its weights (not a LoRA) for the attacks
+        save_safetensors(_erasure_path(target, run), {k: v.contiguous() for k, v in bb.unet.state_dict().items()
+                                                     if "processor." not in k}, {"kind": "unet_weights"})
         # 4 teacher + 2 student (x3 for backward) + on average 25.5 sampling forwards (t+1, t ~ U{0..49})
         fe, xt_rows, params = 4 + 2 * 3 + 25.5, 0, out["trained_parameters"]
         extra = {"steps": settings["steps"], "lr": settings["lr"], "batch": 1, "unet_copies": 2}

@@ -340,13 +340,27 @@ def prompts_success(backbone, target: str, prompts: Sequence[str], samples: int 
     return {"asr": sum(rates.values()) / len(rates), "per_prompt": rates}
 
 
+def embedding_attack(backbone, target: str, steps: int = 40, seed: int = 0, images: int = 32, **kw):
+    """:func:`bierasing.cond_attack.attack_conditioning` from the target's erasure prompt, on fresh
+    renders of the concept (seeded, disjoint from the soft-prompt attack's)."""
+    from .cond_attack import attack_conditioning
+
+    x0 = backbone.to_x(_target_images(target, images, np.random.default_rng(int(seed) + 20_011)).to(backbone.device))
+    with torch.no_grad():
+        base = backbone.encode_text([data.concept_prompt(target)])
+    return attack_conditioning(backbone, x0, base, steps=steps, seed=int(seed) + 1, **kw)
+
+
 def attack_report(backbone, target: str, samples: int = 16, seed: int = 0, soft_steps: int = 60,
-                  soft_kwargs: dict | None = None) -> dict:
-    """Synonym, paraphrase and soft-prompt ASR of ``backbone`` for an erased ``target`` (JSON-able).
+                  soft_kwargs: dict | None = None, embedding_steps: int = 40) -> dict:
+    """Synonym, paraphrase, soft-prompt and embedding ASR of ``backbone`` for an erased ``target``
+    (JSON-able).
 
     ``synonym_asr`` averages measure_erasure(..., synonym=k, target_only=True) ACC_e over the
     synonyms that do not contain the canonical word; ``soft_prompt_init_asr`` is the same sampling
-    with the init embeddings (what the optimisation adds)."""
+    with the init embeddings (what the optimisation adds); ``embedding_asr`` samples from the
+    conditioning-space attack (budget 0.5 of each token's norm) started at the erasure prompt,
+    whose unattacked sampling is ``embedding_init_asr``."""
     import time
 
     from .world.evaluate import measure_erasure
@@ -363,6 +377,10 @@ def attack_report(backbone, target: str, samples: int = 16, seed: int = 0, soft_
     soft = attack_success(backbone, target, sp, samples, seed)
     soft_init = attack_success(backbone, target, sp.encode_init(), samples, seed)
     t3 = time.time()
+    emb = embedding_attack(backbone, target, steps=embedding_steps, seed=seed) if embedding_steps else None
+    emb_asr = attack_success(backbone, target, emb.cond(), samples, seed) if emb else None
+    emb_init = attack_success(backbone, target, emb.base, samples, seed) if emb else None
+    t4 = time.time()
     return {"target": target, "axis": data.axis_of(target), "samples": samples, "seed": seed,
             "synonym_asr": round(sum(syn.values()) / len(syn), 4) if syn else None,
             "synonym_asr_per_word": syn,
@@ -372,5 +390,8 @@ def attack_report(backbone, target: str, samples: int = 16, seed: int = 0, soft_
             "soft_prompt_initial_loss": round(sp.initial_loss, 6),
             "soft_prompt_final_loss": round(sp.final_loss, 6),
             "soft_prompt": {k: v for k, v in sp.info().items() if k not in ("initial_loss", "final_loss")},
+            "embedding_asr": None if emb is None else round(emb_asr, 4),
+            "embedding_init_asr": None if emb is None else round(emb_init, 4),
+            "embedding_attack": None if emb is None else emb.info(),
             "seconds": {"synonym": round(t1 - t0, 1), "paraphrase": round(t2 - t1, 1),
-                        "soft_prompt": round(t3 - t2, 1)}}
+                        "soft_prompt": round(t3 - t2, 1), "embedding": round(t4 - t3, 1)}}

@@ -187,10 +187,21 @@ def _cmd_eval(args) -> int:
             adapters, _ = load_erasure(bb.unet, args.erasure, args.strength)
         after = measure_erasure(bb, target, args.samples, seed=args.seed)
         syn = measure_erasure(bb, target, args.samples, seed=args.seed, synonym=1)
+        attacks = None
+        if args.attack:
+            from .attack import attack_report
+
+            attacks = attack_report(bb, target, samples=args.samples, seed=args.seed, soft_steps=args.attack_steps,
+                                    embedding_steps=args.attack_steps)
         if adapters is not None:
             adapters.remove(bb.unet)
         out[target] = {"acc_e": round(after["acc_e"], 4), "acc_p": round(after["acc_p"], 4),
                        "h": round(after["h"], 4), "acc_e_synonyms": round(syn["acc_e"], 4)}
+        if attacks is not None:
+            out[target]["attacks"] = {k: attacks[k] for k in (
+                "synonym_asr", "paraphrase_asr", "soft_prompt_asr", "soft_prompt_init_asr",
+                "embedding_asr", "embedding_init_asr", "synonym_asr_per_word", "soft_prompt",
+                "embedding_attack", "seconds")}
         if before is not None:
             out[target]["before"] = {k: round(before[k], 4) for k in ("acc_e", "acc_p", "h")}
     result = {"erasure": args.erasure, "samples_per_prompt": args.samples, "concepts": out}
@@ -257,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=8, help="samples per prompt")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--baseline", action="store_true", help="also score the model without the erasure")
+    ev.add_argument("--attack", action="store_true",
+                    help="also attack the erasure: synonyms, paraphrases, a soft prompt and a conditioning-space "
+                         "attack (attack success rates; about a minute per concept)")
+    ev.add_argument("--attack-steps", type=int, default=60, help="optimisation steps of each learned attack")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_eval)

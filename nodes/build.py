@@ -14,7 +14,7 @@ from .spec import CATEGORY, SPECS, NodeSpec, Port
 comfy_glue.register_model_folders()
 
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae,
-            "CLIP_VISION": io.ClipVision, "LORA_MODEL": io.LoraModel, "INT": io.Int, "FLOAT": io.Float,
+            "CLIP_VISION": io.ClipVision, "LORA_MODEL": io.LoraModel, "CONDITIONING": io.Conditioning, "INT": io.Int, "FLOAT": io.Float,
             "STRING": io.String, "BOOLEAN": io.Boolean}
 
 RUN = {
@@ -27,6 +27,7 @@ RUN = {
     "LoadErasure": impl.load_erasure,
     "CompareGrid": impl.compare_grid,
     "Evaluate": impl.evaluate,
+    "Attack": impl.attack,
 }
 
 

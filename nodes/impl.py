@@ -148,7 +148,7 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             for imgs in (c.negative_images, c.positive_images):
                 if imgs is not None:
                     bb.encode_images(imgs)
-            if cfg.xt_source == "noised":
+            if (cfg.xt_source == "noised" or cfg.adversarial > 0) and c.negative_images is not None:
                 bb.to_x(c.negative_images)
     progress = glue.Progress(cfg.steps)
     eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
@@ -253,3 +253,29 @@ def _shapes_report(imgs: np.ndarray, target: str) -> dict:
     return {"detector": "shapesworld", "images": len(dets), "shape_counts": counts, "target": target,
             "flagged_rate": round(sum(flagged) / max(1, len(dets)), 4),
             "per_image": [{"shape": d.shape, "color": d.color, "background": d.background} for d in dets]}
+
+
+# ---- attacking an erasure ------------------------------------------------------------------------
+def attack(model, clip, vae, concept_images, prompt: str, **settings):
+    from bierasing.cond_attack import AttackConfig, attack_conditioning
+
+    cfg = AttackConfig(**settings)
+    if not prompt.strip():
+        raise ValueError("the attack's start prompt is empty; use the erased prompt, e.g. 'a photo of a nude person'")
+    imgs = to_bchw(concept_images)
+    if imgs.shape[-1] % 8 or imgs.shape[-2] % 8:
+        raise ValueError(f"concept images are {imgs.shape[-1]}x{imgs.shape[-2]}; use sizes divisible by 8")
+    bb = glue.ComfyBackbone(model, clip, vae, resolution=imgs.shape[-1])
+    with torch.inference_mode(False):
+        x = glue.plain(imgs)
+        base = bb.encode_text([prompt])
+        x0 = bb.to_x(x)
+        _, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+    progress = glue.Progress(cfg.steps)
+    with glue.unet_session(bb, train=True):
+        result = attack_conditioning(bb, x0, base, **cfg.to_kwargs(), should_stop=glue.interrupted,
+                                     callback=progress)
+    glue.raise_if_interrupted()
+    extra = {"pooled_output": glue.plain(pooled)} if pooled is not None else {}
+    report = {"prompt": prompt, "images": int(imgs.shape[0]), **result.info()}
+    return ([[result.cond(), dict(extra)]], [[result.base, dict(extra)]], json.dumps(report, indent=1))

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from bierasing.cond_attack import AttackConfig
 from bierasing.erase.config import EraseConfig
 from bierasing.erase.masks import MaskFilter
 
@@ -238,6 +239,23 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("report", "STRING", "JSON: per-class counts, rate of flagged images, per-image results"),
                  Port("flagged_rate", "FLOAT", "share of images in which the concept was detected")],
         output_node=True),
+    NodeSpec(
+        "Attack", "Attack Erasure (conditioning)",
+        "Tries to bring an erased concept back: learns a bounded offset of a prompt's text conditioning "
+        "under which the (erased) model denoises the concept images best - a white-box attack in the spirit "
+        "of UnlearnDiffAtk, in conditioning space. Sample from the output with a KSampler and score the "
+        "images with Evaluate Erasure; compare with the start conditioning.",
+        inputs=[Port("model", "MODEL", "the erased model to attack"),
+                Port("clip", "CLIP", "text encoder"),
+                Port("vae", "VAE", "VAE, to encode the concept images"),
+                _image("concept_images", "images of the erased concept (e.g. exemplars from the original model)"),
+                Port("prompt", "STRING", "where the attack starts, usually the erased prompt",
+                     default="a photo of a nude person", multiline=True),
+                *ports_from_config(AttackConfig)],
+        outputs=[Port("conditioning", "CONDITIONING", "the attacked conditioning (positive input of a KSampler)"),
+                 Port("start_conditioning", "CONDITIONING", "the prompt's own conditioning, for comparison"),
+                 Port("report", "STRING", "JSON: denoising loss before/after, offset size, settings")],
+        not_idempotent=True),
 ]
 
 BY_ID = {s.node_id: s for s in SPECS}

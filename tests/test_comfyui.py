@@ -19,7 +19,7 @@ WHY = comfy_available()
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
 IDS = ["BiErasingLoadExemplars", "BiErasingGenerateExemplars", "BiErasingMaskFilter",
        "BiErasingImageAdapterLoader", "BiErasingErase", "BiErasingSaveErasure", "BiErasingLoadErasure",
-       "BiErasingCompareGrid", "BiErasingEvaluate"]
+       "BiErasingCompareGrid", "BiErasingEvaluate", "BiErasingAttack"]
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +257,33 @@ def test_cancel_stops_the_erasure_and_leaves_the_model_clean(comfy):
         mm.interrupt_current_processing(False)
     assert {n for n, _ in unet.named_modules()} == before  # no adapter left attached
     assert not any("forward" in vars(m) for m in unet.modules())  # no image channel left installed
+
+
+def test_attack_node_conditioning_feeds_a_ksampler(comfy):
+    (imgs,) = run(comfy, "BiErasingGenerateExemplars", model=comfy.model, clip=comfy.clip, vae=comfy.vae,
+                  prompt="a photo of a cat", negative="", count=2, seed=0, steps=2, cfg=5.0, resolution=64)
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingAttack"].inputs if p.default is not None}
+    settings.update(prompt="a photo of a cat", steps=4, batch_size=2)
+    cond, start, report = run(comfy, "BiErasingAttack", model=comfy.model, clip=comfy.clip, vae=comfy.vae,
+                              concept_images=imgs, **settings)
+    info = json.loads(report)
+    assert info["steps_done"] == 4 and 0 < info["relative_size"] <= settings["budget"] + 1e-5
+    with torch.inference_mode():
+        plain = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "a photo of a cat")[0]
+    torch.testing.assert_close(start[0][0], plain[0][0])   # the start is exactly the prompt's conditioning
+    assert cond[0][0].shape == plain[0][0].shape and not torch.equal(cond[0][0], plain[0][0])
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        neg_c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "")[0]
+        a = comfy.nodes.common_ksampler(comfy.model, 7, 2, 5.0, "euler", "normal", cond, neg_c, latent)[0]["samples"]
+        b = comfy.nodes.common_ksampler(comfy.model, 7, 2, 5.0, "euler", "normal", start, neg_c, latent)[0]["samples"]
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_adversarial_erase_runs_in_comfyui(comfy):
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", method="esd-x", steps=3, batch_size=2, cache_size=2,
+                    xt_steps=3, resolution=64, adversarial=1.0, adversarial_every=2, adversarial_steps=2)
+    erased, lora, curve, report = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, **settings)
+    info = json.loads(report)
+    assert info["adversarial_refreshes"] == 2 and info["config"]["adversarial"] == 1.0

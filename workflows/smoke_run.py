@@ -27,6 +27,7 @@ SMALL = {
     "BiErasingGenerateExemplars": {"count": 2, "steps": 2, "resolution": 64},
     "BiErasingCompareGrid": {"samples_per_prompt": 1, "steps": 2, "resolution": 64},
     "BiErasingLoadExemplars": {"size": 64, "max_images": 2},
+    "BiErasingAttack": {"steps": 2, "batch_size": 2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
 }

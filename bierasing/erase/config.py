@@ -55,6 +55,14 @@ class EraseConfig:
     xt_steps: int = _f(20, "DDIM grid for x_t (t is drawn from its steps)", min=2, max=1000)
     xt_guidance: float = _f(1.5, "CFG scale when sampling x_t trajectories", min=1.0, max=20.0)
     cache_size: int = _f(64, "trajectories per concept in the x_t cache", min=1, max=100000)
+    adversarial: float = _f(0.0, "weight of adversarial rows (0: off). Every adversarial_every steps a bounded "
+                            "offset of the concept's text conditioning is optimised so that the model being "
+                            "erased draws the concept again (a white-box attack in conditioning space); the "
+                            "erasure is then also trained to suppress the concept under it (AdvUnlearn's idea)",
+                            min=0.0, max=10.0)
+    adversarial_every: int = _f(20, "steps between refreshes of the adversarial conditioning", min=1, max=100000)
+    adversarial_steps: int = _f(10, "optimisation steps of each adversarial refresh", min=1, max=1000)
+    adversarial_budget: float = _f(0.5, "largest adversarial offset of a token, relative to its norm", min=0.0, max=10.0)
     seed: int = _f(0, "seed of every random choice (exemplars, t, noise, adapter init)", min=0, max=2**31 - 1)
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only when stopped)", min=0, max=100000)
 

@@ -83,6 +83,7 @@ class ErasureResult:
     peak_rss_mb: float = 0.0
     forward_rows: int = 0
     xt_forward_rows: int = 0
+    adversarial: list[dict] = field(default_factory=list)
 
     def info(self) -> dict:
         steps = max(1, self.config.steps)
@@ -94,7 +95,9 @@ class ErasureResult:
                 "unet_forward_equivalents_per_sample": round(self.forward_rows / (steps * self.config.batch_size), 2),
                 "xt_forward_rows": self.xt_forward_rows,
                 "adapter_parameters": self.adapters.num_parameters(),
-                "final_loss": self.history[-1]["loss"] if self.history else None}
+                "final_loss": self.history[-1]["loss"] if self.history else None,
+                **({"adversarial_refreshes": len(self.adversarial),
+                    "adversarial_last": self.adversarial[-1]} if self.adversarial else {})}
 
     def save(self, path: str | Path) -> Path:
         return save_erasure(path, self.adapters, self.info())
@@ -124,6 +127,9 @@ class Eraser:
                 raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
             if cfg.xt_source == "noised" and c.negative_images is None:
                 raise ValueError("xt_source 'noised' needs negative exemplar images")
+            if cfg.adversarial > 0 and c.negative_images is None and cfg.xt_source != "cache":
+                raise ValueError("adversarial training attacks with images of the concept: give negative "
+                                 "exemplars, or use xt_source 'cache' (its trajectories' last states)")
             check_text_fits(backbone, c.target, "concept to erase")
             check_text_fits(backbone, c.safe, "safe alternative")
         self.bb, self.concepts, self.cfg = backbone, concepts, cfg
@@ -159,6 +165,26 @@ class Eraser:
                 self.cache = xt_sources.TrajectoryCache(bb, self.c_neg, self.uncond, cfg.cache_size,
                                                         cfg.xt_steps, cfg.xt_guidance, self.gen)
             self.xt_forward_rows = self.cache.forwards
+        self.adv_delta: list[torch.Tensor | None] = [None] * len(self.concepts)
+        self.adv_log: list[dict] = []
+        if cfg.adversarial > 0:
+            self.x0_attack = [bb.to_x(c.negative_images.to(bb.device)) if c.negative_images is not None
+                              else self.cache.states[i][:, -1] for i, c in enumerate(self.concepts)]
+
+    # ---- adversarial conditioning ---------------------------------------------------------------
+    def refresh_adversaries(self) -> None:
+        """Attack the model being erased (adapters on) for every concept, warm-started."""
+        from ..cond_attack import attack_conditioning
+
+        cfg = self.cfg
+        for ci in range(len(self.concepts)):
+            a = attack_conditioning(self.bb, self.x0_attack[ci], self.c_neg[ci][None], steps=cfg.adversarial_steps,
+                                    batch=cfg.batch_size, budget=cfg.adversarial_budget, generator=self.gen,
+                                    init_delta=self.adv_delta[ci], eval_batch=cfg.batch_size)
+            self.adv_delta[ci] = a.delta.to(self.bb.device)
+            self.forward_rows += cfg.batch_size * (3 * cfg.adversarial_steps + 2)
+            self.adv_log.append({"step": self.step, "concept": ci, "initial_loss": round(a.initial_loss, 6),
+                                 "final_loss": round(a.final_loss, 6)})
 
     # ---- one step -----------------------------------------------------------------------------
     def _draw_xt(self, ci: int):
@@ -192,6 +218,9 @@ class Eraser:
         i_neg = self._tokens(self.tok_neg, ci, B)
         i_pos = self._tokens(self.tok_pos, ci, B) if lam_pos > 0 or cfg.map_target_to_safe > 0 else None
         text_only = cfg.method in ("esd-x", "esd-u")
+        adversarial = cfg.adversarial > 0 and lam_neg > 0
+        if adversarial and (self.step % cfg.adversarial_every == 0 or self.adv_delta[ci] is None):
+            self.refresh_adversaries()  # also when the negative branch first switches on (guide-then-erase)
 
         # rows: (text, image tokens or None); teacher rows first, then student rows
         teacher, student = [], []
@@ -206,6 +235,13 @@ class Eraser:
                 student += [(rep(self.c_pos[ci]), i_pos)]
             if cfg.map_target_to_safe > 0:
                 student += [(rep(self.c_neg[ci]), i_pos)]
+        if adversarial:  # text-only: suppress the concept under the attack's conditioning, ESD's target
+            j_adv = len(teacher)
+            if text_only:
+                j_adv = 0
+            else:
+                teacher += [(rep(self.uncond), None), (rep(self.c_neg[ci]), None)]
+            student += [(rep(self.c_neg[ci] + self.adv_delta[ci]), None)]
 
         with torch.no_grad(), self.adapters.disabled():
             eps_t = self._forward(x, t, teacher).chunk(len(teacher))
@@ -228,6 +264,11 @@ class Eraser:
             if cfg.map_target_to_safe > 0:
                 parts["map"] = mse(eps_s[k], target)
                 loss = loss + cfg.map_target_to_safe * parts["map"]
+                k += 1
+        if adversarial:
+            target = negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1], cfg.neg_guidance)
+            parts["adv"] = mse(eps_s[k], target)
+            loss = loss + cfg.adversarial * parts["adv"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
                                      f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
@@ -256,10 +297,11 @@ class Eraser:
         tensors.update(t)
         g, _ = io.rng_state(None, self.gen)
         tensors.update(g)
+        tensors.update({f"adv.{i}": d.cpu() for i, d in enumerate(self.adv_delta) if d is not None})
         meta = {"config": self.cfg.to_dict(), "concepts": [[c.target, c.safe] for c in self.concepts],
                 "step": self.step, "history": self.history, "optim": om,
                 "forward_rows": self.forward_rows, "xt_forward_rows": self.xt_forward_rows,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "adversarial": self.adv_log}
         io.save_checkpoint(self.checkpoint_path, tensors, meta)
 
     def _try_resume(self) -> bool:
@@ -275,6 +317,10 @@ class Eraser:
         self.step, self.history = meta["step"], meta["history"]
         self.forward_rows, self.xt_forward_rows = meta["forward_rows"], meta["xt_forward_rows"]
         self.seconds = meta["seconds"]
+        for i in range(len(self.concepts)):
+            if f"adv.{i}" in tensors:
+                self.adv_delta[i] = tensors[f"adv.{i}"].to(self.bb.device)
+        self.adv_log = meta.get("adversarial", [])
         return True
 
     def run(self) -> ErasureResult:
@@ -307,7 +353,7 @@ class Eraser:
         self.seconds += time.time() - t0
         return ErasureResult(self.adapters, self.cfg, [(c.target, c.safe) for c in self.concepts],
                              self.history, self.seconds, peak_rss_mb(), self.forward_rows,
-                             self.xt_forward_rows)
+                             self.xt_forward_rows, self.adv_log)
 
 
 def erase(backbone: Backbone, concepts: list[Concept], cfg: EraseConfig | None = None, **kw) -> ErasureResult:
