@@ -155,6 +155,16 @@ def write_reports(results: dict) -> None:
     atomic_write_text(RESULTS / "attacks.md", "\n".join(lines) + "\n")
 
 
+def _run_single(spec: dict) -> dict | None:
+    """One row in its own process (a crash or OOM there does not stop the rest)."""
+    proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     global RESULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,31 +207,20 @@ def main() -> int:
             continue
         spec = {**j, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed,
                 "embedding_steps": args.embedding_steps, "embedding_only": old is not None}
-        if old is not None:  # a row from before the embedding attack existed: add that column only
-            print(f"[attack] embedding attack on {j['method']} / {j['target']} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                failed += 1
-                continue
-            old.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"[attack]   embedding {old['embedding_asr']} (init {old['embedding_init_asr']})", flush=True)
-            write_reports(results)
-            continue
-        print(f"[attack] {j['method']} on {j['target']} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        # a row from before the embedding attack existed gets that column only
+        print(f"[attack] {'embedding attack on ' if old else ''}{j['method']} on {j['target']} ...", flush=True)
+        out = _run_single(spec)
+        if out is None:
             failed += 1
             continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[attack]   synonym {row['synonym_asr']}  paraphrase {row['paraphrase_asr']}  "
-              f"soft prompt {row['soft_prompt_asr']} (init {row['soft_prompt_init_asr']})  "
-              f"embedding {row['embedding_asr']}  "
-              f"{row['total_seconds']} s", flush=True)
-        results["rows"].append(row)
+        if old is not None:
+            old.update(out)
+            print(f"[attack]   embedding {out['embedding_asr']} (init {out['embedding_init_asr']})", flush=True)
+        else:
+            results["rows"].append(out)
+            print(f"[attack]   synonym {out['synonym_asr']}  paraphrase {out['paraphrase_asr']}  "
+                  f"soft prompt {out['soft_prompt_asr']} (init {out['soft_prompt_init_asr']})  "
+                  f"embedding {out['embedding_asr']}  {out['total_seconds']} s", flush=True)
         write_reports(results)
     if results["rows"]:
         write_reports(results)

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .cond_attack import frozen
 from .world import data
 
 # ---- prompt sets -------------------------------------------------------------------------------
@@ -130,20 +131,6 @@ def injected(backbone, positions: Sequence[int], placeholder_ids: Sequence[int],
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def _frozen(*modules: torch.nn.Module):
-    """No gradients into any weight (UNet, adapters, text encoder); flags restored afterwards."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 @dataclass
@@ -270,7 +257,7 @@ def soft_prompt_attack(backbone, target: str, *, n_tokens: int = 2, steps: int =
     opt = torch.optim.Adam([emb], lr=lr)
     losses = []
     modules = [backbone.unet, backbone.text_encoder]
-    with _frozen(*modules):
+    with frozen(*modules):
         initial = eval_loss()
         for _ in range(steps):
             x0 = backbone.to_x(_target_images(target, batch, rng)).to(dev)

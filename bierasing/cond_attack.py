@@ -82,8 +82,9 @@ class CondAttack:
 
 
 @contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    params = list(module.parameters())
+def frozen(*modules: torch.nn.Module):
+    """No gradients into any weight of ``modules`` (adapters included); flags restored afterwards."""
+    params = [p for m in modules for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
