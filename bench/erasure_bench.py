@@ -43,6 +43,7 @@ RUNS = {
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", "map_target_to_safe": 0.0}),
     "bi-map-target": ("engine", {"map_target_to_safe": 0.4}),
     "bi-adversarial": ("engine", {"map_target_to_safe": 0.4, "adversarial": 1.0}),  # our default + adversarial rows
+    "bi-adversarial-0.3": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.3}),
     "bi-text-uncond": ("engine", {"text_uncond": True, "map_target_to_safe": 0.0}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, "map_target_to_safe": 0.0}),
 }
