@@ -58,7 +58,8 @@ class EraseConfig:
     adversarial: float = _f(0.0, "weight of adversarial rows (0: off). Every adversarial_every steps a bounded "
                             "offset of the concept's text conditioning is optimised so that the model being "
                             "erased draws the concept again (a white-box attack in conditioning space); the "
-                            "erasure is then also trained to suppress the concept under it (AdvUnlearn's idea)",
+                            "erasure is then also trained to suppress the concept under it (AdvUnlearn's idea). ShapesWorld, "
+                            "circle, weight 1: soft-prompt attack success 0.75 -> 0.125, H 0.94 -> 0.83, 1.3x time",
                             min=0.0, max=10.0)
     adversarial_every: int = _f(20, "steps between refreshes of the adversarial conditioning", min=1, max=100000)
     adversarial_steps: int = _f(10, "optimisation steps of each adversarial refresh", min=1, max=1000)
