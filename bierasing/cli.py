@@ -51,12 +51,16 @@ def _cmd_world_train(args) -> int:
     from .world.train import TrainConfig, TrainingInterrupted, train_world
 
     _threads(args.threads)
-    tcfg = TrainConfig(seed=args.seed, clip_steps=args.clip_steps, unet_steps=args.unet_steps,
-                       vision_steps=args.vision_steps, ip_steps=args.ip_steps, checkpoint_every=args.checkpoint_every)
+    given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
+                                            "ip_steps", "checkpoint_every") if getattr(args, k) is not None}
+    tcfg = TrainConfig(seed=args.seed, **given)
+    if args.init_from and not args.start_stage:
+        raise ValueError("--init-from needs --start-stage (the stage to begin at)")
     out = Path(args.out)
     try:
         with _CtrlC() as stop:
-            train_world(out, tcfg, progress=not args.quiet, should_stop=stop)
+            train_world(out, tcfg, progress=not args.quiet, should_stop=stop,
+                        init_from=args.init_from, start_stage=args.start_stage)
     except TrainingInterrupted as e:
         print(f"bierasing: {e}", file=sys.stderr)
         return 130
@@ -219,11 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = wsub.add_parser("train", help="train ShapesWorld from scratch (resumable)")
     t.add_argument("--out", default="runs/world", help="output folder; re-running resumes from its checkpoint")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--clip-steps", type=int, default=400)
-    t.add_argument("--unet-steps", type=int, default=5500)
-    t.add_argument("--vision-steps", type=int, default=1500)
-    t.add_argument("--ip-steps", type=int, default=1000)
-    t.add_argument("--checkpoint-every", type=int, default=250)
+    for name in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps", "ip_steps", "checkpoint_every"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help="default: TrainConfig in bierasing/world/train.py")
+    t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip"),
+                   help="begin at this stage, taking the earlier stages' weights from --init-from "
+                        "(e.g. ip_warm retrains only the image branch)")
+    t.add_argument("--init-from", default=None,
+                   help="model folder for --start-stage (default: the shipped ShapesWorld weights)")
     t.add_argument("--eval-samples", type=int, default=16, help="samples per prompt for the model card")
     t.add_argument("--skip-eval", action="store_true", help="do not measure quality after training")
     t.add_argument("--threads", type=int, default=2)

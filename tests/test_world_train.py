@@ -12,8 +12,8 @@ TINY = WorldConfig(unet_channels=(8, 16, 16))
 
 
 def _cfg(**kw):
-    base = dict(seed=3, clip_steps=3, clip_batch=8, unet_steps=4, unet_batch=4, vision_steps=2, ip_steps=3,
-                ip_batch=4, warmup=2, checkpoint_every=100)
+    base = dict(seed=3, clip_steps=3, clip_batch=8, unet_steps=4, unet_batch=4, vision_steps=2, ip_warm_steps=2,
+                ip_steps=3, ip_batch=4, warmup=2, checkpoint_every=100)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -25,7 +25,7 @@ def _state(bb):
     return sd
 
 
-@pytest.mark.parametrize("stop_stage,stop_step", [("unet", 2), ("vision", 1), ("ip", 1)])
+@pytest.mark.parametrize("stop_stage,stop_step", [("unet", 2), ("vision", 1), ("ip_warm", 1), ("ip", 1)])
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, stop_stage, stop_step):
     full = train_world(tmp_path / "full", _cfg(), TINY, progress=False, log=lambda m: None)
 
@@ -57,23 +57,45 @@ def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
 
 
 def test_training_lowers_the_losses(tmp_path):
-    trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_steps=0), TINY,
+    trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_warm_steps=100, ip_steps=0), TINY,
                            progress=False, log=lambda m: None)
     trainer.run()
-    clip, unet = trainer.history["clip"], trainer.history["unet"]
+    clip, unet, warm = trainer.history["clip"], trainer.history["unet"], trainer.history["ip_warm"]
     assert clip[-1][1] < clip[0][1] * 0.9
     assert unet[-1][1] < unet[0][1] * 0.8
+    assert warm[-1][1] < warm[0][1] * 0.8
+
+
+def test_image_branch_starts_as_ip_adapter_does_with_text_kv_copied(tmp_path):
+    trainer = WorldTrainer(tmp_path, _cfg(ip_warm_steps=0, ip_steps=0), TINY, progress=False, log=lambda m: None)
+    unet = trainer.run().unet
+    procs = {n: p for n, p in unet.attn_processors.items() if hasattr(p, "to_k_ip")}
+    assert procs
+    for name, proc in procs.items():
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        assert torch.equal(proc.to_k_ip.weight, attn.to_k.weight) and torch.equal(proc.to_v_ip.weight, attn.to_v.weight)
+
+
+def test_concept_word_states_pick_the_colour_shape_and_background_words(tmp_path):
+    from bierasing.world import data
+
+    trainer = WorldTrainer(tmp_path, _cfg(), TINY, progress=False, log=lambda m: None)
+    c = data.Concepts("star", "blue", "white")
+    got = trainer._concept_word_states([c])[0]
+    full = trainer.bb.encode_text(["a blue star on a white background"])[0]
+    # BOS a blue star on a white background EOS -> positions 2, 3, 6, 7
+    assert torch.equal(got, full[[2, 3, 6, 7]])
 
 
 def test_cli_world_train_then_eval_smoke(tmp_path):
     out = tmp_path / "w"
     r = subprocess.run([sys.executable, "-m", "bierasing.cli", "world", "train", "--out", str(out),
-                        "--clip-steps", "2", "--unet-steps", "2", "--vision-steps", "2", "--ip-steps", "2", "--skip-eval",
+                        "--clip-steps", "2", "--unet-steps", "2", "--vision-steps", "2", "--ip-warm-steps", "2", "--ip-steps", "2", "--skip-eval",
                         "--quiet", "--threads", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     bb = ShapesWorldBackbone.load(out / "model")
     meta = json.loads((out / "model" / "world.json").read_text())
-    assert meta["train"]["unet_steps"] == 2 and set(meta["seconds"]) == {"clip", "unet", "vision", "ip"}
+    assert meta["train"]["unet_steps"] == 2 and set(meta["seconds"]) == {"clip", "unet", "vision", "ip_warm", "ip"}
     assert bb.config == WorldConfig()
     r = subprocess.run([sys.executable, "-m", "bierasing.cli", "world", "eval", "--model",
                         str(out / "model"), "--samples", "1", "--steps", "2", "--json"],
@@ -90,3 +112,36 @@ def test_cli_reports_bad_model_folder_cleanly(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "not a ShapesWorld model folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_start_stage_retrains_only_the_image_branch_of_a_model(tmp_path):
+    src = train_world(tmp_path / "src", _cfg(), TINY, progress=False, log=lambda m: None)
+    new = train_world(tmp_path / "new", _cfg(seed=5), TINY, progress=False, log=lambda m: None,
+                      init_from=tmp_path / "src" / "model", start_stage="ip_warm")
+    a, b = _state(src), _state(new)
+    kept = [k for k in a if not k.startswith("proj.") and "processor." not in k]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert not torch.equal(a["proj.proj.weight"], b["proj.proj.weight"])
+    src_meta = json.loads((tmp_path / "src" / "model" / "world.json").read_text())
+    meta = json.loads((tmp_path / "new" / "model" / "world.json").read_text())
+    assert meta["init_from"]["stage"] == "ip_warm"
+    for stage in ("clip", "unet", "vision"):
+        assert meta["seconds"][stage] == src_meta["seconds"][stage]
+    assert meta["seconds"]["ip"] > 0
+
+
+def test_start_stage_refuses_unknown_stages(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        train_world(tmp_path, _cfg(), TINY, progress=False, log=lambda m: None, start_stage="lora")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init-from", "somewhere"], "needs --start-stage"),
+    (["--start-stage", "ip_warm", "--init-from", "nowhere"], "not a ShapesWorld model folder"),
+])
+def test_cli_world_train_start_stage_errors_are_clean(tmp_path, args, message):
+    out = tmp_path / "w"
+    r = subprocess.run([sys.executable, "-m", "bierasing.cli", "world", "train", "--out", str(out), "--quiet", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not out.exists()

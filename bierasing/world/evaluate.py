@@ -189,7 +189,10 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         "## Training (this machine: 2 CPU cores, torch threads 2)",
         f"- seed {tr.get('seed')}; contrastive {tr.get('clip_steps')} steps x {tr.get('clip_batch')}; "
         f"UNet {tr.get('unet_steps')} steps x {tr.get('unet_batch')} (AdamW lr {tr.get('lr')}, cosine, EMA {tr.get('ema')}, "
-        f"caption dropout {tr.get('caption_dropout')}); image branch {tr.get('ip_steps')} steps x {tr.get('ip_batch')}",
+        f"caption dropout {tr.get('caption_dropout')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}); "
+        f"image encoder {tr.get('vision_steps')} steps x {tr.get('clip_batch')}; image branch: projector warm start "
+        f"{tr.get('ip_warm_steps', 0)} steps, then {tr.get('ip_steps')} steps x {tr.get('ip_batch')} "
+        f"({tr.get('ip_objective', 'denoise')})",
         "- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
         + f"; total {sum(secs.values()) / 60:.1f} min", "",
         f"## Measured quality (DDIM {q['sampler']['steps']} steps, CFG {q['sampler']['guidance']}, "
