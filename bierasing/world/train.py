@@ -233,7 +233,7 @@ class WorldTrainer:
         self.stage, self.step = stage, 0
         self.init_from = {"model": str(Path(model).resolve()) if model is not None else "shipped weights",
                           "stage": stage}
-        self.log(f"starting at stage {stage} from the weights of {model}")
+        self.log(f"starting at stage {stage} from the weights of {self.init_from['model']}")
 
     def run(self, init_from: str | Path | None = None, start_stage: str | None = None) -> ShapesWorldBackbone:
         self._pending_optim = None
