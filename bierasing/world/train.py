@@ -230,7 +230,7 @@ class WorldTrainer:
             self.seconds[st] = src_meta.get("seconds", {}).get(st, 0.0)
             self.history[st] = src_meta.get("loss_history", {}).get(st, [])
         if stage == "ip":  # skip the warm start, but keep IP-Adapter's K/V initialisation
-            self._stage_ip_warm_init()
+            self._init_ip_kv_from_text()
         self.stage, self.step = stage, 0
         self.init_from = {"model": str(Path(model).resolve()) if model is not None else "shipped weights",
                           "stage": stage}
@@ -393,7 +393,7 @@ class WorldTrainer:
             rows.append(h[self._word_pos[cap]])
         return torch.stack(rows)
 
-    def _stage_ip_warm_init(self) -> None:
+    def _init_ip_kv_from_text(self) -> None:
         """IP-Adapter's initialisation: the image K/V start as copies of the text K/V."""
         unet = self.bb.unet
         with torch.no_grad():
@@ -406,7 +406,7 @@ class WorldTrainer:
     def _stage_ip_warm(self) -> None:
         bb = self.bb
         if self.step == 0:
-            self._stage_ip_warm_init()
+            self._init_ip_kv_from_text()
         params = list(bb.image_proj.parameters())
         bb.image_proj.train().requires_grad_(True)
 
