@@ -4,6 +4,7 @@ import torch
 
 from bierasing.erase import Concept, EraseConfig, ErasureInterrupted, erase
 from bierasing.erase.adapters import attach, select_modules
+from bierasing.erase.config import ADVERSARIAL_AUTO
 from bierasing.erase.engine import Eraser
 from bierasing.erase.export import load_erasure, merge_erasure, read_erasure
 from bierasing.erase.objectives import branch_weights, negative_guidance_target, positive_guidance_target
@@ -84,6 +85,18 @@ def test_config_validation_messages():
         EraseConfig(method="esd-x", schedule="guide-then-erase")
     esd = EraseConfig(method="esd-u")
     assert esd.trainable == "no_attn2" and esd.pos_weight == 0 and esd.neg_weight == 1.0
+    with pytest.raises(ValueError, match=r"adversarial must be -1 \(auto\) or >= 0"):
+        EraseConfig(adversarial=-0.5)
+
+
+def test_adversarial_auto_is_on_for_bi_erasing_only_and_explicit_values_win():
+    assert EraseConfig().adversarial == ADVERSARIAL_AUTO == 0.3
+    for baseline in ("esd-x", "esd-u", "co-erasing"):
+        assert EraseConfig(method=baseline).adversarial == 0.0
+    assert EraseConfig(adversarial=0.0).adversarial == 0.0
+    assert EraseConfig(method="esd-x", adversarial=1.0).adversarial == 1.0
+    # the resolved value is what is recorded, so a saved config re-creates the same run
+    assert EraseConfig(**EraseConfig().to_dict()) == EraseConfig()
 
 
 @pytest.mark.parametrize("method,xt", [("bi-erasing", "cache"), ("esd-x", "esd"), ("co-erasing", "noised"),
