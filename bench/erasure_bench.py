@@ -193,14 +193,16 @@ def _cost_table(rows: list[dict]) -> list[str]:
             continue
         if not out:
             out = ["## Cost against the released re-run", "",
-                   "Ratios of means over the targets both runs have. Memory: whole-process peak RSS "
-                   "(the toy model is ~1 MB, so the Python + torch process dominates it).", "",
-                   "| run | released run | targets | seconds | ratio | peak RSS MB | ratio |",
-                   "|---|---|---|---|---|---|---|"]
-        for name in RUNS:
+                   "Ratios of means over the targets both runs have (rows timed on shared cores left out). "
+                   "Memory: whole-process peak RSS (the toy UNet is ~5 MB, so the Python + torch process "
+                   "dominates it; bench/results/memory_sd15.md compares one step at SD1.5 size).", "",
+                   "| run | released run | targets | mean H | seconds | ratio | peak RSS MB | ratio |",
+                   "|---|---|---|---|---|---|---|---|"]
+        for name in MAIN:
             if RUNS[name][0] != "engine":
                 continue
-            mine = [r for r in rows if r["run"] == name and r["target"] in base]
+            # a row timed while another process shared the cores carries "contended": true
+            mine = [r for r in rows if r["run"] == name and r["target"] in base and not r.get("contended")]
             if not mine:
                 continue
             ts = [r["target"] for r in mine]
@@ -209,8 +211,8 @@ def _cost_table(rows: list[dict]) -> list[str]:
             s_m, s_r = mean(mine, "seconds"), mean(theirs, "seconds")
             m_m, m_r = mean(mine, "peak_rss_mb"), mean(theirs, "peak_rss_mb")
             out.append(f"| {name} | {ref} ({RUNS[ref][1]['steps']} steps, lr {RUNS[ref][1]['lr']:g}) | "
-                       f"{', '.join(ts)} | {s_m:.1f} vs {s_r:.1f} | {s_m / s_r:.2f} | {m_m:.0f} vs {m_r:.0f} | "
-                       f"{m_m / m_r:.2f} |")
+                       f"{', '.join(ts)} | {mean(mine, 'h'):.3f} vs {mean(theirs, 'h'):.3f} | "
+                       f"{s_m:.1f} vs {s_r:.1f} | {s_m / s_r:.2f} | {m_m:.0f} vs {m_r:.0f} | {m_m / m_r:.2f} |")
     return out + [""] if out else []
 
 

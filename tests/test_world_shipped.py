@@ -76,6 +76,13 @@ def test_world_meets_the_image_steering_bar(full_eval):
     assert full_eval["image_steer_acc"] >= 0.80, full_eval
 
 
+@pytest.mark.slow
+def test_text_and_a_matching_exemplar_together_keep_the_shape(full_eval):
+    # the erasure's teacher conditions on both; an image branch trained only with empty prompts
+    # steered 0.83 but overshot beside a caption (0.39 here, model card); text alone gives ~0.92
+    assert full_eval["text_image_shape_acc"] >= 0.85, full_eval
+
+
 def test_cli_erase_smoke_writes_lora_grid_and_report(tmp_path):
     out = tmp_path / "e"
     r = subprocess.run([sys.executable, "-m", "bierasing.cli", "erase", "--concept", "circle", "--out", str(out),

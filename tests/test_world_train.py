@@ -102,7 +102,7 @@ def test_cli_world_train_then_eval_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("shape_acc", "color_acc", "axis3_acc", "image_steer_acc"):
+    for key in ("shape_acc", "color_acc", "axis3_acc", "image_steer_acc", "text_image_shape_acc"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["samples_per_prompt"] == 1
 

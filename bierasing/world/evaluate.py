@@ -5,6 +5,8 @@ World quality (``bierasing world eval``):
   axis3_acc             - background named in the prompt ("... on a white background");
   image_steer_acc       - empty prompt + an exemplar image through the image branch: does the
                           sample show the exemplar's shape?
+  text_image_shape_acc  - a shape x colour prompt together with its matching exemplar (how the
+                          erasure's teacher conditions): does the sample still show the shape?
 
 Erasure (``measure_erasure``): target prompts name the erased concept, other prompts name other
 concepts of the same axis; ACC_e / ACC_p / H as in :mod:`bierasing.metrics`.
@@ -117,6 +119,11 @@ def evaluate_world(model: str | Path | ShapesWorldBackbone | None = None, sample
     dets_ip = _detect(imgs_ip)
     steer_shape = [sum(d.shape == w.shape for d in row) for row, w in zip(dets_ip, wants)]
     steer_color = [sum(d.color == w.color for d in row) for row, w in zip(dets_ip, wants)]
+    # text and image together, as the erasure's teacher sees them: each shape x colour prompt with
+    # the exemplar of the same shape and colour (a branch that overshoots beside a caption loses it)
+    imgs_joint = generate(bb, [p for p, _ in sc], samples_per_prompt, seed, steps, guidance,
+                          image_tokens=tokens, progress=progress, desc="text + image")
+    joint_shape = [sum(d.shape == w.shape for d in row) for row, (_, w) in zip(_detect(imgs_joint), sc)]
 
     n_sc, n_bg, n_ip = len(sc) * samples_per_prompt, len(bg) * samples_per_prompt, len(wants) * samples_per_prompt
     summary = {
@@ -125,6 +132,7 @@ def evaluate_world(model: str | Path | ShapesWorldBackbone | None = None, sample
         "axis3_acc": round(sum(bg_hits) / n_bg, 4),
         "image_steer_acc": round(sum(steer_shape) / n_ip, 4),
         "image_steer_color_acc": round(sum(steer_color) / n_ip, 4),
+        "text_image_shape_acc": round(sum(joint_shape) / n_sc, 4),
         "none_rate": round(sum(d.shape == "none" for row in dets_sc for d in row) / n_sc, 4),
         "samples_per_prompt": samples_per_prompt,
         "prompts": {"shape_color": len(sc), "background": len(bg), "image_steer": len(wants)},
@@ -203,6 +211,8 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         f"| background accuracy ({q['prompts']['background']} prompts) | {q['axis3_acc']:.3f} | >= 0.85 |",
         f"| image steering, shape (empty prompt + exemplar) | {q['image_steer_acc']:.3f} | >= 0.80 |",
         f"| image steering, colour | {q['image_steer_color_acc']:.3f} | - |",
+        *([f"| text + matching exemplar together, shape | {q['text_image_shape_acc']:.3f} | - |"]
+          if "text_image_shape_acc" in q else []),
         f"| samples the detector calls 'none' | {q['none_rate']:.3f} | - |", "",
         "Per shape: " + ", ".join(f"{k} {v:.2f}" for k, v in report["per_shape"].items()),
         "", "Per colour: " + ", ".join(f"{k} {v:.2f}" for k, v in report["per_color"].items()), "",
