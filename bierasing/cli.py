@@ -52,7 +52,8 @@ def _cmd_world_train(args) -> int:
 
     _threads(args.threads)
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
-                                            "ip_steps", "checkpoint_every") if getattr(args, k) is not None}
+                                            "ip_steps", "checkpoint_every", "ip_empty_prompt")
+             if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, **given)
     if args.init_from and not args.start_stage:
         raise ValueError("--init-from needs --start-stage (the stage to begin at)")
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps", "ip_steps", "checkpoint_every"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help="default: TrainConfig in bierasing/world/train.py")
+    t.add_argument("--ip-empty-prompt", type=float, default=None,
+                   help="share of image-branch steps with an empty prompt (default: TrainConfig); more steers "
+                        "harder from the image alone but overshoots beside a caption (model card, session 5)")
     t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip"),
                    help="begin at this stage, taking the earlier stages' weights from --init-from "
                         "(e.g. ip_warm retrains only the image branch)")

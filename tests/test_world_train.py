@@ -138,6 +138,7 @@ def test_start_stage_refuses_unknown_stages(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--init-from", "somewhere"], "needs --start-stage"),
     (["--start-stage", "ip_warm", "--init-from", "nowhere"], "not a ShapesWorld model folder"),
+    (["--ip-empty-prompt", "1.5"], "ip_empty_prompt is a share of steps in [0, 1]"),
 ])
 def test_cli_world_train_start_stage_errors_are_clean(tmp_path, args, message):
     out = tmp_path / "w"

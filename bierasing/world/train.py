@@ -94,6 +94,8 @@ class TrainConfig:
         for name in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps", "ip_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ip_empty_prompt <= 1.0:
+            raise ValueError(f"ip_empty_prompt is a share of steps in [0, 1], got {self.ip_empty_prompt}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
         for name in ("clip_batch", "unet_batch", "ip_batch", "checkpoint_every"):
