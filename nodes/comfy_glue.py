@@ -219,6 +219,11 @@ class ComfyBackbone(Backbone):
             self.image_proj = proj.eval()
         return self.image_proj
 
+    @property
+    def can_encode_images(self) -> bool:
+        """Whether ``to_x`` works: exemplars are encoded with the VAE, an optional node input."""
+        return self.vae is not None
+
     @torch.no_grad()
     def to_x(self, images: torch.Tensor) -> torch.Tensor:
         key = id(images)

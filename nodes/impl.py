@@ -148,7 +148,8 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             for imgs in (c.negative_images, c.positive_images):
                 if imgs is not None:
                     bb.encode_images(imgs)
-            if (cfg.xt_source == "noised" or cfg.adversarial > 0) and c.negative_images is not None:
+            if (cfg.xt_source == "noised" or (cfg.adversarial > 0 and bb.can_encode_images)) \
+                    and c.negative_images is not None:
                 bb.to_x(c.negative_images)
     progress = glue.Progress(cfg.steps)
     eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
