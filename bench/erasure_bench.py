@@ -27,8 +27,9 @@ TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "at
 # are the paper's objective as released (map_target_to_safe 0, no adversarial rows);
 # "bi-map-target" adds our target->safe pull; "bi-adversarial-0.3" (= EraseConfig() defaults) adds
 # adversarial rows to that.
+PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0}  # the paper's objective, as released
 RUNS = {
-    "bi-erasing": ("engine", {"map_target_to_safe": 0.0, "adversarial": 0.0}),  # the paper's two branches, as released
+    "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-u": ("engine", {"method": "esd-u"}),
     "co-erasing": ("engine", {"method": "co-erasing"}),
@@ -36,19 +37,19 @@ RUNS = {
     "released": ("released", {"steps": 400, "lr": 1e-4}),  # shortened: 400 steps at 10x the learning rate
     "released-1500": ("released", {"steps": 1500, "lr": 1e-5}),  # the released defaults (digest 2.9)
     # ablations
-    "bi-no-positive": ("engine", {"pos_weight": 0.0, "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-no-masks": ("engine", {"map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-lambda-0.8-0.2": ("engine", {"neg_weight": 0.8, "pos_weight": 0.2, "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-lambda-0.4-0.6": ("engine", {"neg_weight": 0.4, "pos_weight": 0.6, "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-xt-noised": ("engine", {"xt_source": "noised", "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-xt-esd": ("engine", {"xt_source": "esd", "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", "map_target_to_safe": 0.0, "adversarial": 0.0}),
+    "bi-no-positive": ("engine", {"pos_weight": 0.0, **PAPER}),
+    "bi-no-masks": ("engine", {**PAPER}),
+    "bi-lambda-0.8-0.2": ("engine", {"neg_weight": 0.8, "pos_weight": 0.2, **PAPER}),
+    "bi-lambda-0.4-0.6": ("engine", {"neg_weight": 0.4, "pos_weight": 0.6, **PAPER}),
+    "bi-xt-noised": ("engine", {"xt_source": "noised", **PAPER}),
+    "bi-xt-esd": ("engine", {"xt_source": "esd", **PAPER}),
+    "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
+    "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
     "bi-map-target": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.0}),
     "bi-adversarial": ("engine", {"map_target_to_safe": 0.4, "adversarial": 1.0}),
     "bi-adversarial-0.3": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.3}),  # = EraseConfig() defaults
-    "bi-text-uncond": ("engine", {"text_uncond": True, "map_target_to_safe": 0.0, "adversarial": 0.0}),
-    "bi-eta-2": ("engine", {"neg_guidance": 2.0, "map_target_to_safe": 0.0, "adversarial": 0.0}),
+    "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
+    "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
 }
 MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce",
         "released", "released-1500"]

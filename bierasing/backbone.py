@@ -49,6 +49,11 @@ class Backbone(abc.ABC):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> image tokens [B, N, D] for the decoupled attention."""
 
+    @property
+    def can_encode_images(self) -> bool:
+        """Whether ``to_x`` works now (False where its encoder, e.g. ComfyUI's VAE input, is absent)."""
+        return True
+
     @abc.abstractmethod
     def to_x(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> clean diffusion variable x0."""

@@ -220,8 +220,7 @@ class ComfyBackbone(Backbone):
         return self.image_proj
 
     @property
-    def can_encode_images(self) -> bool:
-        """Whether ``to_x`` works: exemplars are encoded with the VAE, an optional node input."""
+    def can_encode_images(self) -> bool:  # the VAE is an optional node input
         return self.vae is not None
 
     @torch.no_grad()

@@ -107,11 +107,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _can_encode(backbone) -> bool:
-    """Backbones whose image encoder (``to_x``) is optional say so with ``can_encode_images``."""
-    return getattr(backbone, "can_encode_images", True)
-
-
 class Eraser:
     """Holds one run's state so it can be checkpointed, stopped and resumed exactly."""
 
@@ -132,7 +127,7 @@ class Eraser:
                 raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
             if cfg.xt_source == "noised" and c.negative_images is None:
                 raise ValueError("xt_source 'noised' needs negative exemplar images")
-            if cfg.adversarial > 0 and (c.negative_images is None or not _can_encode(backbone)) \
+            if cfg.adversarial > 0 and (c.negative_images is None or not backbone.can_encode_images) \
                     and cfg.xt_source != "cache":
                 raise ValueError("adversarial training attacks with images of the concept: give negative "
                                  "exemplars (in ComfyUI also connect a VAE to encode them), use xt_source "
@@ -176,7 +171,7 @@ class Eraser:
         self.adv_log: list[dict] = []
         if cfg.adversarial > 0:  # attack on the exemplars, or on the cache's samples where they cannot be encoded
             self.x0_attack = [bb.to_x(c.negative_images.to(bb.device))
-                              if c.negative_images is not None and _can_encode(bb) else self.cache.states[i][:, -1]
+                              if c.negative_images is not None and bb.can_encode_images else self.cache.states[i][:, -1]
                               for i, c in enumerate(self.concepts)]
 
     # ---- adversarial conditioning ---------------------------------------------------------------
