@@ -50,11 +50,31 @@ RUNS = {
     "bi-adversarial-0.3": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.3}),  # = EraseConfig() defaults
     "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
+    # our default (EraseConfig()) with one setting changed
+    "default-steps-400": ("engine", {"steps": 400}),
+    "default-lr-2e-3": ("engine", {"lr": 2e-3}),
+    "default-rank-8": ("engine", {"rank": 8}),
 }
+TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
 MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce",
         "released", "released-1500"]
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
+
+
+def image_branch_id() -> str:
+    """Short hash of the shipped image branch: rows that condition on exemplar images are only
+    comparable when measured with the same one."""
+    import hashlib
+
+    from bierasing.world.models import WEIGHTS_DIR
+
+    return hashlib.sha256((WEIGHTS_DIR / "ip_adapter.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def stale(row: dict, current: str) -> bool:
+    """A row that used the image branch, measured with another one than the shipped branch."""
+    return row["run"] not in TEXT_ONLY and row.get("image_branch", "") != current
 
 
 def _erasure_path(target: str, run: str) -> Path:
@@ -127,7 +147,8 @@ def single(spec: dict) -> dict:
             "acc_e_synonyms": round(syn["acc_e"], 4), "seconds": round(seconds, 1),
             "peak_rss_mb": round(peak, 1), "peak_rss_increase_mb": round(peak - rss0, 1),
             "unet_forward_equivalents_per_sample": fe, "xt_cache_forward_rows": xt_rows,
-            "trained_parameters": params, "samples_per_prompt": spec.get("samples", 8), **extra}
+            "trained_parameters": params, "samples_per_prompt": spec.get("samples", 8),
+            "image_branch": image_branch_id(), **extra}
 
 
 def _baseline(samples: int, targets: list[str]) -> dict:
@@ -147,6 +168,8 @@ def write_reports(results: dict) -> None:
     from bierasing.io import atomic_write_text
 
     rows = results["rows"]
+    branch = image_branch_id()
+    mark = lambda r: " †" if stale(r, branch) else ""  # noqa: E731
     atomic_write_text(RESULTS / "erasure.json", json.dumps(results, indent=2))
     lines = ["# Erasure benchmark (ShapesWorld)", "",
              f"Machine: 2 CPU cores, torch threads 2. {results['samples_per_prompt']} samples per prompt, "
@@ -165,7 +188,7 @@ def write_reports(results: dict) -> None:
         lines += [f"## {title}", "", "| run | target | kind | ACC_e | ACC_p | H | syn ACC_e | seconds | peak RSS MB (+over model) | FE/sample | trained params |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(sel, key=lambda r: (names.index(r["run"]), r["target"])):
-            lines.append(f"| {r['run']} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | {r['acc_p']:.3f} | "
+            lines.append(f"| {r['run']}{mark(r)} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | {r['acc_p']:.3f} | "
                          f"{r['h']:.3f} | {r['acc_e_synonyms']:.3f} | {r['seconds']} | {r['peak_rss_mb']} "
                          f"(+{r['peak_rss_increase_mb']}) | {r['unet_forward_equivalents_per_sample']} | {r['trained_parameters']} |")
         lines += ["", "| run | mean ACC_e | mean ACC_p | mean H | mean syn ACC_e | mean seconds | targets |", "|---|---|---|---|---|---|---|"]
@@ -173,10 +196,13 @@ def write_reports(results: dict) -> None:
             rr = [r for r in sel if r["run"] == n]
             if rr:
                 m = lambda k: sum(r[k] for r in rr) / len(rr)  # noqa: E731
-                lines.append(f"| {n} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
+                lines.append(f"| {n}{' †' if any(stale(r, branch) for r in rr) else ''} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
                              f"{m('acc_e_synonyms'):.3f} | {m('seconds'):.1f} | {len(rr)} |")
         lines.append("")
-    lines += _cost_table(rows)
+    if any(stale(r, branch) for r in rows):
+        lines += [f"† measured with an earlier image branch than the shipped one ({branch}); its ACC/H "
+                  "are not comparable with the other rows (wall time and memory are).", ""]
+    lines += _cost_table(rows, mark)
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     lines.append("![H by method](erasure.png)")
@@ -184,7 +210,7 @@ def write_reports(results: dict) -> None:
     _plot(rows)
 
 
-def _cost_table(rows: list[dict]) -> list[str]:
+def _cost_table(rows: list[dict], mark=lambda r: "") -> list[str]:
     """Wall time and peak-RSS increase of each engine run over each released re-run, on the
     targets both ran (the issue's bar: <= 1/3 of the time, <= 1/2 of the memory)."""
     out = []
@@ -211,7 +237,8 @@ def _cost_table(rows: list[dict]) -> list[str]:
             theirs = [base[t] for t in ts]
             s_m, s_r = mean(mine, "seconds"), mean(theirs, "seconds")
             m_m, m_r = mean(mine, "peak_rss_mb"), mean(theirs, "peak_rss_mb")
-            out.append(f"| {name} | {ref} ({RUNS[ref][1]['steps']} steps, lr {RUNS[ref][1]['lr']:g}) | "
+            mk = lambda rs: " †" if any(mark(r) for r in rs) else ""  # noqa: E731
+            out.append(f"| {name}{mk(mine)} | {ref}{mk(theirs)} ({RUNS[ref][1]['steps']} steps, lr {RUNS[ref][1]['lr']:g}) | "
                        f"{', '.join(ts)} | {mean(mine, 'h'):.3f} vs {mean(theirs, 'h'):.3f} | "
                        f"{s_m:.1f} vs {s_r:.1f} | {s_m / s_r:.2f} | {m_m:.0f} vs {m_r:.0f} | {m_m / m_r:.2f} |")
     return out + [""] if out else []

@@ -4,8 +4,9 @@
 
 Two ways, each in its own process so peak RSS belongs to it alone:
   * engine:   one UNet (fp32, 859.5 M parameters) + rank-4 LoRA on attn2 + IP-Adapter K/V; the
-              teacher is the same UNet with the LoRA off; 4 teacher rows in one no-grad forward,
-              2 student rows with grad; Adam over the LoRA only (Bi-Erasing, our default);
+              teacher is the same UNet with the LoRA off; EraseConfig() defaults: 6 teacher rows in
+              one no-grad forward, 4 student rows with grad (negative, positive, target->safe,
+              adversarial) and the first step's conditioning attack; Adam over the LoRA only;
   * released: the released code's way: a deep copy of the UNet as teacher, Adam over every UNet
               parameter, each call its own forward (bierasing.erase.released).
 Text embeddings and image tokens are random [77 x 768] / [4 x 768] tensors: the text and image
@@ -66,6 +67,8 @@ def one(mode: str) -> dict:
 
         def encode_images(self, images):
             return torch.randn(images.shape[0], 4, 768, generator=torch.Generator().manual_seed(1))
+
+        can_encode_images = False  # no VAE: the adversarial attack uses the x_t cache's samples
 
         def to_x(self, images):
             raise NotImplementedError

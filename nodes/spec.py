@@ -176,7 +176,8 @@ SPECS: list[NodeSpec] = [
                      optional=True),
                 _image("negative_images", "exemplars of the concept (already mask-filtered)", optional=True),
                 _image("positive_images", "exemplars of the safe concept (already mask-filtered)", optional=True),
-                Port("vae", "VAE", "only for x_t source 'noised' (encodes the exemplars)", optional=True),
+                Port("vae", "VAE", "encodes the concept exemplars for x_t source 'noised' and for the adversarial "
+                     "rows' attack (without it the attack uses the x_t cache's samples)", optional=True),
                 *ports_from_config(EraseConfig, skip=("checkpoint_every",)),
                 Port("resolution", "INT", "image size of the x_t trajectories (512 for SD1.5; lower is faster)",
                      default=512, min=64, max=1024, step=64)],
