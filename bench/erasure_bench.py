@@ -25,9 +25,11 @@ TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "at
 
 # name -> (kind, settings); "engine" rows are EraseConfig overrides. "bi-erasing" and its ablations
 # are the paper's objective as released (map_target_to_safe 0, no adversarial rows);
-# "bi-map-target" adds our target->safe pull; "bi-adversarial-0.3" (= EraseConfig() defaults) adds
-# adversarial rows to that.
+# "bi-map-target" adds our target->safe pull (session-5 form: the student row sees the safe image);
+# "bi-adversarial-0.3" (the session-5 default) adds adversarial rows to that; "bi-text-map" (=
+# EraseConfig() defaults since session 6) makes the pull's student row text-only, weight 0.15.
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0}  # the paper's objective, as released
+SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 RUNS = {
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
@@ -45,18 +47,17 @@ RUNS = {
     "bi-xt-esd": ("engine", {"xt_source": "esd", **PAPER}),
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
-    "bi-map-target": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.0}),
-    "bi-adversarial": ("engine", {"map_target_to_safe": 0.4, "adversarial": 1.0}),
-    "bi-adversarial-0.3": ("engine", {"map_target_to_safe": 0.4, "adversarial": 0.3}),  # = EraseConfig() defaults
+    "bi-map-target": ("engine", {**SESSION5, "adversarial": 0.0}),
+    "bi-adversarial": ("engine", {**SESSION5, "adversarial": 1.0}),
+    "bi-adversarial-0.3": ("engine", {**SESSION5, "adversarial": 0.3}),  # the session-5 default
+    "bi-text-map": ("engine", {"map_target_to_safe": 0.15, "map_text_only": True, "adversarial": 0.3}),  # = EraseConfig()
     "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
-    # our default (EraseConfig()) with one setting changed
-    "default-steps-400": ("engine", {"steps": 400}),
-    "default-lr-2e-3": ("engine", {"lr": 2e-3}),
-    "default-rank-8": ("engine", {"rank": 8}),
+    "bi-adversarial-0.3-text-uncond": ("engine", {**SESSION5, "adversarial": 0.3, "text_uncond": True}),
+    "bi-adversarial-0.3-map-text-only": ("engine", {**SESSION5, "adversarial": 0.3, "map_text_only": True}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce",
+MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce",
         "released", "released-1500"]
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]

@@ -120,7 +120,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kw = {"help": f.metadata["help"], "default": f.default if f.default is not MISSING else None}
         if f.type in ("bool", bool):
-            g.add_argument(flag, action="store_true", help=kw["help"])
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=kw["help"])
             continue
         kw["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
         if "choices" in f.metadata:

@@ -222,3 +222,26 @@ def test_released_rerun_trains_every_unet_weight_with_a_second_copy(tiny_world):
         assert changed and not any("processor." in k for k in changed)
     finally:
         tiny_world.unet.load_state_dict(backup)
+
+
+def test_map_text_only_drops_the_image_from_the_target_to_safe_student_row_only(tiny_world):
+    def first_step(**kw):
+        e = Eraser(tiny_world, [_concept()], _cfg(adversarial=0.0, **kw))
+        try:
+            e.prepare()
+            return e.training_step()
+        finally:
+            e.adapters.remove(tiny_world.unet)
+
+    with_image, text_only = first_step(map_text_only=False), first_step(map_text_only=True)
+    assert with_image["neg"] == text_only["neg"] and with_image["pos"] == text_only["pos"]
+    assert abs(with_image["map"] - text_only["map"]) > 1e-6, (with_image, text_only)
+
+
+def test_cli_boolean_settings_default_to_the_dataclass_and_can_be_turned_off():
+    from bierasing.cli import _config_from_args, build_parser
+
+    parse = lambda *a: _config_from_args(build_parser().parse_args(["erase", "--concept", "circle", *a]))  # noqa: E731
+    assert parse().map_text_only is True and parse().text_uncond is False
+    assert parse("--no-map-text-only").map_text_only is False
+    assert parse("--text-uncond").text_uncond is True

@@ -44,7 +44,8 @@ def test_text_prompts_produce_the_named_shape_and_colour(world):
 
 
 def test_an_exemplar_image_alone_steers_colour_and_beats_chance_on_shape(world):
-    # quick guard (30 samples); the 0.80 shape bar is the slow full-evaluation test below
+    # quick guard (30 samples; shipped weights: colour 1.00, shape 0.93); the 0.80 shape bar is the
+    # slow full-evaluation test below
     rng = np.random.default_rng(3)
     ex = np.stack([data.render(s, c, "gray", rng) for s, c in zip(data.SHAPES, data.COLORS)])
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_an_exemplar_image_alone_steers_colour_and_beats_chance_on_shape(world):
     color = np.mean([[d.color == c for d in row] for row, c in zip(dets, data.COLORS)])
     shape = np.mean([[d.shape == s for d in row] for row, s in zip(dets, data.SHAPES)])
     assert color >= 0.9, color
-    assert shape > 0.2 + 0.2, shape  # chance is 0.2
+    assert shape >= 0.75, shape  # chance is 0.2
 
 
 @pytest.fixture(scope="module")

@@ -45,12 +45,16 @@ class EraseConfig:
     pos_weight: float = _f(0.4, "lambda+: weight of the positive (safe alternative) loss", min=0.0, max=10.0)
     neg_guidance: float = _f(1.0, "eta-: negative guidance strength (ESD's eta)", min=0.0, max=20.0)
     pos_guidance: float = _f(1.0, "eta+: positive guidance strength", min=0.0, max=20.0)
-    map_target_to_safe: float = _f(0.4, "our extension (not in the released code; 0 gives the paper's objective): "
-                                   "weight of a loss that maps the concept prompt + safe image to the safe "
-                                   "target. With an image branch that steers well, the paper's negative target "
-                                   "eps(empty, concept image) still draws the concept, so erasure needs this pull "
-                                   "(ShapesWorld benchmark: H 0.67 -> 0.94 on circle, 0.00 -> 0.76 on red)",
+    map_target_to_safe: float = _f(0.15, "our extension (not in the released code; 0 gives the paper's objective): "
+                                   "weight of a loss that maps the concept prompt to the safe branch's target "
+                                   "(safe text + safe images). With an image branch that steers well, the paper's "
+                                   "negative target eps(empty, concept image) still draws the concept, so erasure "
+                                   "needs this pull (ShapesWorld benchmark, bench/results/erasure.md)",
                                    min=0.0, max=10.0)
+    map_text_only: bool = _f(True, "the target->safe row's student sees the concept prompt alone (no image), as "
+                             "prompts are at inference; off (the session-5 form): with the safe exemplars' image "
+                             "tokens, which a strongly steering image branch satisfies without changing the text "
+                             "path (ShapesWorld, red: H 0.22 with, 0.75 without)")
     schedule: str = _f("joint", "joint: both branches every step; guide-then-erase: positive only for the first "
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
@@ -66,8 +70,8 @@ class EraseConfig:
                             "adversarial_every steps a bounded offset of the concept's text conditioning is "
                             "optimised so that the model being erased draws the concept again (a white-box attack "
                             "in conditioning space); the erasure is then also trained to suppress the concept "
-                            "under it (AdvUnlearn's idea). ShapesWorld benchmark: weight 0.3 gave the best mean H "
-                            "(0.866 vs 0.699 without) at 1.3x the time",
+                            "under it (AdvUnlearn's idea). ShapesWorld benchmark (session 5, earlier image branch): "
+                            "weight 0.3 gave mean H 0.866 vs 0.699 without, at 1.3x the time",
                             min=AUTO, max=10.0)
     adversarial_every: int = _f(20, "steps between refreshes of the adversarial conditioning", min=1, max=100000)
     adversarial_steps: int = _f(10, "optimisation steps of each adversarial refresh", min=1, max=1000)

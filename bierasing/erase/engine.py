@@ -237,7 +237,7 @@ class Eraser:
             if lam_pos > 0:
                 student += [(rep(self.c_pos[ci]), i_pos)]
             if cfg.map_target_to_safe > 0:
-                student += [(rep(self.c_neg[ci]), i_pos)]
+                student += [(rep(self.c_neg[ci]), None if cfg.map_text_only else i_pos)]
         if adversarial:  # text-only: suppress the concept under the attack's conditioning, ESD's target
             j_adv = len(teacher)
             if text_only:
