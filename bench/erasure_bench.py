@@ -78,6 +78,11 @@ def stale(row: dict, current: str) -> bool:
     return row["run"] not in TEXT_ONLY and row.get("image_branch", "") != current
 
 
+def _dagger(rows: list[dict], current: str) -> str:
+    """The table mark of a run whose rows include a stale one."""
+    return " †" if any(stale(r, current) for r in rows) else ""
+
+
 def _erasure_path(target: str, run: str) -> Path:
     """Where a row's erasure is kept for later attacks (not committed; rerun the bench to rebuild)."""
     folder = ROOT / "runs" / "bench_erasures"
@@ -170,7 +175,6 @@ def write_reports(results: dict) -> None:
 
     rows = results["rows"]
     branch = image_branch_id()
-    mark = lambda r: " †" if stale(r, branch) else ""  # noqa: E731
     atomic_write_text(RESULTS / "erasure.json", json.dumps(results, indent=2))
     lines = ["# Erasure benchmark (ShapesWorld)", "",
              f"Machine: 2 CPU cores, torch threads 2. {results['samples_per_prompt']} samples per prompt, "
@@ -189,7 +193,7 @@ def write_reports(results: dict) -> None:
         lines += [f"## {title}", "", "| run | target | kind | ACC_e | ACC_p | H | syn ACC_e | seconds | peak RSS MB (+over model) | FE/sample | trained params |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(sel, key=lambda r: (names.index(r["run"]), r["target"])):
-            lines.append(f"| {r['run']}{mark(r)} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | {r['acc_p']:.3f} | "
+            lines.append(f"| {r['run']}{_dagger([r], branch)} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | {r['acc_p']:.3f} | "
                          f"{r['h']:.3f} | {r['acc_e_synonyms']:.3f} | {r['seconds']} | {r['peak_rss_mb']} "
                          f"(+{r['peak_rss_increase_mb']}) | {r['unet_forward_equivalents_per_sample']} | {r['trained_parameters']} |")
         lines += ["", "| run | mean ACC_e | mean ACC_p | mean H | mean syn ACC_e | mean seconds | targets |", "|---|---|---|---|---|---|---|"]
@@ -197,13 +201,13 @@ def write_reports(results: dict) -> None:
             rr = [r for r in sel if r["run"] == n]
             if rr:
                 m = lambda k: sum(r[k] for r in rr) / len(rr)  # noqa: E731
-                lines.append(f"| {n}{' †' if any(stale(r, branch) for r in rr) else ''} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
+                lines.append(f"| {n}{_dagger(rr, branch)} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
                              f"{m('acc_e_synonyms'):.3f} | {m('seconds'):.1f} | {len(rr)} |")
         lines.append("")
-    if any(stale(r, branch) for r in rows):
+    if _dagger(rows, branch):
         lines += [f"† measured with an earlier image branch than the shipped one ({branch}); its ACC/H "
                   "are not comparable with the other rows (wall time and memory are).", ""]
-    lines += _cost_table(rows, mark)
+    lines += _cost_table(rows, branch)
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     lines.append("![H by method](erasure.png)")
@@ -211,7 +215,7 @@ def write_reports(results: dict) -> None:
     _plot(rows)
 
 
-def _cost_table(rows: list[dict], mark=lambda r: "") -> list[str]:
+def _cost_table(rows: list[dict], branch: str) -> list[str]:
     """Wall time and peak-RSS increase of each engine run over each released re-run, on the
     targets both ran (the issue's bar: <= 1/3 of the time, <= 1/2 of the memory)."""
     out = []
@@ -238,8 +242,7 @@ def _cost_table(rows: list[dict], mark=lambda r: "") -> list[str]:
             theirs = [base[t] for t in ts]
             s_m, s_r = mean(mine, "seconds"), mean(theirs, "seconds")
             m_m, m_r = mean(mine, "peak_rss_mb"), mean(theirs, "peak_rss_mb")
-            mk = lambda rs: " †" if any(mark(r) for r in rs) else ""  # noqa: E731
-            out.append(f"| {name}{mk(mine)} | {ref}{mk(theirs)} ({RUNS[ref][1]['steps']} steps, lr {RUNS[ref][1]['lr']:g}) | "
+            out.append(f"| {name}{_dagger(mine, branch)} | {ref}{_dagger(theirs, branch)} ({RUNS[ref][1]['steps']} steps, lr {RUNS[ref][1]['lr']:g}) | "
                        f"{', '.join(ts)} | {mean(mine, 'h'):.3f} vs {mean(theirs, 'h'):.3f} | "
                        f"{s_m:.1f} vs {s_r:.1f} | {s_m / s_r:.2f} | {m_m:.0f} vs {m_r:.0f} | {m_m / m_r:.2f} |")
     return out + [""] if out else []
