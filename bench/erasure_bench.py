@@ -55,10 +55,18 @@ RUNS = {
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
     "bi-adversarial-0.3-text-uncond": ("engine", {**SESSION5, "adversarial": 0.3, "text_uncond": True}),
     "bi-adversarial-0.3-map-text-only": ("engine", {**SESSION5, "adversarial": 0.3, "map_text_only": True}),
+    # "preserve": "axis" = the other concepts of the target's axis, the preserve set UCE gets;
+    # "bi-keep-map-0.3" = EraseConfig(preserve=<that set>) since session 7 (map auto -> 0.3, x_t "target")
+    "bi-keep": ("engine", {"preserve": "axis", "map_target_to_safe": 0.15, "preserve_xt": "target"}),
+    "bi-keep-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
+    "bi-keep-map-0.5": ("engine", {"preserve": "axis", "map_target_to_safe": 0.5, "preserve_xt": "target"}),
+    "bi-keep-1-map-0.3": ("engine", {"preserve": "axis", "preserve_weight": 1.0, "map_target_to_safe": 0.3,
+                                     "preserve_xt": "target"}),
+    "bi-keep-own-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "own"}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce",
-        "released", "released-1500"]
+MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-adversarial", "esd-x",
+        "esd-u", "co-erasing", "uce", "released", "released-1500"]
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
@@ -81,6 +89,13 @@ def stale(row: dict, current: str) -> bool:
 def _dagger(rows: list[dict], current: str) -> str:
     """The table mark of a run whose rows include a stale one."""
     return " †" if any(stale(r, current) for r in rows) else ""
+
+
+def axis_preserve(target: str) -> list[str]:
+    """The concepts a run is told to keep: the other concepts on the target's axis."""
+    from bierasing.world import data
+
+    return [data.concept_prompt(c) for c in data.AXES[data.axis_of(target)] if c != target]
 
 
 def _erasure_path(target: str, run: str) -> Path:
@@ -114,6 +129,8 @@ def single(spec: dict) -> dict:
     rss0 = peak_rss_mb()
     t0 = time.time()
     if kind == "engine":
+        if settings.get("preserve") == "axis":
+            settings["preserve"] = ", ".join(axis_preserve(target))
         cfg = EraseConfig(**settings)
         res = Eraser(bb, [concept], cfg).run()
         res.save(_erasure_path(target, run))
@@ -124,8 +141,7 @@ def single(spec: dict) -> dict:
     elif kind == "uce":
         from bierasing.erase.uce import uce_edit
 
-        axis = data.axis_of(target)
-        preserve = [data.concept_prompt(c) for c in data.AXES[axis] if c != target]
+        preserve = axis_preserve(target)
         adapters, _ = uce_edit(bb, [concept.target], [concept.safe], preserve)
         from bierasing.erase.export import save_erasure
 

@@ -89,6 +89,8 @@ def ports_from_config(cls, skip: tuple[str, ...] = (), rename: dict[str, str] | 
             lo = meta.get("min")
             step = 1e-5 if (lo is not None and 0 < lo < 1e-3) else 0.01
             ports.append(Port(name, "FLOAT", meta["help"], default=default, min=lo, max=meta.get("max"), step=step))
+        elif isinstance(default, str):
+            ports.append(Port(name, "STRING", meta["help"], default=default))
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no widget for {type(default).__name__}")
     return ports

@@ -4,7 +4,7 @@ import torch
 
 from bierasing.erase import Concept, EraseConfig, ErasureInterrupted, erase
 from bierasing.erase.adapters import attach, select_modules
-from bierasing.erase.config import ADVERSARIAL_AUTO
+from bierasing.erase.config import ADVERSARIAL_AUTO, MAP_AUTO, MAP_AUTO_KEEP
 from bierasing.erase.engine import Eraser
 from bierasing.erase.export import load_erasure, merge_erasure, read_erasure
 from bierasing.erase.objectives import branch_weights, negative_guidance_target, positive_guidance_target
@@ -97,6 +97,15 @@ def test_adversarial_auto_is_on_for_bi_erasing_only_and_explicit_values_win():
     assert EraseConfig(method="esd-x", adversarial=1.0).adversarial == 1.0
     # the resolved value is what is recorded, so a saved config re-creates the same run
     assert EraseConfig(**EraseConfig().to_dict()) == EraseConfig()
+
+
+def test_map_auto_pulls_harder_when_other_concepts_are_held():
+    assert EraseConfig().map_target_to_safe == MAP_AUTO == 0.15
+    assert EraseConfig(preserve="a square").map_target_to_safe == MAP_AUTO_KEEP == 0.3
+    assert EraseConfig(preserve="a square", map_target_to_safe=0.0).map_target_to_safe == 0.0
+    assert EraseConfig(method="esd-x", preserve="a square").map_target_to_safe == 0.0
+    with pytest.raises(ValueError, match=r"map_target_to_safe must be -1 \(auto\) or >= 0"):
+        EraseConfig(map_target_to_safe=-0.5)
 
 
 @pytest.mark.parametrize("method,xt", [("bi-erasing", "cache"), ("esd-x", "esd"), ("co-erasing", "noised"),
@@ -245,3 +254,41 @@ def test_cli_boolean_settings_default_to_the_dataclass_and_can_be_turned_off():
     assert parse().map_text_only is True and parse().text_uncond is False
     assert parse("--no-map-text-only").map_text_only is False
     assert parse("--text-uncond").text_uncond is True
+
+
+def test_preserve_is_parsed_checked_and_reaches_the_cli():
+    from bierasing.cli import _config_from_args, build_parser
+
+    assert EraseConfig(preserve=" a square,, a star ,").preserved() == ["a square", "a star"]
+    assert EraseConfig().preserved() == []
+    cfg = _config_from_args(build_parser().parse_args(["erase", "--concept", "circle", "--preserve", "a square, a star"]))
+    assert cfg.preserved() == ["a square", "a star"]
+
+
+def test_preserve_rejects_text_the_model_would_cut_off(tiny_world):
+    with pytest.raises(ValueError, match="concept to preserve"):
+        Eraser(tiny_world, [_concept()], _cfg(preserve="a square, " + "very " * 40 + "long"))
+
+
+@pytest.mark.parametrize("preserve_xt", ["own", "target"])
+def test_preservation_rows_hold_the_kept_prompt_to_the_frozen_prediction(tiny_world, preserve_xt):
+    """Same seed, with and without the preservation loss: the kept prompt drifts less."""
+    kept = "a blue star"
+    g = torch.Generator().manual_seed(9)
+    x, t = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([50, 300, 600, 900])
+    with torch.no_grad():
+        text = tiny_world.encode_text([kept] * 4)
+        before = tiny_world.predict_noise(x, t, text)
+
+    def drift(**kw):
+        res = erase(tiny_world, [_concept()], _cfg(steps=12, lr=1e-2, adversarial=0.0, **kw))
+        try:
+            with torch.no_grad():
+                return (tiny_world.predict_noise(x, t, text) - before).pow(2).mean().item(), res.history
+        finally:
+            res.adapters.remove(tiny_world.unet)
+
+    free, _ = drift()
+    held, history = drift(preserve=kept, preserve_weight=5.0, preserve_xt=preserve_xt)
+    assert "keep" in history[0] and history[0]["keep"] == 0.0  # LoRA starts as a no-op
+    assert free > 0 and held < 0.5 * free, (free, held)

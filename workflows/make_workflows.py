@@ -349,7 +349,8 @@ def erase_object_sd15(schemas) -> Graph:
            "   cleans them and blanks the background.\n"
            "2. The safe exemplars ('a photo of a cat') are generated and masked automatically\n"
            "   (model cross-attention to the word 'cat').\n"
-           "3. Erase Concept (Bi-Erasing) trains the erasure LoRA; Save Erasure writes it.\n"
+           "3. Erase Concept (Bi-Erasing) trains the erasure LoRA, holding the animals in\n"
+           "   'preserve' to the original model; Save Erasure writes it.\n"
            "4. The Before/After Grid checks dog prompts and unrelated animals.")
     ckpt, cv, ad = _base(g)
     ld = g.add("BiErasingLoadExemplars", "Concept exemplars (folder)", col=1, folder="exemplars/dog")
@@ -358,7 +359,7 @@ def erase_object_sd15(schemas) -> Graph:
                concept="dog", caption="a photo of a dog")
     mp = _auto_mask(g, ckpt, gp["images"], "Mask safe exemplars", "cat", "a photo of a cat")
     er = _erase(g, ckpt, cv, ad, mn["filtered_images"], mp["filtered_images"],
-                concept="dog", safe_concept="cat", method="bi-erasing")
+                concept="dog", safe_concept="cat", method="bi-erasing", preserve="a horse, a bird, a person")
     g.add("BiErasingSaveErasure", col=4, lora=er["lora"], report=er["report"], filename="erasures/dog_bierasing")
     g.add("PreviewImage", "Loss curve", col=4, images=er["loss_curve"])
     grid = _grid(g, ckpt, er["model"], ["a photo of a dog", "a dog playing in the park", "a puppy on a sofa",

@@ -25,6 +25,8 @@ XT_SOURCES = {
 AUTO = -1.0
 #: adversarial weight that ``adversarial=AUTO`` gives Bi-Erasing (best mean H on the benchmark)
 ADVERSARIAL_AUTO = 0.3
+#: target->safe pull weights that ``map_target_to_safe=AUTO`` gives Bi-Erasing without / with a preserve set
+MAP_AUTO, MAP_AUTO_KEEP = 0.15, 0.3
 
 
 def _f(default, help: str, **kw):
@@ -45,16 +47,27 @@ class EraseConfig:
     pos_weight: float = _f(0.4, "lambda+: weight of the positive (safe alternative) loss", min=0.0, max=10.0)
     neg_guidance: float = _f(1.0, "eta-: negative guidance strength (ESD's eta)", min=0.0, max=20.0)
     pos_guidance: float = _f(1.0, "eta+: positive guidance strength", min=0.0, max=20.0)
-    map_target_to_safe: float = _f(0.15, "our extension (not in the released code; 0 gives the paper's objective): "
+    map_target_to_safe: float = _f(AUTO, "our extension (not in the released code; 0 gives the paper's objective): "
                                    "weight of a loss that maps the concept prompt to the safe branch's target "
                                    "(safe text + safe images). With an image branch that steers well, the paper's "
                                    "negative target eps(empty, concept image) still draws the concept, so erasure "
-                                   "needs this pull (ShapesWorld benchmark, bench/results/erasure.md)",
-                                   min=0.0, max=10.0)
+                                   "needs this pull (ShapesWorld benchmark, bench/results/erasure.md). -1 (default) "
+                                   f"= auto: {MAP_AUTO_KEEP} when preserve names concepts, {MAP_AUTO} without (a "
+                                   "stronger pull costs other concepts unless they are held), 0 for the baselines",
+                                   min=AUTO, max=10.0)
     map_text_only: bool = _f(True, "the target->safe row's student sees the concept prompt alone (no image), as "
                              "prompts are at inference; off (the session-5 form): with the safe exemplars' image "
                              "tokens, which a strongly steering image branch satisfies without changing the text "
                              "path (ShapesWorld, red: H 0.22 with, 0.75 without)")
+    preserve: str = _f("", "concepts the erasure must leave intact, comma-separated (e.g. 'a dog, a cat'); "
+                       "each step the erased model is also held to the frozen model's prediction for some of them, "
+                       "with no image. Empty: no preservation rows")
+    preserve_weight: float = _f(0.5, "weight of the preservation loss (used only when preserve names concepts)",
+                                min=0.0, max=10.0)
+    preserve_xt: str = _f("target", "x_t of the preservation rows: target = the same x_t as the erasure rows; own = "
+                          "the frozen model's DDIM trajectories of the preserved prompts (with xt_source 'cache', "
+                          "sampled once). ShapesWorld, red / white: H 0.847 / 0.838 with target, 0.812 / 0.787 "
+                          "with own", choices=("target", "own"))
     schedule: str = _f("joint", "joint: both branches every step; guide-then-erase: positive only for the first "
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
@@ -90,6 +103,10 @@ class EraseConfig:
             if self.adversarial != AUTO:
                 raise ValueError(f"adversarial must be {AUTO:g} (auto) or >= 0; got {self.adversarial}")
             self.adversarial = ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0
+        if self.map_target_to_safe < 0:
+            if self.map_target_to_safe != AUTO:
+                raise ValueError(f"map_target_to_safe must be {AUTO:g} (auto) or >= 0; got {self.map_target_to_safe}")
+            self.map_target_to_safe = MAP_AUTO_KEEP if self.preserved() else MAP_AUTO
         if self.method in ("esd-x", "esd-u", "co-erasing"):
             # single-direction baselines: their published loss is the negative term alone
             self.neg_weight, self.pos_weight, self.map_target_to_safe = 1.0, 0.0, 0.0
@@ -100,6 +117,10 @@ class EraseConfig:
                              f"pos_weight > 0 (method {self.method!r} has only one branch)")
         if self.neg_weight == 0 and self.pos_weight == 0:
             raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
+
+    def preserved(self) -> list[str]:
+        """The preserve list, split and stripped."""
+        return [p.strip() for p in self.preserve.split(",") if p.strip()]
 
     def to_dict(self) -> dict:
         return asdict(self)

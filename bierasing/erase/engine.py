@@ -134,6 +134,9 @@ class Eraser:
                                  "'cache' (its trajectories' last states), or set adversarial 0")
             check_text_fits(backbone, c.target, "concept to erase")
             check_text_fits(backbone, c.safe, "safe alternative")
+        for text in cfg.preserved():
+            check_concept_text(text)
+            check_text_fits(backbone, text, "concept to preserve")
         self.bb, self.concepts, self.cfg = backbone, concepts, cfg
         self.callback, self.should_stop = callback, should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -147,9 +150,11 @@ class Eraser:
     def prepare(self) -> None:
         bb, cfg = self.bb, self.cfg
         with torch.no_grad():
-            texts = sorted({"", *(c.target for c in self.concepts), *(c.safe for c in self.concepts)})
+            keep = cfg.preserved() if cfg.preserve_weight > 0 else []
+            texts = sorted({"", *(c.target for c in self.concepts), *(c.safe for c in self.concepts), *keep})
             emb = dict(zip(texts, bb.encode_text(texts)))
             self.uncond = emb[""]
+            self.c_keep = torch.stack([emb[k] for k in keep]) if keep else None
             self.c_neg = [emb[c.target] for c in self.concepts]
             self.c_pos = [emb[c.safe] for c in self.concepts]
             self.tok_neg = [bb.encode_images(c.negative_images) if c.negative_images is not None else None
@@ -167,6 +172,13 @@ class Eraser:
                 self.cache = xt_sources.TrajectoryCache(bb, self.c_neg, self.uncond, cfg.cache_size,
                                                         cfg.xt_steps, cfg.xt_guidance, self.gen)
             self.xt_forward_rows = self.cache.forwards
+        self.keep_cache = None
+        if self.c_keep is not None and cfg.preserve_xt == "own" and cfg.xt_source == "cache":
+            size = max(8, cfg.cache_size // self.c_keep.shape[0])
+            with self.adapters.disabled():
+                self.keep_cache = xt_sources.TrajectoryCache(bb, list(self.c_keep), self.uncond, size,
+                                                             cfg.xt_steps, cfg.xt_guidance, self.gen)
+            self.xt_forward_rows += self.keep_cache.forwards
         self.adv_delta: list[torch.Tensor | None] = [None] * len(self.concepts)
         self.adv_log: list[dict] = []
         if cfg.adversarial > 0:  # attack on the exemplars, or on the cache's samples where they cannot be encoded
@@ -245,11 +257,25 @@ class Eraser:
             else:
                 teacher += [(rep(self.uncond), None), (rep(self.c_neg[ci]), None)]
             student += [(rep(self.c_neg[ci] + self.adv_delta[ci]), None)]
+        keep_own = self.keep_cache is not None
+        if self.c_keep is not None and not keep_own:  # preservation rows on the erasure rows' x_t
+            j_keep = len(teacher)
+            keep = self.c_keep[torch.randint(0, self.c_keep.shape[0], (B,), generator=self.gen)]
+            teacher += [(keep, None)]
+            student += [(keep, None)]
 
         with torch.no_grad(), self.adapters.disabled():
             eps_t = self._forward(x, t, teacher).chunk(len(teacher))
         eps_s = self._forward(x, t, student).chunk(len(student))
         self.forward_rows += B * (len(teacher) + 3 * len(student))  # backward ~ 2 forwards
+        if keep_own:  # preservation rows on a preserved prompt's own trajectories: a second x_t batch
+            ki = int(torch.randint(0, self.c_keep.shape[0], (1,), generator=self.gen))
+            xk, tk, _ = self.keep_cache.draw(ki, B, self.gen)
+            xk, tk, row = xk.to(bb.device), tk.to(bb.device), [(rep(self.c_keep[ki]), None)]
+            with torch.no_grad(), self.adapters.disabled():
+                keep_target = self._forward(xk, tk, row)
+            keep_pred = self._forward(xk, tk, row)
+            self.forward_rows += B * 4
 
         parts, loss, k = {}, 0.0, 0
         if lam_neg > 0:
@@ -272,6 +298,10 @@ class Eraser:
             target = negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1], cfg.neg_guidance)
             parts["adv"] = mse(eps_s[k], target)
             loss = loss + cfg.adversarial * parts["adv"]
+            k += 1
+        if self.c_keep is not None:
+            parts["keep"] = mse(keep_pred, keep_target) if keep_own else mse(eps_s[k], eps_t[j_keep])
+            loss = loss + cfg.preserve_weight * parts["keep"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
                                      f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
