@@ -63,6 +63,8 @@ RUNS = {
     "bi-keep-1-map-0.3": ("engine", {"preserve": "axis", "preserve_weight": 1.0, "map_target_to_safe": 0.3,
                                      "preserve_xt": "target"}),
     "bi-keep-own-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "own"}),
+    "bi-keep-map-0.3-300": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
+                                       "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
 MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-adversarial", "esd-x",
