@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -287,3 +288,14 @@ def test_adversarial_erase_runs_in_comfyui(comfy):
     erased, lora, curve, report = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, **settings)
     info = json.loads(report)
     assert info["adversarial_refreshes"] == 2 and info["config"]["adversarial"] == 1.0
+
+
+def test_preserve_prompts_run_through_comfyui_clip(comfy):
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", method="esd-x", steps=3, batch_size=2, cache_size=2,
+                    xt_steps=3, resolution=64, preserve="a photo of a horse, a photo of a bird", preserve_weight=1.0)
+    erased, lora, curve, report = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, **settings)
+    info = json.loads(report)
+    assert info["config"]["preserve"] == "a photo of a horse, a photo of a bird"
+    assert info["unet_forward_equivalents_per_sample"] == 9.0  # ESD-x alone is 5; the kept rows add 1 + 3
+    assert math.isfinite(info["final_loss"])
