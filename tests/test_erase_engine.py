@@ -268,6 +268,8 @@ def test_preserve_is_parsed_checked_and_reaches_the_cli():
 def test_preserve_rejects_text_the_model_would_cut_off(tiny_world):
     with pytest.raises(ValueError, match="concept to preserve"):
         Eraser(tiny_world, [_concept()], _cfg(preserve="a square, " + "very " * 40 + "long"))
+    with pytest.raises(ValueError, match="both erased and preserved"):
+        Eraser(tiny_world, [_concept()], _cfg(preserve="a square, A circle"))
 
 
 @pytest.mark.parametrize("preserve_xt", ["own", "target"])

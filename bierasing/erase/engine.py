@@ -134,8 +134,11 @@ class Eraser:
                                  "'cache' (its trajectories' last states), or set adversarial 0")
             check_text_fits(backbone, c.target, "concept to erase")
             check_text_fits(backbone, c.safe, "safe alternative")
+        targets = {c.target.strip().lower() for c in concepts}
         for text in cfg.preserved():
             check_concept_text(text)
+            if text.lower() in targets:
+                raise ValueError(f"{text!r} is both erased and preserved; remove it from preserve")
             check_text_fits(backbone, text, "concept to preserve")
         self.bb, self.concepts, self.cfg = backbone, concepts, cfg
         self.callback, self.should_stop = callback, should_stop
