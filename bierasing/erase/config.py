@@ -99,14 +99,8 @@ class EraseConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}; got {v!r}")
             if "min" in meta and not (meta["min"] <= v <= meta["max"]):
                 raise ValueError(f"{f.name} must be in [{meta['min']}, {meta['max']}]; got {v}")
-        if self.adversarial < 0:
-            if self.adversarial != AUTO:
-                raise ValueError(f"adversarial must be {AUTO:g} (auto) or >= 0; got {self.adversarial}")
-            self.adversarial = ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0
-        if self.map_target_to_safe < 0:
-            if self.map_target_to_safe != AUTO:
-                raise ValueError(f"map_target_to_safe must be {AUTO:g} (auto) or >= 0; got {self.map_target_to_safe}")
-            self.map_target_to_safe = MAP_AUTO_KEEP if self.preserved() else MAP_AUTO
+        self._resolve_auto("adversarial", ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0)
+        self._resolve_auto("map_target_to_safe", MAP_AUTO_KEEP if self.preserved() else MAP_AUTO)
         if self.method in ("esd-x", "esd-u", "co-erasing"):
             # single-direction baselines: their published loss is the negative term alone
             self.neg_weight, self.pos_weight, self.map_target_to_safe = 1.0, 0.0, 0.0
@@ -117,6 +111,14 @@ class EraseConfig:
                              f"pos_weight > 0 (method {self.method!r} has only one branch)")
         if self.neg_weight == 0 and self.pos_weight == 0:
             raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
+
+    def _resolve_auto(self, name: str, value: float) -> None:
+        """Replace AUTO by ``value`` (the resolved number is what gets recorded)."""
+        v = getattr(self, name)
+        if v < 0:
+            if v != AUTO:
+                raise ValueError(f"{name} must be {AUTO:g} (auto) or >= 0; got {v}")
+            setattr(self, name, value)
 
     def preserved(self) -> list[str]:
         """The preserve list, split and stripped."""
