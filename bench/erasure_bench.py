@@ -63,12 +63,24 @@ RUNS = {
     "bi-keep-1-map-0.3": ("engine", {"preserve": "axis", "preserve_weight": 1.0, "map_target_to_safe": 0.3,
                                      "preserve_xt": "target"}),
     "bi-keep-own-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "own"}),
+    # "context" = "axis" plus those concepts in contexts disjoint from the evaluation prompts
+    "bi-context-map-0.3": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
+    "uce-context": ("uce", {"preserve": "context"}),
+    "uce-context-ctx": ("uce", {"preserve": "context", "contexts": True}),
+    "bi-context-ctx": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+                                  "contexts": True}),  # + the target erased in 4 non-evaluated contexts too
+    "bi-context-kv": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+                                 "trainable": "attn2_kv"}),
+    "bi-context-kv-full": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+                                      "trainable": "attn2_kv", "rank": 0}),
     "bi-keep-map-0.3-300": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-adversarial", "esd-x",
-        "esd-u", "co-erasing", "uce", "released", "released-1500"]
+MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+        "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
+        "released-1500"]
+BENCH_TARGETS = ("circle", "red", "white")  # the tables' means; other targets are a held-out check
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
@@ -98,6 +110,46 @@ def axis_preserve(target: str) -> list[str]:
     from bierasing.world import data
 
     return [data.concept_prompt(c) for c in data.AXES[data.axis_of(target)] if c != target]
+
+
+def context_preserve(target: str) -> list[str]:
+    """:func:`axis_preserve` plus each other concept of the axis *in context* (with the other axes
+    named), in contexts that never occur among the evaluation prompts of ``target`` (canonical or
+    synonym), so the held prompts do not leak into ACC_p."""
+    from bierasing.world import data
+    from bierasing.world.evaluate import erasure_prompts
+
+    axis = data.axis_of(target)
+    evaluated = {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
+    held = []
+    for s in data.SHAPES:
+        for c in data.COLORS:
+            for b in (data.BACKGROUNDS if axis == "background" else (None,)):
+                mine = {"shape": s, "color": c, "background": b}[axis]
+                p = data.prompt(s, c, b)
+                if mine != target and p not in evaluated:
+                    held.append(p)
+    if axis == "background":  # 5 x 5 x 2 is too many: keep each shape once per background
+        held = [p for i, p in enumerate(held) if i % 5 == 0]
+    return axis_preserve(target) + held
+
+
+def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
+    """``n`` (target prompt, safe prompt) pairs that name the target in context (the same context
+    with the safe concept), none of them an evaluation prompt (canonical or synonym)."""
+    from bierasing.world import data
+    from bierasing.world.evaluate import erasure_prompts
+
+    axis, safe = data.axis_of(target), data.DEFAULT_SAFE[target]
+    evaluated = {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
+    out = []
+    for k in range(len(data.SHAPES)):
+        ctx = {"shape": data.SHAPES[k], "color": data.COLORS[(k + 1) % len(data.COLORS)],
+               "background": data.BACKGROUNDS[k % len(data.BACKGROUNDS)]}
+        pair = tuple(data.prompt(**{**ctx, axis: c}) for c in (target, safe))
+        if pair[0] not in evaluated and len(out) < n:
+            out.append(pair)
+    return out
 
 
 def _erasure_path(target: str, run: str) -> Path:
@@ -131,25 +183,31 @@ def single(spec: dict) -> dict:
     rss0 = peak_rss_mb()
     t0 = time.time()
     if kind == "engine":
-        if settings.get("preserve") == "axis":
-            settings["preserve"] = ", ".join(axis_preserve(target))
+        if settings.get("preserve") in ("axis", "context"):
+            pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
+            settings["preserve"] = ", ".join(pick(target))
+        concepts = [concept]
+        if settings.pop("contexts", False):
+            concepts += [Concept(t, sp, neg, pos) for t, sp in context_targets(target)]
+            extra_ctx = {"contexts": context_targets(target)}
         cfg = EraseConfig(**settings)
-        res = Eraser(bb, [concept], cfg).run()
+        res = Eraser(bb, concepts, cfg).run()
         res.save(_erasure_path(target, run))
         fe = res.info()["unet_forward_equivalents_per_sample"]
         xt_rows = res.xt_forward_rows
         params = res.adapters.num_parameters()
-        extra = {"config": cfg.to_dict()}
+        extra = {"config": cfg.to_dict(), **(extra_ctx if len(concepts) > 1 else {})}
     elif kind == "uce":
         from bierasing.erase.uce import uce_edit
 
-        preserve = axis_preserve(target)
-        adapters, _ = uce_edit(bb, [concept.target], [concept.safe], preserve)
+        preserve = context_preserve(target) if settings.get("preserve") == "context" else axis_preserve(target)
+        pairs = [(concept.target, concept.safe)] + (context_targets(target) if settings.get("contexts") else [])
+        adapters, _ = uce_edit(bb, [t for t, _ in pairs], [sp for _, sp in pairs], preserve)
         from bierasing.erase.export import save_erasure
 
         save_erasure(_erasure_path(target, run), adapters, {"method": "uce", "concepts": [[target, safe]]})
         fe, xt_rows, params = 0.0, 0, adapters.num_parameters()
-        extra = {"preserve": preserve}
+        extra = {"preserve": preserve, **({"contexts": pairs[1:]} if len(pairs) > 1 else {})}
     else:
         from bierasing.erase.released import released_bi_erasing
 
@@ -191,7 +249,8 @@ def _baseline(samples: int, targets: list[str]) -> dict:
 def write_reports(results: dict) -> None:
     from bierasing.io import atomic_write_text
 
-    rows = results["rows"]
+    held_out = [r for r in results["rows"] if r["target"] not in BENCH_TARGETS]
+    rows = [r for r in results["rows"] if r["target"] in BENCH_TARGETS]
     branch = image_branch_id()
     atomic_write_text(RESULTS / "erasure.json", json.dumps(results, indent=2))
     lines = ["# Erasure benchmark (ShapesWorld)", "",
@@ -221,6 +280,17 @@ def write_reports(results: dict) -> None:
                 m = lambda k: sum(r[k] for r in rr) / len(rr)  # noqa: E731
                 lines.append(f"| {n}{_dagger(rr, branch)} | {m('acc_e'):.3f} | {m('acc_p'):.3f} | **{m('h'):.3f}** | "
                              f"{m('acc_e_synonyms'):.3f} | {m('seconds'):.1f} | {len(rr)} |")
+        lines.append("")
+    if held_out:
+        lines += [f"## Held-out targets (not used to choose settings; the means above cover {', '.join(BENCH_TARGETS)})", "",
+                  "| run | target | kind | ACC_e | ACC_p | H | syn ACC_e | untouched ACC_e | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        base = results.get("baseline", {})
+        for r in sorted(held_out, key=lambda r: (r["run"], r["target"])):
+            b = base.get(r["target"], {}).get("acc_e")
+            lines.append(f"| {r['run']}{_dagger([r], branch)} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | "
+                         f"{r['acc_p']:.3f} | {r['h']:.3f} | {r['acc_e_synonyms']:.3f} | "
+                         f"{'-' if b is None else f'{b:.3f}'} | {r['seconds']} |")
         lines.append("")
     if _dagger(rows, branch):
         lines += [f"† measured with an earlier image branch than the shipped one ({branch}); its ACC/H "
