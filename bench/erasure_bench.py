@@ -112,15 +112,21 @@ def axis_preserve(target: str) -> list[str]:
     return [data.concept_prompt(c) for c in data.AXES[data.axis_of(target)] if c != target]
 
 
+def _evaluated_prompts(target: str) -> set[str]:
+    """Every prompt the evaluation of ``target`` samples, canonical and synonym."""
+    from bierasing.world.evaluate import erasure_prompts
+
+    return {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
+
+
 def context_preserve(target: str) -> list[str]:
     """:func:`axis_preserve` plus each other concept of the axis *in context* (with the other axes
     named), in contexts that never occur among the evaluation prompts of ``target`` (canonical or
     synonym), so the held prompts do not leak into ACC_p."""
     from bierasing.world import data
-    from bierasing.world.evaluate import erasure_prompts
 
     axis = data.axis_of(target)
-    evaluated = {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
+    evaluated = _evaluated_prompts(target)
     held = []
     for s in data.SHAPES:
         for c in data.COLORS:
@@ -138,10 +144,9 @@ def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
     """``n`` (target prompt, safe prompt) pairs that name the target in context (the same context
     with the safe concept), none of them an evaluation prompt (canonical or synonym)."""
     from bierasing.world import data
-    from bierasing.world.evaluate import erasure_prompts
 
     axis, safe = data.axis_of(target), data.DEFAULT_SAFE[target]
-    evaluated = {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
+    evaluated = _evaluated_prompts(target)
     out = []
     for k in range(len(data.SHAPES)):
         ctx = {"shape": data.SHAPES[k], "color": data.COLORS[(k + 1) % len(data.COLORS)],
@@ -186,17 +191,15 @@ def single(spec: dict) -> dict:
         if settings.get("preserve") in ("axis", "context"):
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
             settings["preserve"] = ", ".join(pick(target))
-        concepts = [concept]
-        if settings.pop("contexts", False):
-            concepts += [Concept(t, sp, neg, pos) for t, sp in context_targets(target)]
-            extra_ctx = {"contexts": context_targets(target)}
+        pairs = context_targets(target) if settings.pop("contexts", False) else []
+        concepts = [concept] + [Concept(t, sp, neg, pos) for t, sp in pairs]
         cfg = EraseConfig(**settings)
         res = Eraser(bb, concepts, cfg).run()
         res.save(_erasure_path(target, run))
         fe = res.info()["unet_forward_equivalents_per_sample"]
         xt_rows = res.xt_forward_rows
         params = res.adapters.num_parameters()
-        extra = {"config": cfg.to_dict(), **(extra_ctx if len(concepts) > 1 else {})}
+        extra = {"config": cfg.to_dict(), **({"contexts": pairs} if pairs else {})}
     elif kind == "uce":
         from bierasing.erase.uce import uce_edit
 

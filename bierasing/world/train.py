@@ -468,7 +468,8 @@ class WorldTrainer:
             noise = torch.randn(x0.shape, generator=g)
             t = self._timesteps(n, self.tcfg.ip_t_power)
             x_t = bb.add_noise(x0, noise, t)
-            full = bb.encode_text([data.prompt(c.shape, c.color, c.background) for c in truths])
+            with torch.no_grad():
+                full = bb.encode_text([data.prompt(c.shape, c.color, c.background) for c in truths])
             if self.tcfg.ip_objective == "attn":
                 return self._attn_distill_loss(x_t, t, full, text, bb.image_proj(embeds))
             with torch.no_grad():  # the text-only teacher: the same UNet, no image tokens
@@ -476,7 +477,6 @@ class WorldTrainer:
             return F.mse_loss(bb.model_output(x_t, t, text, bb.image_proj(embeds)).float(), target)
 
         self._loop(self.tcfg.ip_steps, params, step)
-
 
     def _attn_distill_loss(self, x_t: torch.Tensor, t: torch.Tensor, full: torch.Tensor,
                            text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
