@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "attribute", "white": "style"}
+TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "attribute", "white": "style",
+           "triangle": "object", "yellow": "attribute", "black": "style"}
 
 # name -> (kind, settings); "engine" rows are EraseConfig overrides. "bi-erasing" and its ablations
 # are the paper's objective as released (map_target_to_safe 0, no adversarial rows);
@@ -31,6 +32,7 @@ TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "at
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0}  # the paper's objective, as released
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 RUNS = {
+    "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-u": ("engine", {"method": "esd-u"}),
@@ -68,7 +70,7 @@ RUNS = {
     "uce-context": ("uce", {"preserve": "context"}),
     "uce-context-ctx": ("uce", {"preserve": "context", "contexts": True}),
     "bi-context-ctx": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
-                                  "contexts": True}),  # + the target erased in 4 non-evaluated contexts too
+                                  "contexts": 4}),  # + the target erased in 4 non-evaluated contexts too
     "bi-context-kv": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                  "trainable": "attn2_kv"}),
     "bi-context-kv-full": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
@@ -77,10 +79,10 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
-BENCH_TARGETS = ("circle", "red", "white")  # the tables' means; other targets are a held-out check
+BENCH_TARGETS = ("circle", "star", "red", "blue", "white")  # the tables' means; other targets are a held-out check
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
@@ -105,56 +107,14 @@ def _dagger(rows: list[dict], current: str) -> str:
     return " †" if any(stale(r, current) for r in rows) else ""
 
 
-def axis_preserve(target: str) -> list[str]:
-    """The concepts a run is told to keep: the other concepts on the target's axis."""
-    from bierasing.world import data
-
-    return [data.concept_prompt(c) for c in data.AXES[data.axis_of(target)] if c != target]
-
-
-def _evaluated_prompts(target: str) -> set[str]:
-    """Every prompt the evaluation of ``target`` samples, canonical and synonym."""
-    from bierasing.world.evaluate import erasure_prompts
-
-    return {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
-
-
-def context_preserve(target: str) -> list[str]:
-    """:func:`axis_preserve` plus each other concept of the axis *in context* (with the other axes
-    named), in contexts that never occur among the evaluation prompts of ``target`` (canonical or
-    synonym), so the held prompts do not leak into ACC_p."""
-    from bierasing.world import data
-
-    axis = data.axis_of(target)
-    evaluated = _evaluated_prompts(target)
-    held = []
-    for s in data.SHAPES:
-        for c in data.COLORS:
-            for b in (data.BACKGROUNDS if axis == "background" else (None,)):
-                mine = {"shape": s, "color": c, "background": b}[axis]
-                p = data.prompt(s, c, b)
-                if mine != target and p not in evaluated:
-                    held.append(p)
-    if axis == "background":  # 5 x 5 x 2 is too many: keep each shape once per background
-        held = [p for i, p in enumerate(held) if i % 5 == 0]
-    return axis_preserve(target) + held
+from bierasing.world.related import axis_preserve, context_pairs, context_preserve  # noqa: E402
 
 
 def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
-    """``n`` (target prompt, safe prompt) pairs that name the target in context (the same context
-    with the safe concept), none of them an evaluation prompt (canonical or synonym)."""
+    """The context pairs the engine erases a target in (``EraseConfig.contexts``), with its default safe concept."""
     from bierasing.world import data
 
-    axis, safe = data.axis_of(target), data.DEFAULT_SAFE[target]
-    evaluated = _evaluated_prompts(target)
-    out = []
-    for k in range(len(data.SHAPES)):
-        ctx = {"shape": data.SHAPES[k], "color": data.COLORS[(k + 1) % len(data.COLORS)],
-               "background": data.BACKGROUNDS[k % len(data.BACKGROUNDS)]}
-        pair = tuple(data.prompt(**{**ctx, axis: c}) for c in (target, safe))
-        if pair[0] not in evaluated and len(out) < n:
-            out.append(pair)
-    return out
+    return context_pairs(target, data.DEFAULT_SAFE[target], n)
 
 
 def _erasure_path(target: str, run: str) -> Path:
@@ -188,13 +148,15 @@ def single(spec: dict) -> dict:
     rss0 = peak_rss_mb()
     t0 = time.time()
     if kind == "engine":
-        if settings.get("preserve") in ("axis", "context"):
+        # rows name their preserve set and contexts; "context" + contexts 4 is what EraseConfig()
+        # resolves to on ShapesWorld since session 9 (preserve "auto", contexts -1)
+        settings = {"preserve": "", "contexts": 0, **settings}
+        if settings["preserve"] in ("axis", "context"):
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
             settings["preserve"] = ", ".join(pick(target))
-        pairs = context_targets(target) if settings.pop("contexts", False) else []
-        concepts = [concept] + [Concept(t, sp, neg, pos) for t, sp in pairs]
-        cfg = EraseConfig(**settings)
-        res = Eraser(bb, concepts, cfg).run()
+        eraser = Eraser(bb, [concept], EraseConfig(**settings))
+        cfg, pairs = eraser.cfg, [(c.target, c.safe) for c in eraser.concepts[1:]]
+        res = eraser.run()
         res.save(_erasure_path(target, run))
         fe = res.info()["unet_forward_equivalents_per_sample"]
         xt_rows = res.xt_forward_rows
@@ -355,7 +317,7 @@ def _plot(rows: list[dict]) -> None:
     cv2.putText(img, "mean H (higher is better)", (left, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     for i, (n, v) in enumerate(zip(names, means)):
         y = 40 + 28 * i
-        color = (40, 110, 220) if n in ("bi-erasing", "bi-adversarial-0.3") else (150, 150, 150) if n.startswith("bi-") else (230, 120, 40)
+        color = (40, 110, 220) if n in ("bi-default", "bi-erasing") else (150, 150, 150) if n.startswith("bi-") else (230, 120, 40)
         cv2.rectangle(img, (left, y), (left + int(v * (W - left - 80)), y + bar), color, -1)
         cv2.putText(img, n, (6, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(img, f"{v:.3f}", (left + int(v * (W - left - 80)) + 6, y + 16), cv2.FONT_HERSHEY_SIMPLEX,
@@ -365,7 +327,7 @@ def _plot(rows: list[dict]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default="circle,red,white")
+    p.add_argument("--targets", default=",".join(BENCH_TARGETS))
     p.add_argument("--runs", default=",".join(MAIN))
     p.add_argument("--ablations", default="", help="ablation runs on the first target: comma-separated names or 'all'")
     p.add_argument("--samples", type=int, default=8)

@@ -87,6 +87,15 @@ class Backbone(abc.ABC):
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def suggest_related(self, pairs: list[tuple[str, str]], n_contexts: int
+                        ) -> tuple[list[str], list[list[tuple[str, str]]]]:
+        """Prompts an erasure of the (target, safe) ``pairs`` should hold unchanged, and for each
+        pair up to ``n_contexts`` (target, safe) prompt pairs naming both in one shared context.
+
+        Only a model that knows its concept vocabulary can suggest them (ShapesWorld does); for
+        SD1.5 the user names what to preserve, so the default is nothing."""
+        return [], [[] for _ in pairs]
+
     def attn2_modules(self) -> dict[str, nn.Module]:
         """Cross-attention modules by name (``down_blocks.2.attentions.0...attn2``)."""
         from diffusers.models.attention_processor import Attention

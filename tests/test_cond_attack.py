@@ -82,7 +82,7 @@ def _images(seed, n=4):
 
 def _cfg(**kw):
     base = dict(steps=6, batch_size=2, cache_size=4, xt_steps=5, adversarial=1.0, adversarial_every=2,
-                adversarial_steps=2)
+                adversarial_steps=2, preserve="", contexts=0)
     base.update(kw)
     return EraseConfig(**base)
 

@@ -20,7 +20,7 @@ def _concept():
 
 
 def _cfg(**kw):
-    base = dict(steps=4, batch_size=2, cache_size=4, xt_steps=5)
+    base = dict(steps=4, batch_size=2, cache_size=4, xt_steps=5, preserve="", contexts=0)
     base.update(kw)
     return EraseConfig(**base)
 
@@ -100,7 +100,8 @@ def test_adversarial_auto_is_on_for_bi_erasing_only_and_explicit_values_win():
 
 
 def test_map_auto_pulls_harder_when_other_concepts_are_held():
-    assert EraseConfig().map_target_to_safe == MAP_AUTO == 0.15
+    assert EraseConfig(preserve="").map_target_to_safe == MAP_AUTO == 0.15
+    assert EraseConfig().map_target_to_safe == -1  # preserve 'auto': resolved with the model's suggestion
     assert EraseConfig(preserve="a square").map_target_to_safe == MAP_AUTO_KEEP == 0.3
     assert EraseConfig(preserve="a square", map_target_to_safe=0.0).map_target_to_safe == 0.0
     assert EraseConfig(method="esd-x", preserve="a square").map_target_to_safe == 0.0
@@ -260,7 +261,7 @@ def test_preserve_is_parsed_checked_and_reaches_the_cli():
     from bierasing.cli import _config_from_args, build_parser
 
     assert EraseConfig(preserve=" a square,, a star ,").preserved() == ["a square", "a star"]
-    assert EraseConfig().preserved() == []
+    assert EraseConfig(preserve="").preserved() == []
     cfg = _config_from_args(build_parser().parse_args(["erase", "--concept", "circle", "--preserve", "a square, a star"]))
     assert cfg.preserved() == ["a square", "a star"]
 

@@ -27,6 +27,10 @@ AUTO = -1.0
 ADVERSARIAL_AUTO = 0.3
 #: target->safe pull weights that ``map_target_to_safe=AUTO`` gives Bi-Erasing without / with a preserve set
 MAP_AUTO, MAP_AUTO_KEEP = 0.15, 0.3
+#: contexts per concept that ``contexts=-1`` gives Bi-Erasing where the model can suggest them
+CONTEXTS_AUTO = 4
+#: ``preserve`` value that asks the model for its suggestion
+PRESERVE_AUTO = "auto"
 
 
 def _f(default, help: str, **kw):
@@ -59,15 +63,24 @@ class EraseConfig:
                              "prompts are at inference; off (the session-5 form): with the safe exemplars' image "
                              "tokens, which a strongly steering image branch satisfies without changing the text "
                              "path (ShapesWorld, red: H 0.22 with, 0.75 without)")
-    preserve: str = _f("", "concepts the erasure must leave intact, comma-separated (e.g. 'a dog, a cat'); "
+    preserve: str = _f("auto", "prompts the erasure must leave intact, comma-separated (e.g. 'a dog, a cat'); "
                        "each step the erased model is also held to the frozen model's prediction for some of them, "
-                       "with no image. Empty: no preservation rows")
+                       "with no image. auto (default): what the model suggests for bi-erasing where it knows its "
+                       "concept vocabulary (ShapesWorld: the other concepts of the target's axis, alone and in "
+                       "contexts its evaluation never samples), nothing for other models (SD1.5: name them) and "
+                       "for the baselines. Empty: no preservation rows")
     preserve_weight: float = _f(0.5, "weight of the preservation loss (used only when preserve names concepts)",
                                 min=0.0, max=10.0)
     preserve_xt: str = _f("target", "x_t of the preservation rows: target = the same x_t as the erasure rows; own = "
                           "the frozen model's DDIM trajectories of the preserved prompts (with xt_source 'cache', "
                           "sampled once). ShapesWorld, red / white: H 0.847 / 0.838 with target, 0.812 / 0.787 "
                           "with own", choices=("target", "own"))
+    contexts: int = _f(-1, "extra contexts each concept is also erased in, with its own exemplars: the concept and "
+                       "its safe alternative in one shared context ('a red square on a white background' -> 'a "
+                       "green square on a white background'). Without them an erasure of 'red' can still draw red "
+                       "in prompts that name more than the concept (ShapesWorld white: 'a purple star on a white "
+                       f"background'). -1 (default) = auto: {CONTEXTS_AUTO} for bi-erasing where the model can "
+                       "suggest contexts (ShapesWorld), 0 otherwise", min=-1, max=64)
     schedule: str = _f("joint", "joint: both branches every step; guide-then-erase: positive only for the first "
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
@@ -100,7 +113,13 @@ class EraseConfig:
             if "min" in meta and not (meta["min"] <= v <= meta["max"]):
                 raise ValueError(f"{f.name} must be in [{meta['min']}, {meta['max']}]; got {v}")
         self._resolve_auto("adversarial", ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0)
-        self._resolve_auto("map_target_to_safe", MAP_AUTO_KEEP if self.preserved() else MAP_AUTO)
+        if self.method != "bi-erasing":  # the baselines as published: no preserve set, no contexts
+            self.preserve = "" if self.auto_preserve else self.preserve
+            self.contexts = 0 if self.contexts < 0 else self.contexts
+        if self.map_target_to_safe < 0 and self.map_target_to_safe != AUTO:
+            raise ValueError(f"map_target_to_safe must be {AUTO:g} (auto) or >= 0; got {self.map_target_to_safe}")
+        if not self.auto_preserve:  # else resolved with the model's suggestion (see ``with_related``)
+            self._resolve_auto("map_target_to_safe", MAP_AUTO_KEEP if self.preserved() else MAP_AUTO)
         if self.method in ("esd-x", "esd-u", "co-erasing"):
             # single-direction baselines: their published loss is the negative term alone
             self.neg_weight, self.pos_weight, self.map_target_to_safe = 1.0, 0.0, 0.0
@@ -120,8 +139,14 @@ class EraseConfig:
                 raise ValueError(f"{name} must be {AUTO:g} (auto) or >= 0; got {v}")
             setattr(self, name, value)
 
+    @property
+    def auto_preserve(self) -> bool:
+        return self.preserve.strip().lower() == PRESERVE_AUTO
+
     def preserved(self) -> list[str]:
-        """The preserve list, split and stripped."""
+        """The preserve list, split and stripped (``auto`` must be resolved first)."""
+        if self.auto_preserve:
+            raise ValueError("preserve 'auto' is resolved against a model: use with_related(backbone, ...)")
         return [p.strip() for p in self.preserve.split(",") if p.strip()]
 
     def to_dict(self) -> dict:

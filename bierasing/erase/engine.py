@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .. import __version__, io
 from ..backbone import Backbone
 from . import xt as xt_sources
 from .adapters import AdapterSet, attach
-from .config import EraseConfig
+from .config import CONTEXTS_AUTO, EraseConfig
 from .export import save_erasure
 from .objectives import branch_weights, mse, negative_guidance_target, positive_guidance_target
 
@@ -103,6 +104,25 @@ class ErasureResult:
         return save_erasure(path, self.adapters, self.info())
 
 
+def with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
+                 ) -> tuple[EraseConfig, list[Concept]]:
+    """Resolve ``preserve='auto'`` and ``contexts=-1`` against the model's suggestions: the config
+    with an explicit preserve list and context count (what gets recorded), and the concepts
+    followed by their context pairs, which share the concept's exemplars."""
+    n = CONTEXTS_AUTO if cfg.contexts < 0 else cfg.contexts
+    if not cfg.auto_preserve and n == 0:
+        return dataclasses.replace(cfg, contexts=0), concepts
+    keep, pairs = backbone.suggest_related([(c.target, c.safe) for c in concepts], n)
+    if cfg.contexts > 0 and not any(pairs):
+        raise ValueError(f"contexts {cfg.contexts}: this model cannot suggest contexts for "
+                         f"{', '.join(repr(c.target) for c in concepts)}; set contexts 0 (or -1, auto) and give "
+                         "the concept in context as extra concept / safe pairs instead")
+    extra = [Concept(t, s, c.negative_images, c.positive_images) for c, ps in zip(concepts, pairs) for t, s in ps]
+    cfg = dataclasses.replace(cfg, preserve=", ".join(keep) if cfg.auto_preserve else cfg.preserve,
+                              contexts=max((len(p) for p in pairs), default=0))
+    return cfg, concepts + extra
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -116,6 +136,7 @@ class Eraser:
                  checkpoint_path: str | Path | None = None):
         if not concepts:
             raise ValueError("give at least one concept to erase")
+        cfg, concepts = with_related(backbone, cfg, concepts)
         needs_images = cfg.method in ("bi-erasing", "co-erasing")
         for c in concepts:
             if needs_images and c.negative_images is None:

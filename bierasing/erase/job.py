@@ -115,7 +115,7 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     for i, s in enumerate(specs):
         neg = load_exemplars(backbone, s.negative, s.target, cfg.seed + 1000 * i, mask_filter, log)
         pos = None
-        if cfg.method == "bi-erasing" and (cfg.pos_weight > 0 or cfg.map_target_to_safe > 0):
+        if cfg.method == "bi-erasing" and (cfg.pos_weight > 0 or cfg.map_target_to_safe != 0):
             pos = load_exemplars(backbone, s.positive, s.safe, cfg.seed + 1000 * i + 500, mask_filter, log)
         concepts.append(Concept(concept_text(backbone, s.target),
                                 concept_text(backbone, s.safe) if s.safe else "", neg, pos))
@@ -136,7 +136,7 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     if ckpt.exists():
         ckpt.unlink()
     report = {"output": str(path), "method": cfg.method, "concepts": [[s.target, s.safe] for s in specs],
-              "config": cfg.to_dict(), "erase_seconds": round(result.seconds, 2),
+              "config": result.config.to_dict(), "erase_seconds": round(result.seconds, 2),
               "unet_forward_equivalents_per_sample": result.info()["unet_forward_equivalents_per_sample"],
               "adapter_parameters": result.adapters.num_parameters(),
               "loss_first": result.history[0]["loss"], "loss_last": result.history[-1]["loss"]}

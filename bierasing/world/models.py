@@ -148,6 +148,11 @@ class ShapesWorldBackbone(Backbone):
     def from_x(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)
 
+    def suggest_related(self, pairs, n_contexts):
+        from .related import suggest
+
+        return suggest(pairs, n_contexts)
+
     def eval(self) -> "ShapesWorldBackbone":
         for m in (self.text_encoder, self.image_encoder, self.unet, self.image_proj):
             m.eval().requires_grad_(False)
