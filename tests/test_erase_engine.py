@@ -264,6 +264,9 @@ def test_preserve_is_parsed_checked_and_reaches_the_cli():
     assert EraseConfig(preserve="").preserved() == []
     cfg = _config_from_args(build_parser().parse_args(["erase", "--concept", "circle", "--preserve", "a square, a star"]))
     assert cfg.preserved() == ["a square", "a star"]
+    default = _config_from_args(build_parser().parse_args(["erase", "--concept", "circle"]))
+    assert default.preserve == "auto" and default.contexts == -1
+    assert _config_from_args(build_parser().parse_args(["erase", "--concept", "circle", "--contexts", "2"])).contexts == 2
 
 
 def test_preserve_rejects_text_the_model_would_cut_off(tiny_world):
