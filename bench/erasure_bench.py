@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bierasing.world.related import axis_preserve, context_pairs, context_preserve
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TARGETS = {"circle": "object", "star": "object", "red": "attribute", "blue": "attribute", "white": "style",
@@ -105,9 +107,6 @@ def stale(row: dict, current: str) -> bool:
 def _dagger(rows: list[dict], current: str) -> str:
     """The table mark of a run whose rows include a stale one."""
     return " †" if any(stale(r, current) for r in rows) else ""
-
-
-from bierasing.world.related import axis_preserve, context_pairs, context_preserve  # noqa: E402
 
 
 def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:

@@ -75,7 +75,7 @@ class EraseConfig:
                           "the frozen model's DDIM trajectories of the preserved prompts (with xt_source 'cache', "
                           "sampled once). ShapesWorld, red / white: H 0.847 / 0.838 with target, 0.812 / 0.787 "
                           "with own", choices=("target", "own"))
-    contexts: int = _f(-1, "extra contexts each concept is also erased in, with its own exemplars: the concept and "
+    contexts: int = _f(-1, "extra contexts each concept is also erased in, with the concept's exemplars: the concept and "
                        "its safe alternative in one shared context ('a red square on a white background' -> 'a "
                        "green square on a white background'). Without them an erasure of 'red' can still draw red "
                        "in prompts that name more than the concept (ShapesWorld white: 'a purple star on a white "
@@ -116,8 +116,7 @@ class EraseConfig:
         if self.method != "bi-erasing":  # the baselines as published: no preserve set, no contexts
             self.preserve = "" if self.auto_preserve else self.preserve
             self.contexts = 0 if self.contexts < 0 else self.contexts
-        if self.map_target_to_safe < 0 and self.map_target_to_safe != AUTO:
-            raise ValueError(f"map_target_to_safe must be {AUTO:g} (auto) or >= 0; got {self.map_target_to_safe}")
+        self._is_auto("map_target_to_safe")  # checked now even where it is resolved later
         if not self.auto_preserve:  # else resolved with the model's suggestion (see ``with_related``)
             self._resolve_auto("map_target_to_safe", MAP_AUTO_KEEP if self.preserved() else MAP_AUTO)
         if self.method in ("esd-x", "esd-u", "co-erasing"):
@@ -131,12 +130,16 @@ class EraseConfig:
         if self.neg_weight == 0 and self.pos_weight == 0:
             raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
 
+    def _is_auto(self, name: str) -> bool:
+        """Whether an auto-valued setting is AUTO; any other negative value is refused."""
+        v = getattr(self, name)
+        if v < 0 and v != AUTO:
+            raise ValueError(f"{name} must be {AUTO:g} (auto) or >= 0; got {v}")
+        return v == AUTO
+
     def _resolve_auto(self, name: str, value: float) -> None:
         """Replace AUTO by ``value`` (the resolved number is what gets recorded)."""
-        v = getattr(self, name)
-        if v < 0:
-            if v != AUTO:
-                raise ValueError(f"{name} must be {AUTO:g} (auto) or >= 0; got {v}")
+        if self._is_auto(name):
             setattr(self, name, value)
 
     @property
