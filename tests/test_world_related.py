@@ -26,6 +26,12 @@ def test_context_prompts_are_disjoint_from_every_evaluation_prompt(target):
         assert t.replace(data.AXIS_WORDS[axis][target][0], data.AXIS_WORDS[axis][safe][0]) == s
     for p in held:  # held prompts never name the target
         assert data.AXIS_WORDS[axis][target][0] not in p.split()
+    near = related.context_neighbours(target, safe)
+    assert near and not evaluated & set(near)
+    others = {data.AXIS_WORDS[axis][c][0] for c in data.AXES[axis] if c not in (target, safe)}
+    for p in near:  # another concept of the axis, in one of the erased contexts
+        (word,) = others & set(p.split())
+        assert any(t.replace(data.AXIS_WORDS[axis][target][0], word) == p for t, _ in pairs)
 
 
 def test_suggestions_for_two_concepts_never_hold_either():
@@ -49,7 +55,9 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     cfg = EraseConfig(steps=1)
     assert cfg.preserve == "auto" and cfg.contexts == -1 and cfg.map_target_to_safe == -1
     got, concepts = with_related(tiny_world, cfg, [_concept()])
-    assert got.preserved() == related.context_preserve("circle")
+    near = related.context_neighbours("circle", "square")
+    assert got.preserved() == related.context_preserve("circle") + near
+    assert "a yellow triangle on a black background" in near  # beside 'a yellow circle on a black background'
     assert got.contexts == 4 and got.map_target_to_safe == MAP_AUTO_KEEP
     assert [(c.target, c.safe) for c in concepts[1:]] == related.context_pairs("circle", "square")
     assert all(c.negative_images is concepts[0].negative_images for c in concepts)
@@ -63,7 +71,7 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     assert got.preserved() == [] and got.contexts == 0 and len(concepts) == 1
     # the resolved config is what the run records
     er = Eraser(tiny_world, [_concept()], EraseConfig(steps=1, adversarial=0.0))
-    assert er.cfg.to_dict()["preserve"] == ", ".join(related.context_preserve("circle"))
+    assert er.cfg.to_dict()["preserve"] == ", ".join(related.context_preserve("circle") + near)
     with pytest.raises(ValueError, match="resolved against a model"):
         EraseConfig().preserved()
 

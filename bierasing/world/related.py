@@ -40,6 +40,19 @@ def context_preserve(target: str) -> list[str]:
     return axis_preserve(target) + held
 
 
+def _contexts(target: str, n: int) -> list[dict]:
+    """Up to ``n`` contexts (the other axes' concepts) in which naming ``target`` is not an evaluation prompt."""
+    axis = data.axis_of(target)
+    evaluated = evaluated_prompts(target)
+    out = []
+    for k in range(len(data.SHAPES)):
+        ctx = {"shape": data.SHAPES[k], "color": data.COLORS[(k + 1) % len(data.COLORS)],
+               "background": data.BACKGROUNDS[k % len(data.BACKGROUNDS)]}
+        if data.prompt(**{**ctx, axis: target}) not in evaluated and len(out) < n:
+            out.append(ctx)
+    return out
+
+
 def context_pairs(target: str, safe: str, n: int = 4) -> list[tuple[str, str]]:
     """Up to ``n`` (target prompt, safe prompt) pairs naming both concepts in the same context
     ("a red square on a white background" -> "a green square on a white background"), none of
@@ -47,14 +60,23 @@ def context_pairs(target: str, safe: str, n: int = 4) -> list[tuple[str, str]]:
     axis = data.axis_of(target)
     if data.axis_of(safe) != axis:
         raise ValueError(f"{safe!r} is not on the {axis} axis of {target!r}; no shared context exists")
+    return [tuple(data.prompt(**{**ctx, axis: c}) for c in (target, safe)) for ctx in _contexts(target, n)]
+
+
+def context_neighbours(target: str, safe: str, n: int = 4) -> list[str]:
+    """The target axis's other concepts in each context of :func:`context_pairs` ("a yellow triangle on
+    a black background" beside "a yellow star on a black background" -> "a yellow circle ..."), none
+    of them an evaluation prompt. Erasing the target in a context moves its neighbours in that context
+    unless they are held: without them, erasing star in yellow and green contexts drew yellow and green
+    triangles as crosses."""
+    axis = data.axis_of(target)
     evaluated = evaluated_prompts(target)
     out = []
-    for k in range(len(data.SHAPES)):
-        ctx = {"shape": data.SHAPES[k], "color": data.COLORS[(k + 1) % len(data.COLORS)],
-               "background": data.BACKGROUNDS[k % len(data.BACKGROUNDS)]}
-        pair = tuple(data.prompt(**{**ctx, axis: c}) for c in (target, safe))
-        if pair[0] not in evaluated and len(out) < n:
-            out.append(pair)
+    for ctx in _contexts(target, n):
+        for c in data.AXES[axis]:
+            p = data.prompt(**{**ctx, axis: c})
+            if c not in (target, safe) and p not in evaluated and p not in out:
+                out.append(p)
     return out
 
 
@@ -69,6 +91,7 @@ def concept_named(text: str) -> str | None:
 def suggest(pairs: list[tuple[str, str]], n_contexts: int) -> tuple[list[str], list[list[tuple[str, str]]]]:
     """Preserve prompts for all erased concepts together, and each pair's context pairs.
 
+    With contexts, the preserve set also holds the target axis's other concepts in those contexts.
     Pairs whose target is not a world concept get no contexts; a preserve prompt that names any
     erased concept is dropped (erasing "circle" and "red" together must not hold "a red square")."""
     targets = [concept_named(t) for t, _ in pairs]
@@ -82,4 +105,6 @@ def suggest(pairs: list[tuple[str, str]], n_contexts: int) -> tuple[list[str], l
         s = concept_named(safe) if safe else None
         ok = c and s and data.axis_of(s) == data.axis_of(c) and n_contexts > 0
         contexts.append(context_pairs(c, s, n_contexts) if ok else [])
+        if ok:
+            keep += [p for p in context_neighbours(c, s, n_contexts) if p not in keep and not erased & set(p.split())]
     return keep, contexts
