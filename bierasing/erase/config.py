@@ -67,8 +67,9 @@ class EraseConfig:
                        "each step the erased model is also held to the frozen model's prediction for some of them, "
                        "with no image. auto (default): what the model suggests for bi-erasing where it knows its "
                        "concept vocabulary (ShapesWorld: the other concepts of the target's axis, alone, in "
-                       "contexts its evaluation never samples and in the contexts the target is erased in), nothing for other models (SD1.5: name them) and "
-                       "for the baselines. Empty: no preservation rows")
+                       "contexts its evaluation never samples and in the contexts the target is erased in), "
+                       "nothing for other models (SD1.5: name them) and for the baselines. Empty: no "
+                       "preservation rows")
     preserve_weight: float = _f(0.5, "weight of the preservation loss (used only when preserve names concepts)",
                                 min=0.0, max=10.0)
     preserve_xt: str = _f("target", "x_t of the preservation rows: target = the same x_t as the erasure rows; own = "
