@@ -97,14 +97,18 @@ def suggest(pairs: list[tuple[str, str]], n_contexts: int) -> tuple[list[str], l
     targets = [concept_named(t) for t, _ in pairs]
     erased = {c for c in targets if c}
     keep: list[str] = []
+
+    def hold(prompts: list[str]) -> None:
+        keep.extend(p for p in prompts if p not in keep and not erased & set(p.split()))
+
     for c in targets:
         if c:
-            keep += [p for p in context_preserve(c) if p not in keep and not erased & set(p.split())]
+            hold(context_preserve(c))
     contexts = []
     for c, (_, safe) in zip(targets, pairs):
         s = concept_named(safe) if safe else None
         ok = c and s and data.axis_of(s) == data.axis_of(c) and n_contexts > 0
         contexts.append(context_pairs(c, s, n_contexts) if ok else [])
         if ok:
-            keep += [p for p in context_neighbours(c, s, n_contexts) if p not in keep and not erased & set(p.split())]
+            hold(context_neighbours(c, s, n_contexts))
     return keep, contexts
