@@ -261,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--pos-exemplars", default="generate", help="'generate' or folder(s) of safe-alternative images")
     er.add_argument("--exemplars", type=int, default=16, help="exemplars per branch")
     er.add_argument("--mask-threshold", type=float, default=0.4, help="binarisation threshold of masks")
-    er.add_argument("--auto-mask", choices=("attention", "none"), default="attention",
-                    help="mask exemplars that have no mask file by the model's cross-attention to the concept word")
+    er.add_argument("--auto-mask", choices=("auto", "attention", "none"), default="auto",
+                    help="exemplars without a mask file: attention = mask by the model's cross-attention to the "
+                         "concept word; none = unmasked; auto = attention, except for whole-image concepts "
+                         "(a style or background: a phrase naming one, or a ShapesWorld background), which "
+                         "stay unmasked. Use none for an artist's style")
     er.add_argument("--out", default="outputs/erase", help="output folder")
     er.add_argument("--name", default="erasure", help="file name of the LoRA (without .safetensors)")
     er.add_argument("--eval-samples", type=int, default=8, help="samples per prompt for the before/after report (0: skip)")

@@ -141,7 +141,8 @@ SPECS: list[NodeSpec] = [
         "Cleans exemplar masks (threshold, drop specks, close/open, feather) and fills the background "
         "with the image's mean colour, so the image encoder sees the concept and not its surroundings. "
         "Without a MASK input the mask comes from the model's own cross-attention to the concept word "
-        "in the caption (connect model, clip and vae for that).",
+        "in the caption (connect model, clip and vae for that). Leave this node out for a style or a "
+        "background: the whole image is the concept, and masking would paint it over with the mean colour.",
         inputs=[_image("images", "exemplar images"),
                 _mask("masks", "masks from any segmenter or a painted mask (1 = concept); leave empty for automatic masks"),
                 Port("concept", "STRING", "concept word for automatic masks (must appear in the caption)", default="person"),

@@ -103,3 +103,26 @@ def test_word_positions_and_attention_masks(tiny_world):
     m = attention_masks(tiny_world, imgs, "a red circle", "circle")
     assert m.shape == (3, 32, 32) and float(m.min()) == 0.0 and float(m.max()) == pytest.approx(1.0)
     assert all(mod.processor.attention_store is None for mod in tiny_world.attn2_modules().values())
+
+
+def test_auto_masks_skip_whole_image_concepts(tiny_world):
+    """A background or style is the whole picture: masking its exemplars would paint it over with
+    the mean colour, so "auto" leaves them as drawn and masks everything else."""
+    from bierasing.erase.job import ExemplarSpec, load_exemplars, whole_image_concept
+
+    assert [whole_image_concept(tiny_world, c) for c in ("black", "white", "gray")] == [True] * 3
+    assert not any(whole_image_concept(tiny_world, c) for c in ("circle", "star", "red", "yellow"))
+    assert whole_image_concept(None, "Van Gogh style") and whole_image_concept(None, "a snowy background")
+    assert not whole_image_concept(None, "Van Gogh") and not whole_image_concept(None, "a stylish car")
+    with pytest.raises(ValueError, match="auto_mask must be one of auto, attention, none"):
+        ExemplarSpec(auto_mask="clipseg")
+    logs = []
+    raw = load_exemplars(tiny_world, ExemplarSpec("generate", 2, auto_mask="none"), "black", 3, None, logs.append)
+    auto = load_exemplars(tiny_world, ExemplarSpec("generate", 2), "black", 3, None, logs.append)
+    masked = load_exemplars(tiny_world, ExemplarSpec("generate", 2, auto_mask="attention"), "black", 3, None, logs.append)
+    assert torch.equal(auto, raw) and not torch.equal(masked, raw)
+    assert any("not masking the exemplars of 'black'" in m for m in logs)
+    shape_auto = load_exemplars(tiny_world, ExemplarSpec("generate", 2), "circle", 3, None, logs.append)
+    shape_att = load_exemplars(tiny_world, ExemplarSpec("generate", 2, auto_mask="attention"), "circle", 3, None,
+                               logs.append)
+    assert torch.equal(shape_auto, shape_att)

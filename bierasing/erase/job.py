@@ -25,6 +25,26 @@ from .engine import Concept, Eraser, check_concept_text, check_text_fits, peak_r
 from .masks import MaskFilter, apply_masks
 
 
+AUTO_MASKS = ("auto", "attention", "none")
+#: words that make a concept phrase a whole-image concept for auto masks
+WHOLE_IMAGE_WORDS = ("style", "background")
+
+
+def whole_image_concept(backbone, concept: str) -> bool:
+    """A concept that is the whole picture (a background, a style), not a thing in it.
+
+    Masking its exemplars would keep the foreground and paint over the concept itself with the
+    image's mean colour: ShapesWorld's "black" exemplars came out tinted by their shapes' colours.
+    On ShapesWorld the background axis is whole-image; elsewhere a phrase naming a style or a
+    background is (an artist's name alone is not recognised: pass auto_mask "none" for it)."""
+    from ..world import data
+
+    if _is_world(backbone) and data.is_concept(concept):
+        return data.axis_of(concept) == "background"
+    words = concept.lower().replace(",", " ").split()
+    return any(w in words for w in WHOLE_IMAGE_WORDS)
+
+
 @dataclass
 class ExemplarSpec:
     """Where a branch's exemplars come from: a folder, or ``generate`` (the model draws them)."""
@@ -32,13 +52,13 @@ class ExemplarSpec:
     source: str = "generate"
     count: int = 16
     prompt: str | None = None  # for generate; default: the concept's own prompt
-    auto_mask: str = "attention"  # images without a mask file: "attention" (concept word) or "none"
+    auto_mask: str = "auto"  # images without a mask file: one of AUTO_MASKS
 
     def __post_init__(self):
         if self.count < 1:
             raise ValueError(f"exemplar count must be >= 1, got {self.count}")
-        if self.auto_mask not in ("attention", "none"):
-            raise ValueError(f"auto_mask must be 'attention' or 'none', got {self.auto_mask!r}")
+        if self.auto_mask not in AUTO_MASKS:
+            raise ValueError(f"auto_mask must be one of {', '.join(AUTO_MASKS)}; got {self.auto_mask!r}")
 
 
 @dataclass
@@ -80,7 +100,12 @@ def load_exemplars(backbone, spec: ExemplarSpec, concept: str, seed: int,
         images, masks, names = exemplars.load_folder(spec.source, size=backbone.sample_shape[-1]
                                                      if _is_world(backbone) else None, limit=spec.count)
         log(f"loaded {len(names)} exemplars from {spec.source}" + (" with masks" if masks is not None else ""))
-    if masks is None and spec.auto_mask == "attention":
+    auto = spec.auto_mask
+    if auto == "auto":
+        auto = "none" if whole_image_concept(backbone, concept) else "attention"
+        if masks is None and auto == "none":
+            log(f"not masking the exemplars of {concept!r}: it is the whole image (a style or background)")
+    if masks is None and auto == "attention":
         from .attention_mask import attention_masks
 
         word = concept if concept.lower() in prompt.lower() else prompt
