@@ -37,6 +37,8 @@ SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 
 RUNS = {
     "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-300": ("engine", {"preserve": "auto", "contexts": -1, "steps": 300}),  # the default, 300 steps
+    "bi-x0w": ("engine", {"preserve": "auto", "contexts": -1, "loss_weighting": "x0"}),  # session 12
+    "bi-x0w-300": ("engine", {"preserve": "auto", "contexts": -1, "loss_weighting": "x0", "steps": 300}),
     "bi-default-attn-mask": ("engine", {"preserve": "auto", "contexts": -1, "_auto_mask": "attention"}),  # <= session 10
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),

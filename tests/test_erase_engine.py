@@ -7,7 +7,8 @@ from bierasing.erase.adapters import attach, select_modules
 from bierasing.erase.config import ADVERSARIAL_AUTO, MAP_AUTO, MAP_AUTO_KEEP
 from bierasing.erase.engine import Eraser
 from bierasing.erase.export import load_erasure, merge_erasure, read_erasure
-from bierasing.erase.objectives import branch_weights, negative_guidance_target, positive_guidance_target
+from bierasing.erase.objectives import (branch_weights, mse, negative_guidance_target, positive_guidance_target,
+                                       timestep_weights)
 from bierasing.io import load_safetensors
 
 
@@ -232,6 +233,35 @@ def test_released_rerun_trains_every_unet_weight_with_a_second_copy(tiny_world):
         assert changed and not any("processor." in k for k in changed)
     finally:
         tiny_world.unet.load_state_dict(backup)
+
+
+def test_x0_weights_favour_noisy_steps_capped_with_mean_one_over_the_grid():
+    a = torch.linspace(0.999, 0.01, 1000)  # alpha_bar falls with t
+    grid = torch.tensor([900, 600, 300, 0])
+    w = timestep_weights(a, grid, grid, cap=10.0)
+    raw = (1.0 / a[grid]).clamp(max=10.0)
+    assert torch.allclose(w, raw / raw.mean()) and abs(w.mean().item() - 1.0) < 1e-6
+    assert w[0] > w[1] > w[2] > w[3]  # noisier t counts more
+    assert raw[0] == 10.0 and 1.0 / a[900] > 10.0  # the cap binds at the noisiest step
+    pred, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    assert mse(pred, target).item() == pytest.approx(2.5)
+    assert mse(pred, target, torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)  # (2 * 1 + 0 * 4) / 2
+
+
+def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
+    def first_step(**kw):
+        e = Eraser(tiny_world, [_concept()], _cfg(adversarial=0.0, **kw))
+        try:
+            e.prepare()
+            return e.training_step()
+        finally:
+            e.adapters.remove(tiny_world.unet)
+
+    uniform, x0 = first_step(), first_step(loss_weighting="x0")
+    assert abs(uniform["neg"] - x0["neg"]) > 1e-6 and abs(uniform["pos"] - x0["pos"]) > 1e-6, (uniform, x0)
+    assert _cfg(loss_weighting="x0").to_dict()["loss_weighting"] == "x0"
+    with pytest.raises(ValueError, match="loss_weighting must be one of uniform, x0"):
+        _cfg(loss_weighting="snr")
 
 
 def test_map_text_only_drops_the_image_from_the_target_to_safe_student_row_only(tiny_world):

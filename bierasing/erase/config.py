@@ -86,6 +86,12 @@ class EraseConfig:
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
     stage_threshold: float = _f(0.8, "share of steps in the guide stage of guide-then-erase", min=0.0, max=1.0)
+    loss_weighting: str = _f("uniform", "how each x_t's error counts: uniform = plain noise-prediction MSE (the "
+                             "paper, ESD); x0 = weighted by min(1/alpha_bar_t, loss_weight_cap), the error in the "
+                             "predicted image, so the noisy steps where colour, background and layout are decided "
+                             "count as much as the detailed ones", choices=("uniform", "x0"))
+    loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
+                                max=1000.0)
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
     xt_source: str = _f("cache", "where x_t comes from: " + "; ".join(f"{k}: {v}" for k, v in XT_SOURCES.items()),
                         choices=tuple(XT_SOURCES))

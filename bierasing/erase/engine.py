@@ -21,7 +21,9 @@ from . import xt as xt_sources
 from .adapters import AdapterSet, attach
 from .config import CONTEXTS_AUTO, EraseConfig
 from .export import save_erasure
-from .objectives import branch_weights, mse, negative_guidance_target, positive_guidance_target
+from ..sampling import ddim_timesteps
+from .objectives import (branch_weights, mse, negative_guidance_target, positive_guidance_target,
+                         timestep_weights)
 
 
 class ErasureInterrupted(RuntimeError):
@@ -203,6 +205,7 @@ class Eraser:
                 self.keep_cache = xt_sources.TrajectoryCache(bb, list(self.c_keep), self.uncond, size,
                                                              cfg.xt_steps, cfg.xt_guidance, self.gen)
             self.xt_forward_rows += self.keep_cache.forwards
+        self.t_grid = ddim_timesteps(bb.num_train_timesteps, cfg.xt_steps)
         self.adv_delta: list[torch.Tensor | None] = [None] * len(self.concepts)
         self.adv_log: list[dict] = []
         if cfg.adversarial > 0:  # attack on the exemplars, or on the cache's samples where they cannot be encoded
@@ -238,6 +241,11 @@ class Eraser:
                                                cfg.xt_guidance, self.gen)
         return xt_sources.released_code_xt(bb, self.uncond, B, cfg.xt_steps, self.gen)
 
+    def _t_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.loss_weighting == "uniform":
+            return None
+        return timestep_weights(self.bb.alphas_cumprod, t, self.t_grid, self.cfg.loss_weight_cap)
+
     def _tokens(self, table, ci: int, B: int):
         toks = table[ci]
         if toks is None:
@@ -251,6 +259,7 @@ class Eraser:
         x, t, fw = self._draw_xt(ci)
         self.xt_forward_rows += fw
         x, t = x.to(bb.device), t.to(bb.device)
+        w = self._t_weight(t)
         lam_neg, lam_pos = branch_weights(cfg.schedule, self.step / cfg.steps, cfg.neg_weight,
                                           cfg.pos_weight, cfg.stage_threshold)
         rep = lambda e: e.expand(B, -1, -1)  # noqa: E731
@@ -300,31 +309,32 @@ class Eraser:
                 keep_target = self._forward(xk, tk, row)
             keep_pred = self._forward(xk, tk, row)
             self.forward_rows += B * 4
+            wk = self._t_weight(tk)
 
         parts, loss, k = {}, 0.0, 0
         if lam_neg > 0:
             target = negative_guidance_target(eps_t[0], eps_t[1], cfg.neg_guidance)
-            parts["neg"] = mse(eps_s[k], target)
+            parts["neg"] = mse(eps_s[k], target, w)
             loss = loss + lam_neg * parts["neg"]
             k += 1
         if lam_pos > 0 or cfg.map_target_to_safe > 0:
             j = 2 if lam_neg > 0 else 0
             target = positive_guidance_target(eps_t[j], eps_t[j + 1], cfg.pos_guidance)
             if lam_pos > 0:
-                parts["pos"] = mse(eps_s[k], target)
+                parts["pos"] = mse(eps_s[k], target, w)
                 loss = loss + lam_pos * parts["pos"]
                 k += 1
             if cfg.map_target_to_safe > 0:
-                parts["map"] = mse(eps_s[k], target)
+                parts["map"] = mse(eps_s[k], target, w)
                 loss = loss + cfg.map_target_to_safe * parts["map"]
                 k += 1
         if adversarial:
             target = negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1], cfg.neg_guidance)
-            parts["adv"] = mse(eps_s[k], target)
+            parts["adv"] = mse(eps_s[k], target, w)
             loss = loss + cfg.adversarial * parts["adv"]
             k += 1
         if self.c_keep is not None:
-            parts["keep"] = mse(keep_pred, keep_target) if keep_own else mse(eps_s[k], eps_t[j_keep])
+            parts["keep"] = mse(keep_pred, keep_target, wk) if keep_own else mse(eps_s[k], eps_t[j_keep], w)
             loss = loss + cfg.preserve_weight * parts["keep"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "

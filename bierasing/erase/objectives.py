@@ -24,8 +24,23 @@ def positive_guidance_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, e
     return eps_uncond + eta * (eps_cond - eps_uncond)
 
 
-def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.float(), target.float())
+def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; ``weight`` [B] scales each sample's error (rows are the batch's x_t in order)."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per * weight.to(per.device)).mean()
+
+
+def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, grid: torch.Tensor, cap: float) -> torch.Tensor:
+    """x0-weighting of an epsilon loss: min(1 / alpha_bar_t, cap), scaled to mean 1 over the t grid.
+
+    An error e in epsilon is an error sqrt((1 - a) / a) e in the predicted image x0, so plain
+    epsilon-MSE gives the noisy steps, where colour and layout are decided, little weight;
+    1 / a = 1 + 1 / SNR is that factor (squared) plus one, capped so the noisiest steps do not dominate."""
+    a = alphas_cumprod.float()
+    w = (1.0 / a[t.cpu()]).clamp(max=cap)
+    return w / (1.0 / a[grid.cpu()]).clamp(max=cap).mean()
 
 
 def branch_weights(schedule: str, progress: float, neg_weight: float, pos_weight: float,
