@@ -32,14 +32,17 @@ TARGETS = {"circle": "object", "star": "object", "triangle": "object", "red": "a
 # "bi-map-target" adds our target->safe pull (session-5 form: the student row sees the safe image);
 # "bi-adversarial-0.3" (the session-5 default) adds adversarial rows to that; "bi-text-map" (=
 # EraseConfig() defaults since session 6) makes the pull's student row text-only, weight 0.15.
-PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0}  # the paper's objective, as released
+UNIFORM = {"loss_weighting": "uniform"}  # plain eps-MSE: every engine row before session 12
+PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper's objective, as released
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 RUNS = {
     "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-300": ("engine", {"preserve": "auto", "contexts": -1, "steps": 300}),  # the default, 300 steps
-    "bi-x0w": ("engine", {"preserve": "auto", "contexts": -1, "loss_weighting": "x0"}),  # session 12
-    "bi-x0w-300": ("engine", {"preserve": "auto", "contexts": -1, "loss_weighting": "x0", "steps": 300}),
-    "bi-default-attn-mask": ("engine", {"preserve": "auto", "contexts": -1, "_auto_mask": "attention"}),  # <= session 10
+    "bi-anchor-safe": ("engine", {"preserve": "auto", "contexts": -1, "neg_anchor": "safe"}),  # session 12
+    # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
+    "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
+    "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
+    "bi-default-attn-mask": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "_auto_mask": "attention"}),  # <= session 10
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-u": ("engine", {"method": "esd-u"}),
@@ -56,37 +59,37 @@ RUNS = {
     "bi-xt-esd": ("engine", {"xt_source": "esd", **PAPER}),
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
-    "bi-map-target": ("engine", {**SESSION5, "adversarial": 0.0}),
-    "bi-adversarial": ("engine", {**SESSION5, "adversarial": 1.0}),
-    "bi-adversarial-0.3": ("engine", {**SESSION5, "adversarial": 0.3}),  # the session-5 default
-    "bi-text-map": ("engine", {"map_target_to_safe": 0.15, "map_text_only": True, "adversarial": 0.3}),  # = EraseConfig()
+    "bi-map-target": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.0}),
+    "bi-adversarial": ("engine", {**UNIFORM, **SESSION5, "adversarial": 1.0}),
+    "bi-adversarial-0.3": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3}),  # the session-5 default
+    "bi-text-map": ("engine", {**UNIFORM, "map_target_to_safe": 0.15, "map_text_only": True, "adversarial": 0.3}),  # = EraseConfig()
     "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
-    "bi-adversarial-0.3-text-uncond": ("engine", {**SESSION5, "adversarial": 0.3, "text_uncond": True}),
-    "bi-adversarial-0.3-map-text-only": ("engine", {**SESSION5, "adversarial": 0.3, "map_text_only": True}),
+    "bi-adversarial-0.3-text-uncond": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3, "text_uncond": True}),
+    "bi-adversarial-0.3-map-text-only": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3, "map_text_only": True}),
     # "preserve": "axis" = the other concepts of the target's axis, the preserve set UCE gets;
     # "bi-keep-map-0.3" = EraseConfig(preserve=<that set>) since session 7 (map auto -> 0.3, x_t "target")
-    "bi-keep": ("engine", {"preserve": "axis", "map_target_to_safe": 0.15, "preserve_xt": "target"}),
-    "bi-keep-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
-    "bi-keep-map-0.5": ("engine", {"preserve": "axis", "map_target_to_safe": 0.5, "preserve_xt": "target"}),
-    "bi-keep-1-map-0.3": ("engine", {"preserve": "axis", "preserve_weight": 1.0, "map_target_to_safe": 0.3,
+    "bi-keep": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.15, "preserve_xt": "target"}),
+    "bi-keep-map-0.3": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
+    "bi-keep-map-0.5": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.5, "preserve_xt": "target"}),
+    "bi-keep-1-map-0.3": ("engine", {**UNIFORM, "preserve": "axis", "preserve_weight": 1.0, "map_target_to_safe": 0.3,
                                      "preserve_xt": "target"}),
-    "bi-keep-own-map-0.3": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "own"}),
+    "bi-keep-own-map-0.3": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "own"}),
     # "context" = "axis" plus those concepts in contexts disjoint from the evaluation prompts
-    "bi-context-map-0.3": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
+    "bi-context-map-0.3": ("engine", {**UNIFORM, "preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
     "uce-context": ("uce", {"preserve": "context"}),
     "uce-context-ctx": ("uce", {"preserve": "context", "contexts": True}),
-    "bi-context-ctx": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+    "bi-context-ctx": ("engine", {**UNIFORM, "preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                   "contexts": 4}),  # + the target erased in 4 non-evaluated contexts too
-    "bi-context-kv": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+    "bi-context-kv": ("engine", {**UNIFORM, "preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                  "trainable": "attn2_kv"}),
-    "bi-context-kv-full": ("engine", {"preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
+    "bi-context-kv-full": ("engine", {**UNIFORM, "preserve": "context", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                       "trainable": "attn2_kv", "rank": 0}),
-    "bi-keep-map-0.3-300": ("engine", {"preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
+    "bi-keep-map-0.3-300": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-300", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;

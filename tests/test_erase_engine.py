@@ -238,11 +238,11 @@ def test_released_rerun_trains_every_unet_weight_with_a_second_copy(tiny_world):
 def test_x0_weights_favour_noisy_steps_capped_with_mean_one_over_the_grid():
     a = torch.linspace(0.999, 0.01, 1000)  # alpha_bar falls with t
     grid = torch.tensor([900, 600, 300, 0])
-    w = timestep_weights(a, grid, grid, cap=10.0)
-    raw = (1.0 / a[grid]).clamp(max=10.0)
+    w = timestep_weights(a, grid, grid, cap=5.0)
+    raw = (1.0 / a[grid]).clamp(max=5.0)
     assert torch.allclose(w, raw / raw.mean()) and abs(w.mean().item() - 1.0) < 1e-6
     assert w[0] > w[1] > w[2] > w[3]  # noisier t counts more
-    assert raw[0] == 10.0 and 1.0 / a[900] > 10.0  # the cap binds at the noisiest step
+    assert raw[0] == 5.0 and 1.0 / a[900] > 5.0 and raw[1] < 5.0  # the cap binds at the noisiest step only
     pred, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
     assert mse(pred, target).item() == pytest.approx(2.5)
     assert mse(pred, target, torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)  # (2 * 1 + 0 * 4) / 2
@@ -257,11 +257,30 @@ def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
         finally:
             e.adapters.remove(tiny_world.unet)
 
-    uniform, x0 = first_step(), first_step(loss_weighting="x0")
-    assert abs(uniform["neg"] - x0["neg"]) > 1e-6 and abs(uniform["pos"] - x0["pos"]) > 1e-6, (uniform, x0)
-    assert _cfg(loss_weighting="x0").to_dict()["loss_weighting"] == "x0"
-    with pytest.raises(ValueError, match="loss_weighting must be one of uniform, x0"):
+    uniform, x0 = first_step(loss_weighting="uniform"), first_step(loss_weighting="x0")
+    assert abs(uniform["neg"] - x0["neg"]) > 1e-6 and abs(uniform["map"] - x0["map"]) > 1e-6, (uniform, x0)
+    assert first_step() == x0  # auto = x0 for bi-erasing
+    assert _cfg().to_dict()["loss_weighting"] == "x0" and _cfg(method="esd-x").loss_weighting == "uniform"
+    with pytest.raises(ValueError, match="loss_weighting must be one of auto, uniform, x0"):
         _cfg(loss_weighting="snr")
+
+
+def test_safe_anchor_moves_only_the_negative_target_and_needs_a_safe_concept(tiny_world):
+    def first_step(concept=None, **kw):
+        e = Eraser(tiny_world, [concept or _concept()], _cfg(adversarial=0.0, **kw))
+        try:
+            e.prepare()
+            return e.training_step()
+        finally:
+            e.adapters.remove(tiny_world.unet)
+
+    empty, safe = first_step(), first_step(neg_anchor="safe")
+    assert empty["pos"] == safe["pos"] and empty["map"] == safe["map"]
+    assert abs(empty["neg"] - safe["neg"]) > 1e-6, (empty, safe)
+    no_pos = first_step(neg_anchor="safe", pos_weight=0.0, map_target_to_safe=0.0)  # safe rows still computed
+    assert set(no_pos) == {"step", "loss", "neg"} and abs(no_pos["neg"] - safe["neg"]) < 1e-9
+    with pytest.raises(ValueError, match="neg_anchor 'safe' needs a safe alternative"):
+        first_step(Concept("a circle", "", _images(1), _images(2)), method="co-erasing", neg_anchor="safe")
 
 
 def test_map_text_only_drops_the_image_from_the_target_to_safe_student_row_only(tiny_world):

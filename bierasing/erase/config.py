@@ -86,12 +86,19 @@ class EraseConfig:
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
     stage_threshold: float = _f(0.8, "share of steps in the guide stage of guide-then-erase", min=0.0, max=1.0)
-    loss_weighting: str = _f("uniform", "how each x_t's error counts: uniform = plain noise-prediction MSE (the "
-                             "paper, ESD); x0 = weighted by min(1/alpha_bar_t, loss_weight_cap), the error in the "
-                             "predicted image, so the noisy steps where colour, background and layout are decided "
-                             "count as much as the detailed ones", choices=("uniform", "x0"))
+    loss_weighting: str = _f("auto", "how each x_t's error counts: uniform = plain noise-prediction MSE (the paper, "
+                             "ESD); x0 = weighted by min(1/alpha_bar_t, loss_weight_cap), the error in the predicted "
+                             "image, so the noisy steps where colour, background and layout are decided count as much "
+                             "as the detailed ones; auto (default) = x0 for bi-erasing, uniform for the baselines. "
+                             "ShapesWorld benchmark (eight targets, 200 steps): mean H 0.872 with x0, 0.832 uniform",
+                             choices=("auto", "uniform", "x0"))
     loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
                                 max=1000.0)
+    neg_anchor: str = _f("empty", "what the negative branch pushes away from the concept around: empty = the "
+                         "empty prompt, eps(x_t, {}, I-) (ESD, the paper); safe = the safe alternative's prediction, "
+                         "eps(x_t, c+, I+). A concept the model draws when given no prompt at all (ShapesWorld gray, "
+                         "the data's mean colour) has eps(c-) ~ eps({}), so around the empty prompt there is nothing to "
+                         "push away from (gray: H 0.000 with empty, 0.779 with safe)", choices=("empty", "safe"))
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
     xt_source: str = _f("cache", "where x_t comes from: " + "; ".join(f"{k}: {v}" for k, v in XT_SOURCES.items()),
                         choices=tuple(XT_SOURCES))
@@ -120,6 +127,8 @@ class EraseConfig:
             if "min" in meta and not (meta["min"] <= v <= meta["max"]):
                 raise ValueError(f"{f.name} must be in [{meta['min']}, {meta['max']}]; got {v}")
         self._resolve_auto("adversarial", ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0)
+        if self.loss_weighting == "auto":
+            self.loss_weighting = "x0" if self.method == "bi-erasing" else "uniform"
         if self.method != "bi-erasing":  # the baselines as published: no preserve set, no contexts
             self.preserve = "" if self.auto_preserve else self.preserve
             self.contexts = 0 if self.contexts < 0 else self.contexts
