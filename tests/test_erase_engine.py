@@ -1,3 +1,6 @@
+
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,16 @@ def _cfg(**kw):
     base = dict(steps=4, batch_size=2, cache_size=4, xt_steps=5, preserve="", contexts=0)
     base.update(kw)
     return EraseConfig(**base)
+
+
+def _first_step(bb, concept=None, **kw):
+    """The losses of one training step (no adversarial rows); the model is left untouched."""
+    e = Eraser(bb, [concept or _concept()], _cfg(adversarial=0.0, **kw))
+    try:
+        e.prepare()
+        return e.training_step()
+    finally:
+        e.adapters.remove(bb.unet)
 
 
 def _probe(bb):
@@ -249,14 +262,7 @@ def test_x0_weights_favour_noisy_steps_capped_with_mean_one_over_the_grid():
 
 
 def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
-    def first_step(**kw):
-        e = Eraser(tiny_world, [_concept()], _cfg(adversarial=0.0, **kw))
-        try:
-            e.prepare()
-            return e.training_step()
-        finally:
-            e.adapters.remove(tiny_world.unet)
-
+    first_step = functools.partial(_first_step, tiny_world)
     uniform, x0 = first_step(loss_weighting="uniform"), first_step(loss_weighting="x0")
     assert abs(uniform["neg"] - x0["neg"]) > 1e-6 and abs(uniform["map"] - x0["map"]) > 1e-6, (uniform, x0)
     assert first_step() == x0  # auto = x0 for bi-erasing
@@ -266,14 +272,7 @@ def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
 
 
 def test_safe_anchor_moves_only_the_negative_target_and_needs_a_safe_concept(tiny_world):
-    def first_step(concept=None, **kw):
-        e = Eraser(tiny_world, [concept or _concept()], _cfg(adversarial=0.0, **kw))
-        try:
-            e.prepare()
-            return e.training_step()
-        finally:
-            e.adapters.remove(tiny_world.unet)
-
+    first_step = functools.partial(_first_step, tiny_world)
     empty, safe = first_step(), first_step(neg_anchor="safe")
     assert empty["pos"] == safe["pos"] and empty["map"] == safe["map"]
     assert abs(empty["neg"] - safe["neg"]) > 1e-6, (empty, safe)
@@ -284,14 +283,7 @@ def test_safe_anchor_moves_only_the_negative_target_and_needs_a_safe_concept(tin
 
 
 def test_map_text_only_drops_the_image_from_the_target_to_safe_student_row_only(tiny_world):
-    def first_step(**kw):
-        e = Eraser(tiny_world, [_concept()], _cfg(adversarial=0.0, **kw))
-        try:
-            e.prepare()
-            return e.training_step()
-        finally:
-            e.adapters.remove(tiny_world.unet)
-
+    first_step = functools.partial(_first_step, tiny_world)
     with_image, text_only = first_step(map_text_only=False), first_step(map_text_only=True)
     assert with_image["neg"] == text_only["neg"] and with_image["pos"] == text_only["pos"]
     assert abs(with_image["map"] - text_only["map"]) > 1e-6, (with_image, text_only)
