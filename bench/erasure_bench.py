@@ -42,7 +42,8 @@ RUNS = {
     # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
-    "bi-default-attn-mask": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "_auto_mask": "attention"}),  # <= session 10
+    "bi-default-attn-mask": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1,
+                                        "_auto_mask": "attention"}),  # <= session 10
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-u": ("engine", {"method": "esd-u"}),
@@ -62,7 +63,8 @@ RUNS = {
     "bi-map-target": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.0}),
     "bi-adversarial": ("engine", {**UNIFORM, **SESSION5, "adversarial": 1.0}),
     "bi-adversarial-0.3": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3}),  # the session-5 default
-    "bi-text-map": ("engine", {**UNIFORM, "map_target_to_safe": 0.15, "map_text_only": True, "adversarial": 0.3}),  # = EraseConfig()
+    "bi-text-map": ("engine", {**UNIFORM, "map_target_to_safe": 0.15, "map_text_only": True,
+                               "adversarial": 0.3}),  # = EraseConfig() of session 6
     "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
     "bi-adversarial-0.3-text-uncond": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3, "text_uncond": True}),

@@ -96,10 +96,11 @@ class EraseConfig:
                                 max=1000.0)
     neg_anchor: str = _f("empty", "what the negative branch pushes away from the concept around: empty = the "
                          "empty prompt, eps(x_t, {}, I-) (ESD, the paper); safe = the safe alternative's prediction, "
-                         "eps(x_t, c+, I+). A concept the model draws when given no prompt at all (ShapesWorld gray, "
-                         "the data's mean colour) has eps(c-) ~ eps({}), so around the empty prompt there is nothing to "
-                         "push away from (gray: H 0.000 with empty, 0.779 with safe). Over the benchmark's eight targets safe "
-                         "gives mean H 0.860 against 0.872: pushing past the safe concept can damage the others", choices=("empty", "safe"))
+                         "eps(x_t, c+, I+). A concept the model draws when given no prompt at all (ShapesWorld "
+                         "gray, the data's mean colour) has eps(c-) ~ eps({}), so around the empty prompt there is "
+                         "nothing to push away from (gray: H 0.000 with empty, 0.779 with safe). Over the "
+                         "benchmark's eight targets safe gives mean H 0.860 against 0.872: pushing past the safe "
+                         "concept can damage the others", choices=("empty", "safe"))
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
     xt_source: str = _f("cache", "where x_t comes from: " + "; ".join(f"{k}: {v}" for k, v in XT_SOURCES.items()),
                         choices=tuple(XT_SOURCES))

@@ -17,11 +17,11 @@ import torch
 
 from .. import __version__, io
 from ..backbone import Backbone
+from ..sampling import ddim_timesteps
 from . import xt as xt_sources
 from .adapters import AdapterSet, attach
 from .config import CONTEXTS_AUTO, EraseConfig
 from .export import save_erasure
-from ..sampling import ddim_timesteps
 from .objectives import (branch_weights, mse, negative_guidance_target, positive_guidance_target,
                          timestep_weights)
 
