@@ -272,13 +272,30 @@ def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
 
 def test_safe_anchor_moves_only_the_negative_target_and_needs_a_safe_concept(tiny_world):
     first_step = functools.partial(_first_step, tiny_world)
-    empty, safe = first_step(), first_step(neg_anchor="safe")
-    assert empty["pos"] == safe["pos"] and empty["map"] == safe["map"]
-    assert abs(empty["neg"] - safe["neg"]) > 1e-6, (empty, safe)
-    no_pos = first_step(neg_anchor="safe", pos_weight=0.0, map_target_to_safe=0.0)  # safe rows still computed
+    empty, mid, safe = first_step(neg_anchor=0.0), first_step(neg_anchor=0.5), first_step(neg_anchor=1.0)
+    assert empty["pos"] == mid["pos"] == safe["pos"] and empty["map"] == mid["map"] == safe["map"]
+    assert len({round(r["neg"], 9) for r in (empty, mid, safe)}) == 3, (empty, mid, safe)
+    assert first_step(neg_anchor="safe") == safe and first_step(neg_anchor="empty") == empty  # legacy names
+    assert first_step() == mid and _cfg().neg_anchor == 0.5  # auto: halfway for bi-erasing, 0 for the baselines
+    assert _cfg(method="esd-x").neg_anchor == 0.0 and _cfg(method="co-erasing").neg_anchor == 0.0
+    no_pos = first_step(neg_anchor=1.0, pos_weight=0.0, map_target_to_safe=0.0)  # safe rows still computed
     assert set(no_pos) == {"step", "loss", "neg"} and abs(no_pos["neg"] - safe["neg"]) < 1e-9
-    with pytest.raises(ValueError, match="neg_anchor 'safe' needs a safe alternative"):
-        first_step(Concept("a circle", "", _images(1), _images(2)), method="co-erasing", neg_anchor="safe")
+    with pytest.raises(ValueError, match="neg_anchor 0.5 needs a safe alternative"):
+        first_step(Concept("a circle", "", _images(1), _images(2)), method="co-erasing", neg_anchor=0.5)
+    with pytest.raises(ValueError, match=r"neg_anchor must be -1 \(auto\) or >= 0"):
+        _cfg(neg_anchor=-0.5)
+    with pytest.raises(ValueError, match="neg_anchor must be a number in"):
+        _cfg(neg_anchor="halfway")
+
+
+def test_anchor_share_interpolates_the_negative_target():
+    from bierasing.erase.objectives import negative_guidance_target
+
+    g = torch.Generator().manual_seed(0)
+    empty, safe, concept = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    targets = [negative_guidance_target((1 - a) * empty + a * safe, concept, 1.0) for a in (0.0, 0.5, 1.0)]
+    assert torch.allclose(targets[1], (targets[0] + targets[2]) / 2, atol=1e-6)
+    assert torch.allclose(targets[1], empty + safe - concept, atol=1e-6)  # the concept swapped for the safe one
 
 
 def test_map_text_only_drops_the_image_from_the_target_to_safe_student_row_only(tiny_world):

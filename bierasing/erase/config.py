@@ -29,6 +29,10 @@ ADVERSARIAL_AUTO = 0.3
 MAP_AUTO, MAP_AUTO_KEEP = 0.15, 0.3
 #: contexts per concept that ``contexts=-1`` gives Bi-Erasing where the model can suggest them
 CONTEXTS_AUTO = 4
+#: share of the safe prediction in the negative anchor that ``neg_anchor=AUTO`` gives Bi-Erasing
+NEG_ANCHOR_AUTO = 0.5
+#: names ``neg_anchor`` took before it was a number (session 12 workflows and batch templates)
+NEG_ANCHOR_NAMES = {"empty": 0.0, "safe": 1.0}
 #: ``preserve`` value that asks the model for its suggestion
 PRESERVE_AUTO = "auto"
 
@@ -94,13 +98,17 @@ class EraseConfig:
                              choices=("auto", "uniform", "x0"))
     loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
                                 max=1000.0)
-    neg_anchor: str = _f("empty", "what the negative branch pushes away from the concept around: empty = the "
-                         "empty prompt, eps(x_t, {}, I-) (ESD, the paper); safe = the safe alternative's prediction, "
-                         "eps(x_t, c+, I+). A concept the model draws when given no prompt at all (ShapesWorld "
-                         "gray, the data's mean colour) has eps(c-) ~ eps({}), so around the empty prompt there is "
-                         "nothing to push away from (gray: H 0.000 with empty, 0.779 with safe). Over the "
-                         "benchmark's eight targets safe gives mean H 0.860 against 0.872: pushing past the safe "
-                         "concept can damage the others", choices=("empty", "safe"))
+    neg_anchor: float = _f(AUTO, "where the negative branch pushes away from the concept: the anchor is (1 - a) * "
+                           "eps(x_t, {}, I-) + a * eps(x_t, c+, I+) for this a. 0 = the empty prompt (ESD, the "
+                           "paper); 1 = the safe alternative's prediction; 0.5 = halfway, where the target becomes "
+                           "eps({}) + eps(c+) - eps(c-), the concept's contribution swapped for the safe one's. "
+                           f"-1 (default) = auto: {NEG_ANCHOR_AUTO:g} for bi-erasing, 0 for the baselines. A concept "
+                           "the model draws with no prompt at all (ShapesWorld gray, the data's mean colour) has "
+                           "eps(c-) ~ eps({}), so around the empty prompt there is nothing to push away from; at 1 "
+                           "the push overshoots past the safe concept and damages its neighbours. ShapesWorld, eight "
+                           "targets: mean H 0.872 at 0, 0.894 at 0.5, 0.860 at 1; gray 0.000 / 0.668 / 0.779. "
+                           f"Legacy names: {', '.join(f'{k} = {v:g}' for k, v in NEG_ANCHOR_NAMES.items())}",
+                           min=AUTO, max=1.0)
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
     xt_source: str = _f("cache", "where x_t comes from: " + "; ".join(f"{k}: {v}" for k, v in XT_SOURCES.items()),
                         choices=tuple(XT_SOURCES))
@@ -122,6 +130,11 @@ class EraseConfig:
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only when stopped)", min=0, max=100000)
 
     def __post_init__(self):
+        if isinstance(self.neg_anchor, str):
+            if self.neg_anchor not in NEG_ANCHOR_NAMES:
+                raise ValueError(f"neg_anchor must be a number in [0, 1] or one of {', '.join(NEG_ANCHOR_NAMES)}; "
+                                 f"got {self.neg_anchor!r}")
+            self.neg_anchor = NEG_ANCHOR_NAMES[self.neg_anchor]
         for f in fields(self):
             v, meta = getattr(self, f.name), f.metadata
             if "choices" in meta and v not in meta["choices"]:
@@ -129,6 +142,7 @@ class EraseConfig:
             if "min" in meta and not (meta["min"] <= v <= meta["max"]):
                 raise ValueError(f"{f.name} must be in [{meta['min']}, {meta['max']}]; got {v}")
         self._resolve_auto("adversarial", ADVERSARIAL_AUTO if self.method == "bi-erasing" else 0.0)
+        self._resolve_auto("neg_anchor", NEG_ANCHOR_AUTO if self.method == "bi-erasing" else 0.0)
         if self.loss_weighting == "auto":
             self.loss_weighting = "x0" if self.method == "bi-erasing" else "uniform"
         if self.method != "bi-erasing":  # the baselines as published: no preserve set, no contexts

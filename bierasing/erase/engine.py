@@ -148,9 +148,9 @@ class Eraser:
                 raise ValueError(f"bi-erasing needs positive exemplar images of {c.safe or 'the safe concept'!r}")
             if cfg.method == "bi-erasing" and cfg.pos_weight > 0 and not c.safe.strip():
                 raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
-            if cfg.neg_anchor == "safe" and not c.safe.strip():
-                raise ValueError(f"neg_anchor 'safe' needs a safe alternative for {c.target!r}; give one or use "
-                                 "neg_anchor 'empty'")
+            if cfg.neg_anchor > 0 and not c.safe.strip():
+                raise ValueError(f"neg_anchor {cfg.neg_anchor:g} needs a safe alternative for {c.target!r}; give "
+                                 "one or use neg_anchor 0 (the empty prompt)")
             if cfg.xt_source == "noised" and c.negative_images is None:
                 raise ValueError("xt_source 'noised' needs negative exemplar images")
             if cfg.adversarial > 0 and (c.negative_images is None or not backbone.can_encode_images) \
@@ -267,7 +267,7 @@ class Eraser:
                                           cfg.pos_weight, cfg.stage_threshold)
         rep = lambda e: e.expand(B, -1, -1)  # noqa: E731
         i_neg = self._tokens(self.tok_neg, ci, B)
-        safe_anchor = cfg.neg_anchor == "safe" and lam_neg > 0
+        safe_anchor = cfg.neg_anchor > 0 and lam_neg > 0
         need_pos = lam_pos > 0 or cfg.map_target_to_safe > 0 or safe_anchor
         i_pos = self._tokens(self.tok_pos, ci, B) if need_pos else None
         text_only = cfg.method in ("esd-x", "esd-u")
@@ -318,7 +318,8 @@ class Eraser:
 
         parts, loss, k = {}, 0.0, 0
         if lam_neg > 0:
-            anchor = eps_t[3] if safe_anchor else eps_t[0]  # eps(x_t, c+, I+) or eps(x_t, {}, I-)
+            a = cfg.neg_anchor  # share of eps(x_t, c+, I+) in the anchor; the rest is eps(x_t, {}, I-)
+            anchor = (1 - a) * eps_t[0] + a * eps_t[3] if safe_anchor else eps_t[0]
             target = negative_guidance_target(anchor, eps_t[1], cfg.neg_guidance)
             parts["neg"] = mse(eps_s[k], target, w)
             loss = loss + lam_neg * parts["neg"]
