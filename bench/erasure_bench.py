@@ -38,6 +38,8 @@ PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper'
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 RUNS = {
     "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
+    "bi-default-300": ("engine", {"preserve": "auto", "contexts": -1, "steps": 300}),  # session 13
+    "bi-default-seed1": ("engine", {"preserve": "auto", "contexts": -1, "seed": 1}),  # run-to-run spread
     "bi-empty": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1}),  # the session-12 default
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
@@ -94,7 +96,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-default-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;
