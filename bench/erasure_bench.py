@@ -44,6 +44,8 @@ RUNS = {
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
     "bi-anchor-safe": ("engine", {"preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
+    "bi-keep-1": ("engine", {"preserve": "auto", "contexts": -1, "preserve_weight": 1.0}),  # session 14
+    "bi-keep-1-seed1": ("engine", {"preserve": "auto", "contexts": -1, "preserve_weight": 1.0, "seed": 1}),
     # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -96,7 +98,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-seed1", "bi-default-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-default-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-keep-1", "bi-keep-1-seed1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;
