@@ -104,7 +104,7 @@ def _project(delta: torch.Tensor, base: torch.Tensor, budget: float) -> torch.Te
 def attack_conditioning(backbone, x0: torch.Tensor, base: torch.Tensor, *, steps: int = 40, lr: float = 0.05,
                         batch: int = 8, budget: float = 0.5, t_fraction: float = HIGH_T_FRACTION,
                         generator: torch.Generator | None = None, seed: int = 0,
-                        init_delta: torch.Tensor | None = None, eval_batch: int = 16,
+                        init_delta: torch.Tensor | None = None, eval_batch: int = 16, micro_batch: int = 0,
                         should_stop: Callable[[], bool] | None = None,
                         callback: Callable[[int, int], None] | None = None) -> CondAttack:
     """Optimise ``delta`` so that ``predict_noise(x_t, t, base + delta)`` denoises ``x0`` best.
@@ -116,6 +116,7 @@ def attack_conditioning(backbone, x0: torch.Tensor, base: torch.Tensor, *, steps
     drawn from the highest share of the schedule.  ``init_delta`` warm-starts (adversarial training
     keeps its attack between refreshes).  initial/final loss are on one fixed batch.  ``should_stop``
     is polled before every step (the result so far is returned); ``callback(step, steps)`` after it.
+    ``micro_batch`` > 0 runs the batch in chunks of that many images (same gradient, less memory).
     """
     if steps < 0 or batch < 1 or budget < 0 or not 0 < t_fraction <= 1:
         raise ValueError("steps >= 0, batch >= 1, budget >= 0 and 0 < t_fraction <= 1 are required")
@@ -143,6 +144,13 @@ def attack_conditioning(backbone, x0: torch.Tensor, base: torch.Tensor, *, steps
         cond = (base + d).to(x_t.dtype).expand(x_t.shape[0], -1, -1)
         return F.mse_loss(backbone.predict_noise(x_t, t, cond).float(), noise.float())
 
+    def chunks(n: int) -> list[slice]:
+        m = n if micro_batch <= 0 else micro_batch
+        return [slice(i, min(n, i + m)) for i in range(0, n, m)]
+
+    def mean_loss(idx, noise, t, d) -> float:  # no grad: the batch mean, chunk by chunk
+        return sum(float(loss_on(idx[s], noise[s], t[s], d)) * (s.stop - s.start) for s in chunks(len(idx))) / len(idx)
+
     e_idx = torch.randint(0, x0.shape[0], (eval_batch,), generator=gen).to(dev)
     e_noise = torch.randn((eval_batch, *x0.shape[1:]), generator=gen).to(dev).to(x0.dtype)
     e_t = (t_lo + (torch.arange(eval_batch) + 0.5) * (T - t_lo) / eval_batch).long().clamp(max=T - 1).to(dev)
@@ -150,22 +158,26 @@ def attack_conditioning(backbone, x0: torch.Tensor, base: torch.Tensor, *, steps
     losses = []
     with frozen(backbone.unet):
         with torch.no_grad():
-            initial = float(loss_on(e_idx, e_noise, e_t, delta()))
+            initial = mean_loss(e_idx, e_noise, e_t, delta())
         for _ in range(steps):
             if should_stop is not None and should_stop():
                 break
             idx = torch.randint(0, x0.shape[0], (batch,), generator=gen).to(dev)
             noise = torch.randn((batch, *x0.shape[1:]), generator=gen).to(dev).to(x0.dtype)
             t = torch.randint(t_lo, T, (batch,), generator=gen).to(dev)
-            loss = loss_on(idx, noise, t, delta())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for s in chunks(batch):  # each chunk's share of the batch mean; one chunk = one plain backward
+                loss = loss_on(idx[s], noise[s], t[s], delta())
+                share = (s.stop - s.start) / batch
+                (loss if share == 1 else loss * share).backward()
+                total += float(loss.detach()) * share
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(total)
             if callback is not None:
                 callback(len(losses), steps)
         with torch.no_grad():
             final_delta = delta().detach()
-            final = float(loss_on(e_idx, e_noise, e_t, final_delta))
+            final = mean_loss(e_idx, e_noise, e_t, final_delta)
     cfg = {"steps": steps, "steps_done": len(losses), "lr": lr, "batch": batch, "budget": budget, "t_fraction": t_fraction}
     return CondAttack(base.cpu(), final_delta.cpu(), initial, final, losses, cfg)

@@ -355,3 +355,53 @@ def test_preservation_rows_hold_the_kept_prompt_to_the_frozen_prediction(tiny_wo
     held, history = drift(preserve=kept, preserve_weight=5.0, preserve_xt=preserve_xt)
     assert "keep" in history[0] and history[0]["keep"] == 0.0  # LoRA starts as a no-op
     assert free > 0 and held < 0.5 * free, (free, held)
+
+
+@pytest.mark.parametrize("preserve_xt", ["target", "own"])
+def test_micro_batches_give_the_whole_batch_gradient(tiny_world, preserve_xt):
+    """Chunks of UNet rows (gradients summed) make the same update as one call, with every row
+    group on: negative, positive, target->safe, adversarial (its attack chunked too), x0 weights and
+    preservation rows. Plain SGD at lr 1 so that the update is the gradient itself (Adam would
+    magnify float rounding in near-zero coordinates)."""
+    def one_step(micro):
+        cfg = _cfg(batch_size=5, micro_batch=micro, adversarial=0.5, adversarial_steps=2,
+                   preserve="a blue star, a red square", preserve_xt=preserve_xt)
+        e = Eraser(tiny_world, [_concept()], cfg)
+        try:
+            e.prepare()
+            e.opt = torch.optim.SGD(e.adapters.parameters(), lr=1.0)
+            before = {k: v.clone() for k, v in e.adapters.state_tensors().items()}
+            rec = e.training_step()
+            grads = {k: before[k] - v for k, v in e.adapters.state_tensors().items()}
+            return grads, rec, e.adv_delta[0].clone(), e.cfg
+        finally:
+            e.adapters.remove(tiny_world.unet)
+
+    whole, rec_whole, adv_whole, cfg_whole = one_step(0)
+    assert cfg_whole.micro_batch == 0 and {"neg", "pos", "map", "adv", "keep"} <= rec_whole.keys()
+    scale = max(float(g.abs().max()) for g in whole.values())
+    assert scale > 0
+    for micro in (1, 7):  # 7 rows: chunks that cut across row groups
+        grads, rec, adv, cfg = one_step(micro)
+        assert cfg.micro_batch == micro
+        for k in whole:
+            torch.testing.assert_close(grads[k], whole[k], rtol=1e-4, atol=1e-5 * scale)
+        # the attack's own Adam steps magnify rounding a little in near-zero coordinates
+        torch.testing.assert_close(adv, adv_whole, rtol=1e-3, atol=1e-4 * float(adv_whole.abs().max()))
+        assert rec.keys() == rec_whole.keys()
+        assert all(abs(rec[k] - rec_whole[k]) <= 1e-6 + 1e-4 * abs(rec_whole[k]) for k in rec)
+
+
+def test_micro_batch_auto_splits_large_unets_only(tiny_world):
+    from bierasing.erase.config import MICRO_AUTO_PARAMS
+    from bierasing.erase.engine import resolve_micro_batch
+
+    assert resolve_micro_batch(tiny_world, _cfg()).micro_batch == 0  # a tiny UNet: the whole batch at once
+    assert resolve_micro_batch(tiny_world, _cfg(micro_batch=3)).micro_batch == 3
+
+    class Large:
+        unet = torch.nn.Linear(1, MICRO_AUTO_PARAMS, device="meta")  # a parameter count, no memory
+
+    assert resolve_micro_batch(Large(), _cfg()).micro_batch == 1
+    with pytest.raises(ValueError, match=r"micro_batch must be in \[-1, 256\]"):
+        EraseConfig(micro_batch=-2)

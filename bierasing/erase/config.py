@@ -33,6 +33,10 @@ CONTEXTS_AUTO = 4
 NEG_ANCHOR_AUTO = 0.5
 #: names ``neg_anchor`` took before it was a number (session 12 workflows and batch templates)
 NEG_ANCHOR_NAMES = {"empty": 0.0, "safe": 1.0}
+#: "choose for me" value of integer settings resolved against the model
+AUTO_INT = -1
+#: UNets at least this large get ``micro_batch=AUTO_INT`` = 1 (one x_t sample per call)
+MICRO_AUTO_PARAMS = 100_000_000
 #: ``preserve`` value that asks the model for its suggestion
 PRESERVE_AUTO = "auto"
 
@@ -48,6 +52,12 @@ class EraseConfig:
     steps: int = _f(200, "optimisation steps", min=1, max=100000)
     lr: float = _f(1e-3, "Adam learning rate of the adapter weights", min=1e-7, max=1.0)
     batch_size: int = _f(8, "x_t samples per step", min=1, max=256)
+    micro_batch: int = _f(AUTO_INT, "UNet rows per call: a step runs up to 7 teacher and 5 student rows per x_t "
+                          "sample; they go through the UNet this many rows at a time and the gradients are "
+                          "summed, the same update with the activations of this many rows. 0 = all rows of a "
+                          "step at once (fastest where memory allows); -1 (default) = auto: 0 for a UNet under "
+                          f"{MICRO_AUTO_PARAMS // 10**6} M parameters (ShapesWorld), 1 otherwise (SD1.5: one "
+                          "row with gradients at a time instead of 40 at batch_size 8)", min=-1, max=256)
     trainable: str = _f("attn2", "which UNet layers are trained: " + "; ".join(f"{k}: {v}" for k, v in TRAINABLE_SETS.items()),
                         choices=tuple(TRAINABLE_SETS))
     rank: int = _f(4, "LoRA rank; 0 trains full weight deltas of the chosen layers", min=0, max=1024)

@@ -20,7 +20,7 @@ from ..backbone import Backbone
 from ..sampling import ddim_timesteps
 from . import xt as xt_sources
 from .adapters import AdapterSet, attach
-from .config import CONTEXTS_AUTO, EraseConfig
+from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
 from .export import save_erasure
 from .objectives import (branch_weights, mse, negative_guidance_target, positive_guidance_target,
                          timestep_weights)
@@ -125,6 +125,15 @@ def with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
     return cfg, concepts + extra
 
 
+def resolve_micro_batch(backbone: Backbone, cfg: EraseConfig) -> EraseConfig:
+    """``micro_batch=-1`` (auto): the whole batch in one UNet call for a small UNet, one x_t sample
+    per call for a large one (the recorded config holds the number)."""
+    if cfg.micro_batch != AUTO_INT:
+        return cfg
+    n = sum(p.numel() for p in backbone.unet.parameters())
+    return dataclasses.replace(cfg, micro_batch=0 if n < MICRO_AUTO_PARAMS else 1)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -139,6 +148,7 @@ class Eraser:
         if not concepts:
             raise ValueError("give at least one concept to erase")
         cfg, concepts = with_related(backbone, cfg, concepts)
+        cfg = resolve_micro_batch(backbone, cfg)
         needs_images = cfg.method in ("bi-erasing", "co-erasing")
         for c in concepts:
             if needs_images and c.negative_images is None:
@@ -225,7 +235,8 @@ class Eraser:
         for ci in range(len(self.concepts)):
             a = attack_conditioning(self.bb, self.x0_attack[ci], self.c_neg[ci][None], steps=cfg.adversarial_steps,
                                     batch=cfg.batch_size, budget=cfg.adversarial_budget, generator=self.gen,
-                                    init_delta=self.adv_delta[ci], eval_batch=cfg.batch_size)
+                                    init_delta=self.adv_delta[ci], eval_batch=cfg.batch_size,
+                                    micro_batch=cfg.micro_batch)
             self.adv_delta[ci] = a.delta.to(self.bb.device)
             self.forward_rows += cfg.batch_size * (3 * cfg.adversarial_steps + 2)
             self.adv_log.append({"step": self.step, "concept": ci, "initial_loss": round(a.initial_loss, 6),
@@ -275,7 +286,7 @@ class Eraser:
         if adversarial and (self.step % cfg.adversarial_every == 0 or self.adv_delta[ci] is None):
             self.refresh_adversaries()  # also when the negative branch first switches on (guide-then-erase)
 
-        # rows: (text, image tokens or None); teacher rows first, then student rows
+        # row groups: (text, image tokens or None) of B rows each, on x_t = x; teacher groups first
         teacher, student = [], []
         if lam_neg > 0:
             img = None if text_only else i_neg
@@ -295,74 +306,103 @@ class Eraser:
             else:
                 teacher += [(rep(self.uncond), None), (rep(self.c_neg[ci]), None)]
             student += [(rep(self.c_neg[ci] + self.adv_delta[ci]), None)]
-        keep_own = self.keep_cache is not None
-        if self.c_keep is not None and not keep_own:  # preservation rows on the erasure rows' x_t
-            j_keep = len(teacher)
-            keep = self.c_keep[torch.randint(0, self.c_keep.shape[0], (B,), generator=self.gen)]
-            teacher += [(keep, None)]
-            student += [(keep, None)]
+        teacher = [(x, t, *g) for g in teacher]
+        student = [(x, t, *g) for g in student]
+        j_keep, wk = len(teacher), w
+        if self.c_keep is not None:
+            if self.keep_cache is None:  # preservation rows on the erasure rows' x_t
+                keep = self.c_keep[torch.randint(0, self.c_keep.shape[0], (B,), generator=self.gen)]
+                teacher.append((x, t, keep, None))
+                student.append((x, t, keep, None))
+            else:  # on a preserved prompt's own trajectories: a second x_t batch
+                ki = int(torch.randint(0, self.c_keep.shape[0], (1,), generator=self.gen))
+                xk, tk, _ = self.keep_cache.draw(ki, B, self.gen)
+                xk, tk = xk.to(bb.device), tk.to(bb.device)
+                teacher.append((xk, tk, rep(self.c_keep[ki]), None))
+                student.append((xk, tk, rep(self.c_keep[ki]), None))
+                wk = self._t_weight(tk)
+        self.forward_rows += B * (len(teacher) + 3 * len(student))  # backward ~ 2 forwards
 
         with torch.no_grad(), self.adapters.disabled():
-            eps_t = self._forward(x, t, teacher).chunk(len(teacher))
-        eps_s = self._forward(x, t, student).chunk(len(student))
-        self.forward_rows += B * (len(teacher) + 3 * len(student))  # backward ~ 2 forwards
-        if keep_own:  # preservation rows on a preserved prompt's own trajectories: a second x_t batch
-            ki = int(torch.randint(0, self.c_keep.shape[0], (1,), generator=self.gen))
-            xk, tk, _ = self.keep_cache.draw(ki, B, self.gen)
-            xk, tk, row = xk.to(bb.device), tk.to(bb.device), [(rep(self.c_keep[ki]), None)]
-            with torch.no_grad(), self.adapters.disabled():
-                keep_target = self._forward(xk, tk, row)
-            keep_pred = self._forward(xk, tk, row)
-            self.forward_rows += B * 4
-            wk = self._t_weight(tk)
-
-        parts, loss, k = {}, 0.0, 0
+            eps_t = self._teacher(teacher)
+        plan = []  # per student group: (loss part, weight in the loss, target, per-sample x0 weight)
         if lam_neg > 0:
             a = cfg.neg_anchor  # share of eps(x_t, c+, I+) in the anchor; the rest is eps(x_t, {}, I-)
             anchor = (1 - a) * eps_t[0] + a * eps_t[3] if safe_anchor else eps_t[0]
-            target = negative_guidance_target(anchor, eps_t[1], cfg.neg_guidance)
-            parts["neg"] = mse(eps_s[k], target, w)
-            loss = loss + lam_neg * parts["neg"]
-            k += 1
+            plan.append(("neg", lam_neg, negative_guidance_target(anchor, eps_t[1], cfg.neg_guidance), w))
         if lam_pos > 0 or cfg.map_target_to_safe > 0:
             j = 2 if lam_neg > 0 else 0
             target = positive_guidance_target(eps_t[j], eps_t[j + 1], cfg.pos_guidance)
             if lam_pos > 0:
-                parts["pos"] = mse(eps_s[k], target, w)
-                loss = loss + lam_pos * parts["pos"]
-                k += 1
+                plan.append(("pos", lam_pos, target, w))
             if cfg.map_target_to_safe > 0:
-                parts["map"] = mse(eps_s[k], target, w)
-                loss = loss + cfg.map_target_to_safe * parts["map"]
-                k += 1
+                plan.append(("map", cfg.map_target_to_safe, target, w))
         if adversarial:
-            target = negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1], cfg.neg_guidance)
-            parts["adv"] = mse(eps_s[k], target, w)
-            loss = loss + cfg.adversarial * parts["adv"]
-            k += 1
+            plan.append(("adv", cfg.adversarial, negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1],
+                                                                          cfg.neg_guidance), w))
         if self.c_keep is not None:
-            parts["keep"] = mse(keep_pred, keep_target, wk) if keep_own else mse(eps_s[k], eps_t[j_keep], w)
-            loss = loss + cfg.preserve_weight * parts["keep"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
-                                     f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return {"step": self.step + 1, "loss": round(loss.item(), 6),
-                **{k: round(v.item(), 6) for k, v in parts.items()}}
+            plan.append(("keep", cfg.preserve_weight, eps_t[j_keep], wk))
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, rows: list) -> torch.Tensor:
-        """All rows in one batched UNet call; a row without image gets zero image tokens, which
-        makes its image channel exactly zero (K = V = 0)."""
-        n = len(rows)
-        text = torch.cat([r[0] for r in rows])
-        toks = [r[1] for r in rows]
+        # the student rows m at a time (micro_batch): each chunk's loss is its share of the step's
+        # loss, so the summed gradients are the whole step's (one chunk = one plain backward)
+        self.opt.zero_grad(set_to_none=True)
+        total, parts = 0.0, {name: 0.0 for name, *_ in plan}
+        for segs in self._chunks(len(student), B):
+            loss = 0.0
+            for (g, sl), pred in zip(segs, self._call(student, segs)):
+                name, lam, target, wg = plan[g]
+                part = mse(pred, target[sl], None if wg is None else wg[sl])
+                if sl.stop - sl.start != B:
+                    part = part * ((sl.stop - sl.start) / B)
+                loss = loss + lam * part
+                parts[name] += part.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
+                                         f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
+            loss.backward()
+            total += loss.item()
+        self.opt.step()
+        return {"step": self.step + 1, "loss": round(total, 6), **{k: round(v, 6) for k, v in parts.items()}}
+
+    def _chunks(self, groups: int, B: int) -> list[list[tuple[int, slice]]]:
+        """The rows of ``groups`` groups of B, group-major, in chunks of ``micro_batch`` rows (0: one
+        chunk); each chunk is a list of (group, slice of its samples)."""
+        total = groups * B
+        m = total if self.cfg.micro_batch <= 0 else self.cfg.micro_batch
+        out = []
+        for start in range(0, total, m):
+            segs, r, stop = [], start, min(total, start + m)
+            while r < stop:
+                g, b = divmod(r, B)
+                end = min(stop, (g + 1) * B)
+                segs.append((g, slice(b, b + end - r)))
+                r = end
+            out.append(segs)
+        return out
+
+    def _teacher(self, groups: list) -> list[torch.Tensor]:
+        """Every group's prediction, ``micro_batch`` rows per UNet call."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in groups]
+        for segs in self._chunks(len(groups), self.cfg.batch_size):
+            for (g, _), out in zip(segs, self._call(groups, segs)):
+                pieces[g].append(out)
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
+
+    def _call(self, groups: list, segs: list[tuple[int, slice]]) -> tuple[torch.Tensor, ...]:
+        """One batched UNet call on the rows of ``segs`` (groups of (x_t, t, text, image tokens or
+        None)), split back per segment; a row without image gets zero image tokens, which makes its
+        image channel exactly zero (K = V = 0)."""
+        rows = [(x[sl], t[sl], text[sl], None if tok is None else tok[sl])
+                for (g, sl) in segs for x, t, text, tok in [groups[g]]]
+        toks = [r[3] for r in rows]
         tokens = None
         if any(tk is not None for tk in toks):
             ref = next(tk for tk in toks if tk is not None)
-            tokens = torch.cat([tk if tk is not None else torch.zeros_like(ref) for tk in toks])
-        return self.bb.predict_noise(x.repeat(n, 1, 1, 1), t.repeat(n), text, tokens)
+            tokens = torch.cat([tk if tk is not None else ref.new_zeros((r[0].shape[0], *ref.shape[1:]))
+                                for tk, r in zip(toks, rows)])
+        out = self.bb.predict_noise(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+                                    torch.cat([r[2] for r in rows]), tokens)
+        return out.split([sl.stop - sl.start for _, sl in segs])
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
