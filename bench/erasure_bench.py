@@ -32,20 +32,22 @@ TARGETS = {"circle": "object", "star": "object", "triangle": "object", "red": "a
 # "bi-map-target" adds our target->safe pull (session-5 form: the student row sees the safe image);
 # "bi-adversarial-0.3" (the session-5 default) adds adversarial rows to that; "bi-text-map" (=
 # EraseConfig() defaults since session 6) makes the pull's student row text-only, weight 0.15.
-EMPTY = {"neg_anchor": 0.0}  # negative guidance around the empty prompt: every engine row before session 13
+HALF = {"preserve_weight": 0.5}  # the preservation weight of every engine row before session 15
+EMPTY = {"neg_anchor": 0.0, **HALF}  # negative guidance around the empty prompt: every engine row before session 13
 UNIFORM = {"loss_weighting": "uniform", **EMPTY}  # plain eps-MSE: every engine row before session 12
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper's objective, as released
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 RUNS = {
     "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
-    "bi-default-300": ("engine", {"preserve": "auto", "contexts": -1, "steps": 300}),  # session 13
     "bi-default-seed1": ("engine", {"preserve": "auto", "contexts": -1, "seed": 1}),  # run-to-run spread
+    # the session-13 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 in sessions 14-15)
+    "bi-keep-half": ("engine", {**HALF, "preserve": "auto", "contexts": -1}),
+    "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # session 13
+    "bi-keep-half-seed1": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "seed": 1}),
     "bi-empty": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1}),  # the session-12 default
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
-    "bi-anchor-safe": ("engine", {"preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
-    "bi-keep-1": ("engine", {"preserve": "auto", "contexts": -1, "preserve_weight": 1.0}),  # session 14
-    "bi-keep-1-seed1": ("engine", {"preserve": "auto", "contexts": -1, "preserve_weight": 1.0, "seed": 1}),
+    "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
     # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -98,7 +100,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-seed1", "bi-default-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-keep-1", "bi-keep-1-seed1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;

@@ -1,14 +1,20 @@
-"""Memory of one erasure training step on a full-size (random) SD1.5 UNet at 64x64.
+"""Memory of one erasure training step on a full-size (random) SD1.5 UNet at 64x64 images (8x8 latents).
 
-    python bench/memory_sd15.py            # writes bench/results/memory_sd15.{json,md}
+    python bench/memory_sd15.py                                  # writes bench/results/memory_sd15.{json,md}
+    python bench/memory_sd15.py --modes engine-auto --latent 32  # one more row, the others kept
 
 Two ways, each in its own process so peak RSS belongs to it alone:
   * engine:   one UNet (fp32, 859.5 M parameters) + rank-4 LoRA on attn2 + IP-Adapter K/V; the
               teacher is the same UNet with the LoRA off; EraseConfig() defaults: 6 teacher rows in
               one no-grad forward, 4 student rows with grad (negative, positive, target->safe,
               adversarial) and the first step's conditioning attack; Adam over the LoRA only;
+  * engine-auto: the same with micro_batch auto (one UNet row per call on a UNet this size), the
+              default since micro_batch exists; "engine" pins micro_batch 0 (all rows in one call);
   * released: the released code's way: a deep copy of the UNet as teacher, Adam over every UNet
               parameter, each call its own forward (bierasing.erase.released).
+At 8x8 latents the weights and optimizer state dominate; at 512 px (64x64 latents) the activations of
+the rows with gradients do, which ``EraseConfig.micro_batch`` (auto: one row per call on a UNet
+this size) bounds. This row was measured before micro_batch existed: all 4 student rows in one call.
 Text embeddings and image tokens are random [77 x 768] / [4 x 768] tensors: the text and image
 encoders are the same in both and are not what differs. Weights are random (nothing downloaded).
 """
@@ -38,7 +44,7 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
-def one(mode: str) -> dict:
+def one(mode: str, latent: int = 8) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -60,7 +66,7 @@ def one(mode: str) -> dict:
     class RandomConditioned(Backbone):
         def __init__(self):
             self.unet, self.alphas_cumprod = unet, sched.alphas_cumprod.float()
-            self.prediction_type, self.sample_shape = "epsilon", (4, 8, 8)
+            self.prediction_type, self.sample_shape = "epsilon", (4, latent, latent)
 
         def encode_text(self, prompts):
             return torch.cat([text[p] for p in prompts])
@@ -77,13 +83,14 @@ def one(mode: str) -> dict:
             raise NotImplementedError
 
     bb = RandomConditioned()
-    imgs = torch.rand(2, 3, 64, 64, generator=g)
+    imgs = torch.rand(2, 3, 8 * latent, 8 * latent, generator=g)
     concept = Concept("nudity", "clothed", imgs, imgs)
     params = sum(p.numel() for p in unet.parameters())
     base_rss, base_peak = current_rss_mb(), rss_mb()
     t0 = time.time()
-    if mode == "engine":
-        cfg = EraseConfig(steps=1, batch_size=1, cache_size=1, xt_steps=2, seed=0)
+    if mode in ("engine", "engine-auto"):
+        cfg = EraseConfig(steps=1, batch_size=1, cache_size=1, xt_steps=2, seed=0,
+                          micro_batch=0 if mode == "engine" else -1)
         res = Eraser(bb, [concept], cfg).run()
         trained = res.adapters.num_parameters()
         copies = 1
@@ -91,7 +98,7 @@ def one(mode: str) -> dict:
         out = released_bi_erasing(bb, concept, steps=1, lr=1e-5, ddim_steps=2)
         trained, copies = out["trained_parameters"], 2
     return {"mode": mode, "unet_parameters": params, "unet_fp32_mb": round(params * 4 / 2**20, 1),
-            "unet_copies": copies, "trained_parameters": trained, "resolution": 64,
+            "unet_copies": copies, "trained_parameters": trained, "resolution": 8 * latent, "latent": latent,
             "rss_after_load_mb": round(base_rss, 1), "peak_rss_mb": round(rss_mb(), 1),
             "peak_increase_over_loaded_model_mb": round(rss_mb() - max(base_rss, 0.0), 1),
             "step_seconds": round(time.time() - t0, 1), "peak_before_step_mb": round(base_peak, 1)}
@@ -99,32 +106,48 @@ def one(mode: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="engine,engine-auto,released")
+    p.add_argument("--latent", type=int, default=8, help="latent side (8 = 64 px images, 64 = SD1.5's 512 px)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
-        print(json.dumps(one(args.single)))
+        mode, latent = args.single.split(":")
+        print(json.dumps(one(mode, int(latent))))
         return 0
     from bierasing.io import atomic_write_text
 
-    rows = []
-    for mode in ("engine", "released"):
-        out = subprocess.run([sys.executable, __file__, "--single", mode], capture_output=True, text=True, cwd=ROOT)
+    path = RESULTS / "memory_sd15.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for mode in args.modes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--single", f"{mode}:{args.latent}"], capture_output=True,
+                             text=True, cwd=ROOT)
         if out.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "memory_sd15.json", json.dumps(rows, indent=2))
-    e, r = rows
-    lines = ["# One training step on a full-size random SD1.5 UNet (64x64, CPU fp32)", "",
-             "| way | UNet copies | trained params | RSS with model loaded (MB) | peak RSS (MB) | peak increase (MB) | step s |",
-             "|---|---|---|---|---|---|---|"]
-    for x in rows:
-        lines.append(f"| {x['mode']} | {x['unet_copies']} | {x['trained_parameters']:,} | {x['rss_after_load_mb']} | "
-                     f"{x['peak_rss_mb']} | {x['peak_increase_over_loaded_model_mb']} | {x['step_seconds']} |")
-    lines += ["", f"UNet: {e['unet_parameters']:,} parameters = {e['unet_fp32_mb']} MB in fp32. "
-              f"Peak RSS, engine / released: {e['peak_rss_mb'] / r['peak_rss_mb']:.2f}.", ""]
-    atomic_write_text(RESULTS / "memory_sd15.md", "\n".join(lines))
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        key = lambda r: (r["mode"], r.get("latent", 8))  # noqa: E731
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        print(row, flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(rows, indent=2))
+    lines = ["# One training step on a full-size random SD1.5 UNet (CPU fp32, batch 1)", "",
+             "Latent 8 = 64x64 images, 64 = SD1.5's 512 px. engine: micro_batch 0 (every row of the step in one "
+             "call; the only way before micro_batch existed); engine-auto: the default (one row per call here); "
+             "released: two UNets, Adam over all UNet weights.", "",
+             "| way | latent | UNet copies | trained params | RSS with model loaded (MB) | peak RSS (MB) | peak increase (MB) | step s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in sorted(rows, key=lambda r: (r.get("latent", 8), r["mode"])):
+        lines.append(f"| {x['mode']} | {x.get('latent', 8)} | {x['unet_copies']} | {x['trained_parameters']:,} | "
+                     f"{x['rss_after_load_mb']} | {x['peak_rss_mb']} | {x['peak_increase_over_loaded_model_mb']} | "
+                     f"{x['step_seconds']} |")
+    rel = [r for r in rows if r["mode"] == "released"]
+    if rel:
+        r = max(rel, key=lambda r: r.get("latent", 8))
+        lines += ["", f"UNet: {r['unet_parameters']:,} parameters = {r['unet_fp32_mb']} MB in fp32. Peak RSS over the "
+                  f"released loop's at latent {r.get('latent', 8)} ({r['peak_rss_mb']} MB; a lower bound of its peak "
+                  "at any larger latent, which only adds activations):"]
+        lines += [f"- {x['mode']} at latent {x.get('latent', 8)}: {x['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+                  for x in rows if x["mode"] != "released"]
+    atomic_write_text(RESULTS / "memory_sd15.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
