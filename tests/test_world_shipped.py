@@ -1,6 +1,7 @@
 """The ShapesWorld weights shipped in the package: loading, determinism, quality."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -94,3 +95,6 @@ def test_cli_erase_smoke_writes_lora_grid_and_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "ACC_e before" in report and "circle" in report
     assert not (out / "checkpoint.safetensors").exists()
+    # the trajectory cache is built and reported before the progress bar starts, so its first
+    # step's rate is the training rate, not the setup (which showed a 4 h ETA on step 1)
+    assert re.search(r"prepared in \d+ s \(\d+ UNet rows of sampling\)", r.stdout + r.stderr), r.stderr[-2000:]

@@ -184,9 +184,13 @@ class Eraser:
         self.history: list[dict] = []
         self.forward_rows = 0
         self.seconds = 0.0
+        self.prepare_seconds: float | None = None  # set by prepare()
 
     # ---- setup: everything constant is computed once ------------------------------------------
     def prepare(self) -> None:
+        """Text and image embeddings, adapters, optimiser and the frozen model's trajectories; ``run``
+        calls it unless it was called first (to report the setup before the training loop starts)."""
+        t_prep = time.time()
         bb, cfg = self.bb, self.cfg
         with torch.no_grad():
             keep = cfg.preserved() if cfg.preserve_weight > 0 else []
@@ -225,6 +229,7 @@ class Eraser:
             self.x0_attack = [bb.to_x(c.negative_images.to(bb.device))
                               if c.negative_images is not None and bb.can_encode_images else self.cache.states[i][:, -1]
                               for i, c in enumerate(self.concepts)]
+        self.prepare_seconds = time.time() - t_prep
 
     # ---- adversarial conditioning ---------------------------------------------------------------
     def refresh_adversaries(self) -> None:
@@ -439,7 +444,10 @@ class Eraser:
 
     def run(self) -> ErasureResult:
         t0 = time.time()
-        self.prepare()
+        if self.prepare_seconds is None:
+            self.prepare()
+        else:
+            t0 -= self.prepare_seconds
         try:
             return self._loop(t0)
         except BaseException:

@@ -145,7 +145,7 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
         concepts.append(Concept(concept_text(backbone, s.target),
                                 concept_text(backbone, s.safe) if s.safe else "", neg, pos))
 
-    bar = tqdm(total=cfg.steps, desc=f"erase ({cfg.method})", disable=not progress, dynamic_ncols=True)
+    bar = None
 
     def cb(step, total, rec):
         bar.update(step - bar.n)
@@ -153,6 +153,12 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
 
     ckpt = out / "checkpoint.safetensors"
     eraser = Eraser(backbone, concepts, cfg, callback=cb, should_stop=should_stop, checkpoint_path=ckpt)
+    if eraser.cfg.xt_source == "cache":
+        log("sampling the frozen model's trajectories of the prompts to erase and preserve "
+            "(once, before the first step)")
+    eraser.prepare()
+    log(f"prepared in {eraser.prepare_seconds:.0f} s ({eraser.xt_forward_rows} UNet rows of sampling)")
+    bar = tqdm(total=cfg.steps, desc=f"erase ({cfg.method})", disable=not progress, dynamic_ncols=True)
     try:
         result = eraser.run()
     finally:
