@@ -37,6 +37,7 @@ EMPTY = {"neg_anchor": 0.0, **HALF}  # negative guidance around the empty prompt
 UNIFORM = {"loss_weighting": "uniform", **EMPTY}  # plain eps-MSE: every engine row before session 12
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper's objective, as released
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
+DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig() on ShapesWorld
 RUNS = {
     "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-seed1": ("engine", {"preserve": "auto", "contexts": -1, "seed": 1}),  # run-to-run spread
@@ -48,6 +49,7 @@ RUNS = {
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
     "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
+    "bi-anchor-safe-keep1": ("engine", {"preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 17, gray
     # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -69,6 +71,13 @@ RUNS = {
     "bi-xt-esd": ("engine", {"xt_source": "esd", **PAPER}),
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
+    # the same ablations around the default (session 17); the rows above vary the paper's objective
+    "bi-default-no-positive": ("engine", {**DEFAULT, "pos_weight": 0.0}),
+    "bi-default-no-masks": ("engine", {**DEFAULT, "_auto_mask": "none"}),
+    "bi-default-lambda-0.8-0.2": ("engine", {**DEFAULT, "neg_weight": 0.8, "pos_weight": 0.2}),
+    "bi-default-lambda-0.4-0.6": ("engine", {**DEFAULT, "neg_weight": 0.4, "pos_weight": 0.6}),
+    "bi-default-xt-noised": ("engine", {**DEFAULT, "xt_source": "noised"}),
+    "bi-default-xt-esd": ("engine", {**DEFAULT, "xt_source": "esd"}),
     "bi-map-target": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.0}),
     "bi-adversarial": ("engine", {**UNIFORM, **SESSION5, "adversarial": 1.0}),
     "bi-adversarial-0.3": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3}),  # the session-5 default
@@ -100,7 +109,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;
@@ -161,7 +170,7 @@ def single(spec: dict) -> dict:
     safe = data.DEFAULT_SAFE[target]
     bb = ShapesWorldBackbone.load()
     # "auto" (the default since session 11) = attention masks, none for the style targets (backgrounds)
-    mask = "none" if run == "bi-no-masks" else settings.pop("_auto_mask", "auto")
+    mask = settings.pop("_auto_mask", "none" if run == "bi-no-masks" else "auto")
     quiet = lambda m: None  # noqa: E731
     neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
     pos = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), safe, 500, None, quiet)

@@ -118,7 +118,8 @@ class EraseConfig:
                            "the model draws with no prompt at all (ShapesWorld gray, the data's mean colour) has "
                            "eps(c-) ~ eps({}), so around the empty prompt there is nothing to push away from; at 1 "
                            "the push overshoots past the safe concept and damages its neighbours. ShapesWorld, eight "
-                           "targets: mean H 0.872 at 0, 0.894 at 0.5, 0.860 at 1; gray 0.000 / 0.668 / 0.779. "
+                           "targets at preservation weight 0.5: mean H 0.872 at 0, 0.894 at 0.5, 0.860 at 1; gray 0.000 / 0.668 / 0.779; "
+                           "at weight 1.0 (the default): gray 0.216 at 0.5, 0.840 at 1 (use 1 for such concepts). "
                            f"Legacy names: {', '.join(f'{k} = {v:g}' for k, v in NEG_ANCHOR_NAMES.items())}",
                            min=AUTO, max=1.0)
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
