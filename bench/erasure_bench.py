@@ -39,8 +39,8 @@ PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper'
 SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
 DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig() on ShapesWorld
 RUNS = {
-    "bi-default": ("engine", {"preserve": "auto", "contexts": -1}),  # = EraseConfig(), bierasing erase's defaults
-    "bi-default-seed1": ("engine", {"preserve": "auto", "contexts": -1, "seed": 1}),  # run-to-run spread
+    "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
+    "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
     # the session-13 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 in sessions 14-15)
     "bi-keep-half": ("engine", {**HALF, "preserve": "auto", "contexts": -1}),
     "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # session 13
@@ -49,7 +49,7 @@ RUNS = {
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
     "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
-    "bi-anchor-safe-keep1": ("engine", {"preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 17, gray
+    "bi-anchor-safe-keep1": ("engine", {**DEFAULT, "neg_anchor": 1.0}),  # session 17, gray
     # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -64,7 +64,7 @@ RUNS = {
     "released-1500": ("released", {"steps": 1500, "lr": 1e-5}),  # the released defaults (digest 2.9)
     # ablations
     "bi-no-positive": ("engine", {"pos_weight": 0.0, **PAPER}),
-    "bi-no-masks": ("engine", {**PAPER}),
+    "bi-no-masks": ("engine", {**PAPER, "_auto_mask": "none"}),
     "bi-lambda-0.8-0.2": ("engine", {"neg_weight": 0.8, "pos_weight": 0.2, **PAPER}),
     "bi-lambda-0.4-0.6": ("engine", {"neg_weight": 0.4, "pos_weight": 0.6, **PAPER}),
     "bi-xt-noised": ("engine", {"xt_source": "noised", **PAPER}),
@@ -170,7 +170,7 @@ def single(spec: dict) -> dict:
     safe = data.DEFAULT_SAFE[target]
     bb = ShapesWorldBackbone.load()
     # "auto" (the default since session 11) = attention masks, none for the style targets (backgrounds)
-    mask = settings.pop("_auto_mask", "none" if run == "bi-no-masks" else "auto")
+    mask = settings.pop("_auto_mask", "auto")
     quiet = lambda m: None  # noqa: E731
     neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
     pos = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), safe, 500, None, quiet)
