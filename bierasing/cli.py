@@ -52,7 +52,9 @@ def _cmd_world_train(args) -> int:
 
     _threads(args.threads)
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
-                                            "ip_steps", "checkpoint_every", "ip_empty_prompt")
+                                            "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
+                                            "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
+                                            "ip_stop_at")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, **given)
     if args.init_from and not args.start_stage:
@@ -230,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ip-empty-prompt", type=float, default=None,
                    help="share of image-branch steps with an empty prompt (default: TrainConfig); more steers "
                         "harder from the image alone but overshoots beside a caption (model card, session 5)")
+    for name in ("unet_batch", "ip_batch", "probe_every"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help="default: TrainConfig in bierasing/world/train.py")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate of every stage (default: TrainConfig)")
+    t.add_argument("--unet-stop-at", type=float, default=None,
+                   help="end the UNet stage at the first detector probe with this shape accuracy "
+                        "(default: TrainConfig; 0 = always train --unet-steps)")
+    t.add_argument("--ip-stop-at", type=float, default=None,
+                   help="end the image-branch stage at the first probe with this image steering (0 = off)")
+    t.add_argument("--ip-objective", default=None, choices=("distill", "features", "hybrid", "attn", "denoise"),
+                   help="image-branch loss (default: TrainConfig; its help says what each measured)")
     t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip"),
                    help="begin at this stage, taking the earlier stages' weights from --init-from "
                         "(e.g. ip_warm retrains only the image branch)")

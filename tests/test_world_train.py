@@ -210,5 +210,114 @@ def test_timestep_power_draws_that_share_from_the_noisier_half(tmp_path, power, 
 def test_timestep_power_must_be_positive():
     with pytest.raises(ValueError, match="unet_t_power must be > 0"):
         TrainConfig(unet_t_power=0.0)
-    with pytest.raises(ValueError, match="ip_objective must be one of distill, attn, denoise"):
+    with pytest.raises(ValueError, match="ip_objective must be one of distill, features, hybrid, attn, denoise"):
         TrainConfig(ip_objective="mse")
+
+
+def test_features_objective_sees_the_unet_up_to_its_last_cross_attention_block(tmp_path):
+    """The early-exit features equal that block's output in a full forward, and the blocks after
+    it see no conditioning: the same features give the same output, whatever the text."""
+    trainer = WorldTrainer(tmp_path, _cfg(), TINY, progress=False, log=lambda m: None)
+    bb = trainer.bb.eval()
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(3, 3, 32, 32, generator=gen)
+    t = torch.tensor([10, 500, 990])
+    a, b = bb.encode_text(["a red circle"] * 3), bb.encode_text(["a blue star"] * 3)
+    tokens = torch.randn(3, TINY.ip_tokens, TINY.text_width, generator=gen)
+    block = bb.unet.up_blocks[0]
+    seen = []
+    h = block.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        out_a = bb.model_output(x_t, t, a)
+    h.remove()
+    feats_a = trainer._last_cross_attn_features(x_t, t, a)
+    assert torch.equal(feats_a, seen[0])
+    feats_b = trainer._last_cross_attn_features(x_t, t, b, tokens)
+    assert (feats_b - feats_a).abs().max() > 1e-3  # text and image tokens do reach it
+    h = block.register_forward_hook(lambda m, args, out: feats_a)  # b's run, a's features
+    with torch.no_grad():
+        out_swapped = bb.model_output(x_t, t, b, tokens)
+    h.remove()
+    assert torch.allclose(out_swapped, out_a, atol=1e-6)
+
+
+def _fixed_batch(trainer):
+    import numpy as np
+
+    from bierasing.world import data
+
+    bb, rng, g = trainer.bb, np.random.default_rng(11), torch.Generator().manual_seed(11)
+    truths = [data.random_concepts(rng) for _ in range(16)]
+    imgs = torch.from_numpy(np.stack([data.render(c.shape, c.color, c.background, rng) for c in truths]))
+    refs = torch.from_numpy(np.stack([data.render(c.shape, c.color, c.background, rng) for c in truths]))
+    unit = lambda a: a.permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    t = torch.randint(0, 1000, (16,), generator=g)
+    x_t = bb.add_noise(bb.to_x(unit(imgs)), torch.randn(16, 3, 32, 32, generator=g), t)
+    with torch.no_grad():
+        full = bb.encode_text([data.prompt(c.shape, c.color, c.background) for c in truths])
+        tokens = bb.image_proj(bb.embed_images(unit(refs)))
+    return x_t, t, full, tokens
+
+
+@pytest.mark.parametrize("objective", ["features", "hybrid"])
+def test_feature_objectives_train_only_the_image_branch_and_lower_their_loss(tmp_path, objective):
+    cfg = _cfg(unet_steps=20, ip_steps=80, ip_objective=objective, ip_batch=8)
+
+    def fixed_loss(trainer):  # the hybrid loss on a fixed batch, half the rows with an empty prompt
+        x_t, t, full, tokens = _fixed_batch(trainer)
+        empty = torch.arange(16) % 2 == 0
+        text = trainer.bb.encode_text(["" if e else "a shape" for e in empty.tolist()])
+        with torch.no_grad():
+            return trainer._hybrid_loss(x_t, t, full, text, tokens, empty).item()
+
+    trainer = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    trainer.should_stop = lambda: trainer.stage == "ip" and trainer.step == 1
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    before = {k: v.clone() for k, v in trainer.bb.unet.state_dict().items()}
+    loss_before = fixed_loss(trainer)
+    trainer = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    trainer.run()
+    after = trainer.bb.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) == ("processor." not in k) for k in before)
+    assert fixed_loss(trainer) < 0.8 * loss_before
+
+
+def test_a_probe_that_meets_its_bar_ends_the_stage_and_a_resumed_run_keeps_it_ended(tmp_path):
+    cfg = _cfg(probe_every=2)
+    trainer = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    trainer.stage = "unet"
+    w = torch.nn.Parameter(torch.zeros(()))
+    calls = []
+
+    def probe():
+        calls.append(trainer.step)
+        return trainer.step >= 4
+
+    trainer._loop(10, [w], lambda: (w - 1) ** 2, probe=probe)
+    assert (trainer.step, calls, trainer.stopped_at) == (4, [2, 4], {"unet": 4})
+
+    again = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    assert again.try_resume() and again.stopped_at == {"unet": 4}
+    again._loop(10, [torch.nn.Parameter(torch.zeros(()))], lambda: w.sum(), probe=lambda: calls.append(-1))
+    assert again.step == 4 and calls == [2, 4]
+
+
+def test_probe_of_the_shipped_world_measures_its_quality():
+    from bierasing.world.evaluate import probe_world
+
+    bb = ShapesWorldBackbone.load()
+    text = probe_world(bb, "text", samples_per_prompt=2)
+    assert text["shape"] >= 0.8 and text["color"] >= 0.9 and text["background"] >= 0.8, text
+    image = probe_world(bb, "image", samples_per_prompt=2)
+    assert image["image_steer"] >= 0.6, image
+    with pytest.raises(ValueError, match="part must be"):
+        probe_world(bb, "style")
+
+
+@pytest.mark.parametrize("kw,message", [({"probe_every": -1}, "probe_every must be >= 0"),
+                                        ({"unet_stop_at": 1.5}, "unet_stop_at is an accuracy"),
+                                        ({"ip_objective": "feats"}, "distill, features, hybrid, attn, denoise")])
+def test_probe_and_objective_settings_are_validated(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
