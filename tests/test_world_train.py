@@ -310,7 +310,7 @@ def test_probe_of_the_shipped_world_measures_its_quality():
     text = probe_world(bb, "text", samples_per_prompt=2)
     assert text["shape"] >= 0.8 and text["color"] >= 0.9 and text["background"] >= 0.8, text
     image = probe_world(bb, "image", samples_per_prompt=2)
-    assert image["image_steer"] >= 0.6, image
+    assert image["image_steer"] >= 0.6 and image["text_image"] >= 0.7, image
     with pytest.raises(ValueError, match="part must be"):
         probe_world(bb, "style")
 

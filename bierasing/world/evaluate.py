@@ -159,7 +159,8 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
     """A quick detector check of a model in training, on seeds the evaluation does not use.
 
     ``part`` "text": shape and colour accuracy over the shape x colour prompts, background
-    accuracy over the background prompts; "image": image steering (shape). Sample j of every
+    accuracy over the background prompts; "image": image steering (shape), and the shape
+    kept when a shape x colour prompt comes with its matching exemplar. Sample j of every
     prompt starts from the same noise (seed + j), so a probe varies more than its sample count
     suggests: the shipped weights probe background 0.87 on seeds 1000-1001, 1.00 on 0-1."""
     sets = world_prompt_sets()
@@ -175,10 +176,13 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
                                         for d in row) / (len(bg) * n_bg), 4)}
     if part == "image":
         tokens, wants = _steering_exemplars(bb, seed)
+        n = len(wants) * samples_per_prompt
         dets = _detect(generate(bb, [""] * len(wants), samples_per_prompt, seed, steps, guidance,
                                 image_tokens=tokens))
-        return {"image_steer": round(sum(d.shape == w.shape for row, w in zip(dets, wants) for d in row)
-                                     / (len(wants) * samples_per_prompt), 4)}
+        joint = _detect(generate(bb, [data.prompt(w.shape, w.color) for w in wants], samples_per_prompt,
+                                 seed, steps, guidance, image_tokens=tokens))
+        return {"image_steer": round(sum(d.shape == w.shape for row, w in zip(dets, wants) for d in row) / n, 4),
+                "text_image": round(sum(d.shape == w.shape for row, w in zip(joint, wants) for d in row) / n, 4)}
     raise ValueError(f"part must be 'text' or 'image', got {part!r}")
 
 
