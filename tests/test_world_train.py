@@ -167,21 +167,9 @@ def test_layer_local_image_loss_is_zero_exactly_when_the_student_is_the_teacher(
 
 def _fixed_attn_loss(trainer) -> float:
     """The layer-local image loss of ``trainer``'s model on one fixed batch (empty prompts)."""
-    import numpy as np
-
-    from bierasing.world import data
-
-    bb, rng, g = trainer.bb, np.random.default_rng(11), torch.Generator().manual_seed(11)
-    truths = [data.random_concepts(rng) for _ in range(16)]
-    imgs = torch.from_numpy(np.stack([data.render(c.shape, c.color, c.background, rng) for c in truths]))
-    refs = torch.from_numpy(np.stack([data.render(c.shape, c.color, c.background, rng) for c in truths]))
-    unit = lambda a: a.permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    t = torch.randint(0, 1000, (16,), generator=g)
-    x_t = bb.add_noise(bb.to_x(unit(imgs)), torch.randn(16, 3, 32, 32, generator=g), t)
+    x_t, t, full, tokens = _fixed_batch(trainer)
     with torch.no_grad():
-        full = bb.encode_text([data.prompt(c.shape, c.color, c.background) for c in truths])
-        tokens = bb.image_proj(bb.embed_images(unit(refs)))
-        return trainer._attn_distill_loss(x_t, t, full, bb.encode_text([""] * 16), tokens).item()
+        return trainer._attn_distill_loss(x_t, t, full, trainer.bb.encode_text([""] * 16), tokens).item()
 
 
 def test_layer_local_image_objective_trains_only_the_image_branch_and_lowers_its_loss(tmp_path):

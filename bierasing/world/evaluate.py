@@ -167,13 +167,12 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
     if part == "text":
         sc, bg = sets["shape_color"], sets["background"]
         dets = _detect(generate(bb, [p for p, _ in sc], samples_per_prompt, seed, steps, guidance))
-        n_bg = samples_per_prompt
-        dets_bg = _detect(generate(bb, [p for p, _ in bg], n_bg, seed, steps, guidance))
+        dets_bg = _detect(generate(bb, [p for p, _ in bg], samples_per_prompt, seed, steps, guidance))
         n = len(sc) * samples_per_prompt
         return {"shape": round(sum(d.shape == w.shape for row, (_, w) in zip(dets, sc) for d in row) / n, 4),
                 "color": round(sum(d.color == w.color for row, (_, w) in zip(dets, sc) for d in row) / n, 4),
                 "background": round(sum(d.background == w.background for row, (_, w) in zip(dets_bg, bg)
-                                        for d in row) / (len(bg) * n_bg), 4)}
+                                        for d in row) / (len(bg) * samples_per_prompt), 4)}
     if part == "image":
         tokens, wants = _steering_exemplars(bb, seed)
         n = len(wants) * samples_per_prompt
