@@ -54,7 +54,7 @@ def _cmd_world_train(args) -> int:
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
                                             "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
-                                            "ip_stop_at")
+                                            "ip_stop_at", "precision", "ip_lr")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, **given)
     if args.init_from and not args.start_stage:
@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("unet_batch", "ip_batch", "probe_every"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help="default: TrainConfig in bierasing/world/train.py")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate of every stage (default: TrainConfig)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the clip, unet and vision stages (default: TrainConfig)")
+    t.add_argument("--ip-lr", type=float, default=None,
+                   help="peak learning rate of the ip_warm and ip stages (default: TrainConfig)")
     t.add_argument("--unet-stop-at", type=float, default=None,
                    help="end the UNet stage at the first detector probe with this shape accuracy "
                         "(default: TrainConfig; 0 = always train --unet-steps)")
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end the image-branch stage at the first probe with this image steering (0 = off)")
     t.add_argument("--ip-objective", default=None, choices=("distill", "features", "hybrid", "attn", "denoise"),
                    help="image-branch loss (default: TrainConfig; its help says what each measured)")
+    t.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="UNet and image-branch forward passes (default: TrainConfig; bf16 = torch.autocast)")
     t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip"),
                    help="begin at this stage, taking the earlier stages' weights from --init-from "
                         "(e.g. ip_warm retrains only the image branch)")
