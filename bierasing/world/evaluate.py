@@ -245,7 +245,8 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         f"caption dropout {tr.get('caption_dropout')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}); "
         f"image encoder {tr.get('vision_steps')} steps x {tr.get('clip_batch')}; image branch: projector warm start "
         f"{tr.get('ip_warm_steps', 0)} steps, then {trained('ip', 'ip_steps')} steps x {tr.get('ip_batch')} "
-        f"({tr.get('ip_objective', 'denoise')})",
+        f"({tr.get('ip_objective', 'denoise')}, lr {tr.get('ip_lr', tr.get('lr'))}); "
+        f"forward passes {tr.get('precision', 'fp32')}",
         "- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
         + f"; total {sum(secs.values()) / 60:.1f} min", *probe_lines, "",
         f"## Measured quality (DDIM {q['sampler']['steps']} steps, CFG {q['sampler']['guidance']}, "
