@@ -59,7 +59,7 @@ def single(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads", 2))
-    from bierasing.attack import attack_report
+    from bierasing.world.attack import attack_report
     from bierasing.world.models import ShapesWorldBackbone
 
     bb = ShapesWorldBackbone.load()
@@ -77,7 +77,7 @@ def single(spec: dict) -> dict:
             _, info = load_erasure(bb.unet, spec["file"])
     t0 = time.time()
     if spec.get("embedding_only"):
-        from bierasing.attack import attack_success, embedding_attack
+        from bierasing.world.attack import attack_success, embedding_attack
 
         a = embedding_attack(bb, spec["target"], steps=spec["embedding_steps"], seed=spec.get("seed", 0))
         return {"embedding_asr": round(attack_success(bb, spec["target"], a.cond(), spec["samples"], spec.get("seed", 0)), 4),

@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+#: words that make a concept phrase a whole-image concept (see ``Backbone.is_whole_image``)
+WHOLE_IMAGE_WORDS = ("style", "background")
+
 
 class Backbone(abc.ABC):
     """A text-to-image diffusion model with an optional decoupled image branch."""
@@ -87,6 +90,34 @@ class Backbone(abc.ABC):
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    # ---- what the erasure job asks of a model about concepts ----------------------------------
+    # The defaults suit a general text-to-image model (SD1.x); a model that knows its own
+    # vocabulary (ShapesWorld) overrides them. Nothing outside a backbone special-cases a model.
+
+    #: square size exemplar images from a folder are resized to (None: as loaded)
+    exemplar_size: int | None = None
+
+    def concept_text(self, concept: str) -> str:
+        """The text condition for a concept (a general model reads the phrase as given)."""
+        return concept
+
+    def is_whole_image(self, concept: str) -> bool:
+        """A concept that is the whole picture (a style, a background), not a thing in it: its
+        exemplars are not masked, since a mask would keep the foreground and paint over the
+        concept itself. A general model recognises a phrase with the word style or background."""
+        words = concept.lower().replace(",", " ").split()
+        return any(w in words for w in WHOLE_IMAGE_WORDS)
+
+    def default_safe(self, concept: str) -> str:
+        """The safe alternative to use when none is given ("" = none known: the user names one)."""
+        return ""
+
+    def erasure_scorer(self):
+        """What scores an erased model (:class:`bierasing.erase.scoring.ErasureScorer`)."""
+        from .erase.scoring import ErasureScorer
+
+        return ErasureScorer()
+
     def suggest_related(self, pairs: list[tuple[str, str]], n_contexts: int
                         ) -> tuple[list[str], list[list[tuple[str, str]]]]:
         """Prompts an erasure of the (target, safe) ``pairs`` should hold unchanged, and for each
@@ -95,6 +126,11 @@ class Backbone(abc.ABC):
         Only a model that knows its concept vocabulary can suggest them (ShapesWorld does); for
         SD1.5 the user names what to preserve, so the default is nothing."""
         return [], [[] for _ in pairs]
+
+    def module_name_map(self) -> dict[str, str] | None:
+        """Module names of ``self.unet`` -> diffusers names, for trainable-set selection (None: the
+        UNet already uses diffusers names)."""
+        return None
 
     def attn2_modules(self) -> dict[str, nn.Module]:
         """Cross-attention modules by name (``down_blocks.2.attentions.0...attn2``)."""

@@ -1,13 +1,16 @@
 """Batch erasure: a concept list (CSV or TOML) -> one erasure per row through a running ComfyUI.
 
-Each row fills an API-format prompt template (``workflows/batch/erase_template_api.json``) and is
-queued on a ComfyUI server, either over its HTTP API (``POST /prompt``, then ``GET /history/{id}``)
-or through comfy-cli (``comfy run --workflow F --wait --json``). Finished rows are recorded in a JSON
+Each row fills an API-format prompt template (``bierasing/templates/erase_template_api.json``,
+shipped with the package; ``workflows/batch/erase_template_api.json`` is a copy of it) and is queued
+on a ComfyUI server, either over its HTTP API (``POST /prompt``, then ``GET /history/{id}``) or
+through comfy-cli (``comfy run --workflow F --wait --json``). Finished rows are recorded in a JSON
 state file after every row, so running the same command again skips them (a row whose settings
 changed runs again); a failed row is reported and the batch goes on. At the end a Markdown summary
 table is printed and written next to the state file as ``batch_summary.md``.
 
-Standard library only, and no torch: this module talks to a server, it never loads a model.
+Standard library only (plus ``bierasing.io``, which needs neither torch nor numpy), and no torch: this
+module talks to a server, it never loads a model. Progress goes to the ``bierasing.batch`` logger
+unless a ``progress`` function is given; the command line prints it.
 
     bierasing batch concepts.csv [--server 127.0.0.1:8188] [--via http|comfy-cli] [--dry-run]
 """
@@ -20,6 +23,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,11 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-# the erasure methods of bierasing.erase.config.METHODS (not imported: that package pulls in torch)
-METHODS = ("bi-erasing", "esd-x", "esd-u", "co-erasing")
-NEEDS_NEGATIVE_IMAGES = ("bi-erasing", "co-erasing")
-NEEDS_POSITIVE_IMAGES = ("bi-erasing",)
-NEEDS_IMAGE_ENCODER = ("bi-erasing", "co-erasing")
+from . import methods as registry
+
+from .io import atomic_write_json, atomic_write_text, name_problem
+
+logger = logging.getLogger(__name__)
+
+# the methods the Erase node trains, and which exemplars each needs (bierasing.methods, torch-free)
+METHODS = registry.TRAINED
+NEEDS_NEGATIVE_IMAGES = tuple(m for m in METHODS if registry.get(m).negative_images)
+NEEDS_POSITIVE_IMAGES = tuple(m for m in METHODS if registry.get(m).positive_images)
+NEEDS_IMAGE_ENCODER = tuple(m for m in METHODS if registry.get(m).needs_image_encoder)
 
 COLUMNS = ("name", "concept", "safe", "method", "steps", "negative", "positive", "output",
            "checkpoint", "seed", "lr", "count", "extra")
@@ -55,7 +65,9 @@ CHECKPOINT = "CheckpointLoaderSimple"
 SIDES = {"negative": "negative exemplars", "positive": "positive exemplars"}
 SIDE_INPUT = {"negative": "negative_images", "positive": "positive_images"}
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "workflows" / "batch" / "erase_template_api.json"
+# package data (pyproject [tool.setuptools.package-data]), so it is found after a plain `pip install`;
+# workflows/make_workflows.py copies it to workflows/batch/erase_template_api.json
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "erase_template_api.json"
 DEFAULT_SERVER = "127.0.0.1:8188"
 DEFAULT_TIMEOUT = 3600.0
 SUMMARY_NAME = "batch_summary.md"
@@ -123,13 +135,16 @@ def _int(value, lo: int, hi: int | None = None) -> int:
 
 
 def _output_problem(out: str) -> str | None:
-    if not out:
-        return "is empty"
-    if out.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", out):
-        return f"{out!r} is absolute; give a name inside models/loras such as 'erasures/dog'"
-    if ".." in re.split(r"[/\\]", out):
-        return f"{out!r} contains '..'; the erasure must stay inside models/loras"
-    return None
+    """Why ``out`` cannot name a file in the server's models/loras (checked as text: that folder is on
+    the server, not here), else None."""
+    problem = name_problem(out)
+    if problem is None:
+        return None
+    return {"empty": "is empty",
+            "nul": f"{out!r} contains a NUL character",
+            "absolute": f"{out!r} is absolute; give a name inside models/loras such as 'erasures/dog'",
+            "escapes": f"{out!r} contains '..' that leads out of models/loras; the erasure must stay inside it",
+            }[problem]
 
 
 def _make_row(number: int, raw: dict[str, Any], line: int | None = None) -> Row:
@@ -651,19 +666,9 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def save_state(path: str | os.PathLike, state: dict) -> None:
-    """Write the state atomically: a temporary file beside it, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the state atomically (:func:`bierasing.io.atomic_write_json`: a temporary file beside
+    it, then ``os.replace``; a failed write leaves the old state as it was)."""
+    atomic_write_json(path, state, indent=1)
 
 
 def output_path(row_output: str) -> str:
@@ -689,14 +694,18 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def run_batch(rows: list[Row], template: dict, transport: Transport, state_path: str | os.PathLike,
-              progress: Callable[[str], Any] = print, timeout: float = DEFAULT_TIMEOUT,
+              progress: Callable[[str], Any] | None = None, timeout: float = DEFAULT_TIMEOUT,
               force: bool = False) -> list[RowResult]:
     """Run every row not already done; returns one result per row, in order.
+
+    ``progress`` receives one line per event (the command line prints them); by default they go to
+    the ``bierasing.batch`` logger at INFO level.
 
     The state file maps row name -> {hash of the row's settings, status, prompt_id, outputs, ...} and
     is rewritten atomically after every row; a row is skipped when it is recorded as done with the
     same hash (``force`` re-runs everything).
     """
+    progress = progress or logger.info
     state = load_state(state_path)
     results: list[RowResult] = []
     n = len(rows)
@@ -800,7 +809,7 @@ def _dry_run(rows: list[Row], template: dict, out_dir: Path, state_path: Path, s
             say(f"{label}: invalid: {_where(row.number, row.line)}: {e}")
             continue
         dest = out_dir / f"{slug(row.name) or f'row{i}'}.json"
-        dest.write_text(json.dumps(prompt, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(dest, json.dumps(prompt, indent=2) + "\n")
         done = state["rows"].get(row.name, {})
         note = " (done; a real run skips it)" if done.get("status") == "done" and \
             done.get("hash") == row.settings_hash() else ""
@@ -814,8 +823,13 @@ def main(argv: list[str] | None = None) -> int:
     skipped; 1: some row failed; 2: the batch could not start (unreadable list or template, no server)."""
     args = build_parser().parse_args(argv)
 
+    # the command's own output (what the user ran it for): progress and the summary on stdout,
+    # why it stopped on stderr; the library functions above only log
     def say(msg: str) -> None:
         print(msg, flush=True)
+
+    def complain(msg: str) -> None:
+        print(f"bierasing batch: {msg}", file=sys.stderr, flush=True)
 
     concepts = Path(args.concepts)
     state_path = Path(args.state) if args.state else Path("outputs", "batch", concepts.stem, "state.json")
@@ -828,32 +842,31 @@ def main(argv: list[str] | None = None) -> int:
         load_state(state_path)
         host, port = parse_server(args.server)
     except ValueError as e:
-        print(f"bierasing batch: {e}", file=sys.stderr)
+        complain(str(e))
         return 2
     if args.via == "comfy-cli":
         if shutil.which(args.comfy) is None:
-            print(f"bierasing batch: comfy-cli not found ({args.comfy!r}); pip install comfy-cli, or use --via http",
-                  file=sys.stderr)
+            complain(f"comfy-cli not found ({args.comfy!r}); pip install comfy-cli, or use --via http")
             return 2
         transport: Transport = ComfyCli(host, port, args.comfy)
     else:
         transport = HttpComfy(host, port)
     problem = HttpComfy(host, port).ping()
     if problem:
-        print(f"bierasing batch: {problem}; start it first, e.g. comfy --skip-prompt --workspace <ComfyUI> "
-              f"launch --background -- --port {port}", file=sys.stderr)
+        complain(f"{problem}; start it first, e.g. comfy --skip-prompt --workspace <ComfyUI> "
+                 f"launch --background -- --port {port}")
         return 2
     say(f"{len(rows)} rows from {concepts} -> ComfyUI at {host}:{port} via {args.via}; state {state_path}")
     try:
         results = run_batch(rows, template, transport, state_path, progress=say, timeout=args.timeout,
                             force=args.force)
     except KeyboardInterrupt:
-        print(f"\nbierasing batch: interrupted; finished rows are kept in {state_path} (run again to resume)",
-              file=sys.stderr)
+        print(file=sys.stderr)
+        complain(f"interrupted; finished rows are kept in {state_path} (run again to resume)")
         return 130
     table = summary_table(results)
     summary = state_path.parent / SUMMARY_NAME
-    summary.write_text(f"# Batch {concepts.name}\n\n{table}", encoding="utf-8")
+    atomic_write_text(summary, f"# Batch {concepts.name}\n\n{table}")
     say("")
     say(table.rstrip())
     say(f"summary: {summary}")

@@ -95,16 +95,31 @@ def _cmd_world_eval(args) -> int:
     return 0
 
 
-def _load_backbone(model: str | None):
-    from .world.models import ShapesWorldBackbone
+def _load_backbone(args, method: str | None = None):
+    """The model named by --model (with --ip-adapter / --image-encoder), checked before loading."""
+    from . import methods
+    from .loading import load_backbone, model_kind
 
-    if model in (None, "", "shapesworld"):
-        return ShapesWorldBackbone.load()
-    path = Path(model)
-    if (path / "world.json").is_file():
-        return ShapesWorldBackbone.load(path)
-    raise ValueError(f"{model!r} is not a model this command can load yet: give 'shapesworld' or a "
-                     "ShapesWorld model folder")
+    kind = model_kind(args.model)
+    ip, enc = getattr(args, "ip_adapter", None), getattr(args, "image_encoder", None)
+    if kind != "world" and method and methods.get(method).needs_image_encoder and not (ip and enc):
+        raise ValueError(f"{method} conditions on exemplar images through an image branch: give --ip-adapter "
+                         "(an ip-adapter_sd15 .safetensors) and --image-encoder (its CLIP vision folder), or "
+                         "use --method esd-x / esd-u (text only)")
+    return load_backbone(args.model, ip, enc, resolution=getattr(args, "resolution", 512),
+                         device=getattr(args, "device", None))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shapesworld",
+                   help="'shapesworld' (shipped), a ShapesWorld model folder, or a diffusers SD1.x pipeline folder")
+    p.add_argument("--ip-adapter", default=None,
+                   help="image branch of a real model: an ip-adapter_sd15 .safetensors (bi-erasing, co-erasing)")
+    p.add_argument("--image-encoder", default=None,
+                   help="the CLIP vision folder the --ip-adapter was trained with (ViT-H/14 for ip-adapter_sd15)")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="image size of a real model's samples and exemplars (SD1.5: 512)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def _split(text: str) -> list[str]:
@@ -149,11 +164,9 @@ def _cmd_erase(args) -> int:
         raise ValueError("give the concept(s) to erase with --concept (comma-separated for several)")
     if safes and len(safes) != len(targets):
         raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one per concept")
-    bb = _load_backbone(args.model)
+    bb = _load_backbone(args, cfg.method)
     if not safes:
-        from .world import data
-
-        safes = [data.DEFAULT_SAFE.get(t, "") for t in targets]
+        safes = [bb.default_safe(t) for t in targets]
     negs, poss = _split(args.neg_exemplars) or ["generate"], _split(args.pos_exemplars) or ["generate"]
     pick = lambda lst, i: lst[i] if len(lst) > 1 else lst[0]  # noqa: E731
     specs = [ConceptSpec(t, s, ExemplarSpec(pick(negs, i), args.exemplars, auto_mask=args.auto_mask),
@@ -181,36 +194,29 @@ def _cmd_erase(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .erase.adapters import AdapterSet
     from .erase.export import load_erasure
-    from .world.evaluate import measure_erasure
 
     _threads(args.threads)
-    bb = _load_backbone(args.model)
+    bb = _load_backbone(args)
+    adapters = load_erasure(bb.unet, args.erasure, args.strength)[0] if args.erasure else AdapterSet({})
+    scorer = bb.erasure_scorer()
     out = {}
-    for target in _split(args.concept):
-        before = measure_erasure(bb, target, args.samples, seed=args.seed) if args.baseline else None
-        adapters = None
-        if args.erasure:
-            adapters, _ = load_erasure(bb.unet, args.erasure, args.strength)
-        after = measure_erasure(bb, target, args.samples, seed=args.seed)
-        syn = measure_erasure(bb, target, args.samples, seed=args.seed, synonym=1)
-        attacks = None
-        if args.attack:
-            from .attack import attack_report
-
-            attacks = attack_report(bb, target, samples=args.samples, seed=args.seed, soft_steps=args.attack_steps,
-                                    embedding_steps=args.attack_steps)
-        if adapters is not None:
-            adapters.remove(bb.unet)
-        out[target] = {"acc_e": round(after["acc_e"], 4), "acc_p": round(after["acc_p"], 4),
-                       "h": round(after["h"], 4), "acc_e_synonyms": round(syn["acc_e"], 4)}
-        if attacks is not None:
-            out[target]["attacks"] = {k: attacks[k] for k in (
-                "synonym_asr", "paraphrase_asr", "soft_prompt_asr", "soft_prompt_init_asr",
-                "embedding_asr", "embedding_init_asr", "synonym_asr_per_word", "soft_prompt",
-                "embedding_attack", "seconds")}
-        if before is not None:
-            out[target]["before"] = {k: round(before[k], 4) for k in ("acc_e", "acc_p", "h")}
+    try:
+        for target in _split(args.concept):
+            r = scorer.score(bb, adapters, [(target, "")], args.samples, out=args.out, seed=args.seed,
+                             before=args.baseline)
+            entry = r["per_concept"][0] if r.get("per_concept") else {}
+            res = {k: v for k, v in entry.items() if k not in ("target", "safe")}
+            res.update(res.pop("after", {}))
+            if r.get("grid"):
+                res["grid"] = r["grid"]
+            if args.attack:
+                res["attacks"] = scorer.attack(bb, target, samples=args.samples, seed=args.seed,
+                                               steps=args.attack_steps)
+            out[target] = res
+    finally:
+        adapters.remove(bb.unet)
     result = {"erasure": args.erasure, "samples_per_prompt": args.samples, "concepts": out}
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
@@ -231,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: TrainConfig in bierasing/world/train.py")
     t.add_argument("--ip-empty-prompt", type=float, default=None,
                    help="share of image-branch steps with an empty prompt (default: TrainConfig); more steers "
-                        "harder from the image alone but overshoots beside a caption (model card, session 5)")
+                        "harder from the image alone but overshoots beside a caption (see the model card)")
     for name in ("unet_batch", "ip_batch", "probe_every"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help="default: TrainConfig in bierasing/world/train.py")
@@ -272,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_world_eval)
 
     er = sub.add_parser("erase", help="erase concept(s) from a model; writes a LoRA, a grid and a report")
-    er.add_argument("--model", default="shapesworld", help="'shapesworld' (shipped) or a ShapesWorld model folder")
+    _add_model_args(er)
     er.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated (e.g. circle,red)")
-    er.add_argument("--safe", default="", help="safe alternative per concept, comma-separated (default: a ShapesWorld neighbour)")
+    er.add_argument("--safe", default="", help="safe alternative per concept, comma-separated (default: the "
+                    "model's suggestion where it has one, e.g. a ShapesWorld neighbour)")
     er.add_argument("--neg-exemplars", default="generate", help="'generate' or folder(s) of concept images (+ *_mask.png)")
     er.add_argument("--pos-exemplars", default="generate", help="'generate' or folder(s) of safe-alternative images")
     er.add_argument("--exemplars", type=int, default=16, help="exemplars per branch")
@@ -292,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(er)
     er.set_defaults(func=_cmd_erase)
 
-    ev = sub.add_parser("eval", help="ACC_e / ACC_p / H of a saved erasure on a ShapesWorld model")
-    ev.add_argument("--model", default="shapesworld")
+    ev = sub.add_parser("eval", help="score a saved erasure: before/after pictures on any model, NudeNet "
+                        "counts for nudity, ACC_e / ACC_p / H on ShapesWorld")
+    _add_model_args(ev)
+    ev.add_argument("--out", default=None, help="folder for the before/after grid (default: none written)")
     ev.add_argument("--erasure", default=None, help="erasure .safetensors (omit to score the plain model)")
     ev.add_argument("--concept", required=True, help="erased concept(s), comma-separated")
     ev.add_argument("--strength", type=float, default=1.0, help="LoRA strength")
@@ -301,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--baseline", action="store_true", help="also score the model without the erasure")
     ev.add_argument("--attack", action="store_true",
-                    help="also attack the erasure: synonyms, paraphrases, a soft prompt and a conditioning-space "
-                         "attack (attack success rates; about a minute per concept)")
+                    help="also attack the erasure (ShapesWorld): synonyms, paraphrases, a soft prompt and a "
+                         "conditioning-space attack; attack success rates, about a minute per concept")
     ev.add_argument("--attack-steps", type=int, default=60, help="optimisation steps of each learned attack")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--threads", type=int, default=2)

@@ -2,7 +2,7 @@
 (erased or not) denoises images of the concept best.
 
 UnlearnDiffAtk (Zhang et al. 2024) optimises a few *token embeddings* against the erased model's own
-denoising loss; :func:`bierasing.attack.soft_prompt_attack` does that where the text encoder is
+denoising loss; :func:`bierasing.world.attack.soft_prompt_attack` does that where the text encoder is
 reachable.  This attack optimises the *output* of the text encoder instead: every token row except
 BOS may move, each by at most ``budget`` times its own norm.  It is a stronger white-box attacker
 (anything a token-level attack reaches through the text encoder lies in this space, up to the budget)

@@ -1,15 +1,25 @@
-"""Files: atomic writes, safetensors-only weights, and resumable training checkpoints."""
+"""Files: atomic writes, confined output names, safetensors-only weights, resumable checkpoints.
+
+The one place for writing files safely: :func:`atomic_write_bytes` / :func:`atomic_write_text`
+(temp file in the same folder + ``os.replace``) and :func:`safe_child` / :func:`name_problem`
+(a user-given name must stay inside its folder). Importing this module does not import torch or
+numpy (``bierasing.batch`` uses it without them); the weight and checkpoint helpers import torch
+when called.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
@@ -55,16 +65,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def safe_child(root: str | os.PathLike, name: str) -> Path:
-    """``root / name`` if it stays inside ``root``; a clear error for absolute paths and '..' escapes."""
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a path inside a folder, judged from its text alone; None if it can.
+
+    One of ``"empty"``, ``"nul"``, ``"absolute"`` (a leading ``/`` or ``\\``, or a Windows drive such
+    as ``C:``, on every OS) or ``"escapes"`` (its ``..`` parts climb above the folder; ``a/../b`` is
+    fine). Both ``/`` and ``\\`` separate parts, so a name checked here is safe on a Windows server
+    too. No file system access: use it for folders on another machine (a ComfyUI server's
+    models/loras); :func:`safe_child` adds the symlink-aware check for local folders.
+    """
     if not name or not name.strip():
-        raise ValueError("the output name is empty")
+        return "empty"
     if "\x00" in name:
+        return "nul"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name) or PurePath(name).is_absolute():
+        return "absolute"
+    depth = 0
+    for part in re.split(r"[/\\]", name):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "escapes"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def safe_child(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` if it stays inside ``root``; a clear error for absolute paths and '..' escapes
+    (by the name's text, see :func:`name_problem`, and after resolving symlinks)."""
+    problem = name_problem(name)
+    if problem == "empty":
+        raise ValueError("the output name is empty")
+    if problem == "nul":
         raise ValueError("the output name contains a NUL character")
-    p = Path(name)
-    if p.is_absolute() or p.drive:
+    if problem == "absolute":
         raise ValueError(f"{name!r} is an absolute path; give a name inside the output folder")
+    p = Path(name)
     base = Path(root).resolve()
+    if problem == "escapes":
+        raise ValueError(f"{name!r} would leave the output folder {base}; remove the '..' parts")
     target = (base / p).resolve()
     if target != base and base not in target.parents:
         raise ValueError(f"{name!r} would leave the output folder {base}; remove the '..' parts")
@@ -72,7 +115,14 @@ def safe_child(root: str | os.PathLike, name: str) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    """:func:`atomic_write_text` of ``obj`` as JSON (serialised first, so a value that is not JSON
+    leaves ``path`` untouched)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -107,6 +157,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict, dict]:
     """Flatten an optimizer state_dict into (tensors, json-able meta)."""
+    import torch
+
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():

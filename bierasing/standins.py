@@ -1,7 +1,8 @@
 """Random-weight stand-ins for the real models, built locally from configs (nothing is downloaded).
 
-``build_sd15_folder(path, size="tiny"|"full")`` writes a diffusers SD1.x pipeline folder, a CLIP
-vision encoder folder and an ``ip-adapter_sd15``-layout safetensors file:
+``build_sd15_folder(path, size="tiny"|"full")`` writes a diffusers SD1.x pipeline folder (with its
+``model_index.json``, so ``StableDiffusionPipeline.from_pretrained`` loads it), a CLIP vision encoder
+folder and an ``ip-adapter_sd15``-layout safetensors file:
   * "full": the real SD1.5 UNet/VAE/text-encoder architecture (860 M UNet parameters);
   * "tiny": the same classes and SD1.x interface (4 latent channels, 768-d cross-attention,
     77 tokens) with few channels and layers, for fast tests.
@@ -32,7 +33,53 @@ def _byte_vocab(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def model_index(diffusers_version: str) -> dict:
+    """The ``model_index.json`` of the stand-in: a ``StableDiffusionPipeline`` of the components
+    :func:`build_sd15_folder` writes, without a safety checker (``null`` entries, as diffusers saves a
+    pipeline built with ``safety_checker=None``). ``image_encoder/`` is left out of the pipeline
+    (``null``): it is the IP-Adapter's encoder, loaded by ``SD15Backbone`` or ComfyUI, not by
+    ``StableDiffusionPipeline``."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
 def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+    """Write random-weight SD1.x stand-ins under ``path`` (created if missing) and return their paths.
+
+    ``size`` picks the architecture:
+
+    * ``"tiny"`` (default): a 2-level UNet (32/64 channels, cross-attention in the first down block,
+      the mid block and the last up block, 8 heads), a 1-layer 768-wide CLIP text encoder, a 2-level VAE (16/32 channels) and a
+      32-px ViT image encoder with a 64-d projection; a few MB, built and loaded in seconds;
+    * ``"full"``: the real SD1.5 shapes (860 M UNet parameters, 12-layer CLIP ViT-L text encoder,
+      the 4-level VAE, a ViT-H/14 image encoder with a 1024-d projection); several GB on disk and
+      minutes on a CPU.
+
+    Both keep SD1.x's interface: 4 latent channels, 768-d cross-attention, 77 tokens, a byte-level
+    CLIP tokenizer, a scaled-linear DDPM scheduler. Written:
+
+    * ``path/`` as a diffusers pipeline folder: ``unet/``, ``text_encoder/``, ``tokenizer/``,
+      ``vae/``, ``scheduler/`` and ``model_index.json`` (``StableDiffusionPipeline``, no safety
+      checker), so ``StableDiffusionPipeline.from_pretrained(path, safety_checker=None)`` and
+      ``SD15Backbone.from_pretrained(path)`` both load it offline;
+    * ``path/image_encoder/`` (``CLIPVisionModelWithProjection``);
+    * ``path/ip-adapter_sd15.safetensors`` (``image_proj.*`` / ``ip_adapter.*`` keys).
+
+    The weights depend only on ``size`` and ``seed`` (the global torch RNG is left as it was).
+    Returns ``{"model": path, "ip_adapter": ..., "image_encoder": ...}``.
+    """
+    import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
@@ -88,4 +135,5 @@ def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> di
             torch.nn.init.normal_(p, std=0.02)
         proj = ImageProjModel(vis_cfg.projection_dim, 768, 4)
         save_safetensors(root / "ip-adapter_sd15.safetensors", ip_adapter_state_dict(proj, unet))
+    (root / "model_index.json").write_text(json.dumps(model_index(diffusers.__version__), indent=2) + "\n")
     return {"model": root, "ip_adapter": root / "ip-adapter_sd15.safetensors", "image_encoder": root / "image_encoder"}

@@ -256,6 +256,10 @@ class ComfyBackbone(Backbone):
     def attn2_modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.unet.named_modules() if n.endswith("attn2") and hasattr(m, "to_k")}
 
+    def module_name_map(self) -> dict[str, str] | None:
+        """ComfyUI's LDM module names -> diffusers names, so trainable sets pick the same layers."""
+        return ldm_to_diffusers_names(self.patcher) or None
+
     def attention_recorders(self) -> list:
         return list(self._wrapped.values())
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bierasing import methods as registry
 from bierasing.erase.config import EraseConfig
 from bierasing.erase.masks import MaskFilter
 
@@ -129,8 +130,8 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
         raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one safe concept, "
                          "or one per concept (comma-separated)")
     safes = safes * len(targets) if len(safes) == 1 else safes
-    needs_images = cfg.method in ("bi-erasing", "co-erasing")
-    if needs_images and (clip_vision is None or image_adapter is None):
+    need_neg, need_pos = cfg.images_needed()
+    if registry.get(cfg.method).needs_image_encoder and (clip_vision is None or image_adapter is None):
         raise ValueError(f"{cfg.method} conditions on exemplar images: connect a CLIP_VISION (Load CLIP Vision) "
                          "and an image adapter (Load Image Adapter), or pick esd-x / esd-u")
     bb = glue.ComfyBackbone(model, clip, vae, clip_vision,
@@ -139,7 +140,7 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
     with torch.inference_mode(False):
         neg = glue.plain(to_bchw(negative_images)).to(bb.device) if negative_images is not None else None
         pos = glue.plain(to_bchw(positive_images)).to(bb.device) if positive_images is not None else None
-    concepts = [Concept(t, s, neg if needs_images else None, pos if cfg.method == "bi-erasing" else None)
+    concepts = [Concept(t, s, neg if need_neg else None, pos if need_pos else None)
                 for t, s in zip(targets, safes)]
     # conditioning first: CLIP and CLIP vision are done before the UNet is loaded for training
     with torch.inference_mode(False):

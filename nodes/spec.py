@@ -138,11 +138,9 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("images", "IMAGE", "the generated exemplars")]),
     NodeSpec(
         "MaskFilter", "Filter Exemplar Masks",
-        "Cleans exemplar masks (threshold, drop specks, close/open, feather) and fills the background "
-        "with the image's mean colour, so the image encoder sees the concept and not its surroundings. "
-        "Without a MASK input the mask comes from the model's own cross-attention to the concept word "
-        "in the caption (connect model, clip and vae for that). Leave this node out for a style or a "
-        "background: the whole image is the concept, and masking would paint it over with the mean colour.",
+        "Cleans exemplar masks and fills the background with the image's mean colour, so the image "
+        "encoder sees the concept, not its surroundings. Without a MASK the model's own attention to the "
+        "concept word masks (connect model, clip, vae). Skip this node for a style or background.",
         inputs=[_image("images", "exemplar images"),
                 _mask("masks", "masks from any segmenter or a painted mask (1 = concept); leave empty for automatic masks"),
                 Port("concept", "STRING", "concept word for automatic masks (must appear in the caption)", default="person"),
@@ -164,10 +162,9 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("image_adapter", IMAGE_ADAPTER, "the image branch weights")]),
     NodeSpec(
         "Erase", "Erase Concept (Bi-Erasing)",
-        "Fine-tunes a LoRA so the model no longer draws the concept: the negative branch (concept text + "
-        "concept images) is pushed away, the positive branch (safe text + safe images) pulled toward. "
-        "Baselines (ESD-x, ESD-u, Co-Erasing) run in the same engine. Returns the erased MODEL for the "
-        "stock KSampler, the LoRA, a loss curve and a JSON report.",
+        "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from the concept (text "
+        "+ images), pulled toward the safe alternative. Baselines (ESD-x, ESD-u, Co-Erasing) run in the "
+        "same engine. Returns the erased MODEL, the LoRA, a loss curve and a JSON report.",
         inputs=[Port("model", "MODEL", "SD1.x model to erase from"),
                 Port("clip", "CLIP", "its text encoder"),
                 Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
@@ -245,10 +242,9 @@ SPECS: list[NodeSpec] = [
         output_node=True),
     NodeSpec(
         "Attack", "Attack Erasure (conditioning)",
-        "Tries to bring an erased concept back: learns a bounded offset of a prompt's text conditioning "
-        "under which the (erased) model denoises the concept images best - a white-box attack in the spirit "
-        "of UnlearnDiffAtk, in conditioning space. Sample from the output with a KSampler and score the "
-        "images with Evaluate Erasure; compare with the start conditioning.",
+        "Tries to bring an erased concept back: learns a bounded offset of a prompt's conditioning under "
+        "which the erased model denoises the concept images best (UnlearnDiffAtk-style, white-box). "
+        "Sample from the output with a KSampler and score it with Evaluate Erasure.",
         inputs=[Port("model", "MODEL", "the erased model to attack"),
                 Port("clip", "CLIP", "text encoder"),
                 Port("vae", "VAE", "VAE, to encode the concept images"),

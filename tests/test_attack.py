@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from bierasing import attack
+from bierasing.world import attack
 from bierasing.world import data
 
 ALL = [c for values in data.AXES.values() for c in values]

@@ -124,7 +124,7 @@ class Ctx:
         root = logging.getLogger()  # main() calls logging.basicConfig: keep its handler out of later tests
         self.mp.setattr(root, "handlers", list(root.handlers))
         if world:  # the tiny random model instead of loading the shipped one
-            self.mp.setattr(cli, "_load_backbone", lambda model: self.world)
+            self.mp.setattr(cli, "_load_backbone", lambda *a, **k: self.world)
         self.capsys.readouterr()
         try:
             code = cli.main(list(argv))
@@ -383,12 +383,13 @@ CASES = [
     Case("unsupported-model-folder-cli", "cli erase --model",
          lambda c, d: c.cli("erase", "--model", str(d), "--concept", "circle", "--out", str(c.out),
                             "--threads", "1", world=False), 2,
-         r"bierasing: error: .*not_a_model' is not a model this command can load yet: give 'shapesworld'",
+         r"bierasing: error: .*not_a_model' is not a model this command can load; give one of: 'shapesworld'",
          setup=lambda c: _bytes(c.tmp / "not_a_model" / "model_index.json", b"{}").parent),
     Case("unsupported-model-id-cli", "cli eval --model",
          lambda c, d: c.cli("eval", "--model", "runwayml/stable-diffusion-v1-5", "--concept", "circle",
                             "--threads", "1", world=False), 2,
-         r"is not a model this command can load yet: give 'shapesworld' or a ShapesWorld model folder"),
+         r"'runwayml/stable-diffusion-v1-5' does not exist; give 'shapesworld' or a path to a ShapesWorld "
+         r"model folder, a diffusers SD1.x pipeline folder"),
 
     # training
     Case("loss-turns-nan", "library Eraser.run (node:BiErasingErase)",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -300,14 +302,44 @@ def test_state_is_written_atomically(tmp_path, template, monkeypatch):
 
     before = state.read_text()
 
-    def broken_dump(*a, **k):
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(batch.json, "dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", disk_full)  # the write fails after the temp file has data
+    with pytest.raises(OSError, match="the disk is full"):
         batch.save_state(state, {"version": 1, "rows": {}})
     assert state.read_text() == before  # a failed write leaves the old state intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "s.json"]
+
+
+def test_state_and_summary_use_the_io_helpers(tmp_path, monkeypatch):
+    """One atomic writer for the whole library: batch goes through bierasing.io, not its own copy."""
+    from bierasing import io
+    calls = []
+    real = io.atomic_write_bytes
+    monkeypatch.setattr(io, "atomic_write_bytes", lambda path, data: (calls.append(Path(path)), real(path, data)))
+    batch.save_state(tmp_path / "s.json", {"version": 1, "rows": {}})
+    assert calls == [tmp_path / "s.json"]
+    assert json.loads((tmp_path / "s.json").read_text()) == {"version": 1, "rows": {}}
+    assert "mkstemp" not in Path(batch.__file__).read_text()  # no private copy of the writer
+
+
+def test_run_batch_logs_progress_by_default(tmp_path, template, caplog):
+    rows = read_concepts(write(tmp_path, HEADER + "a,dog,cat,,,,,,,,\n"))
+    with caplog.at_level(logging.INFO, logger="bierasing.batch"):
+        run_batch(rows, template, RecordingTransport(), tmp_path / "s.json")
+    assert [r.name for r in caplog.records] == ["bierasing.batch"] * 2
+    assert caplog.messages[0] == "[1/1] a: running..."
+    assert caplog.messages[1].startswith("[1/1] a: done in ")
+    assert caplog.messages[1].endswith(" -> models/loras/erasures/a.safetensors")
+
+
+def test_output_names_stay_inside_models_loras(tmp_path):
+    lines = ["a,dog,cat,,,,,erasures/../x,,,", "b,dog,cat,,,,,..\\x,,,", "c,dog,cat,,,,,\\\\server\\x,,,"]
+    rows = read_concepts(write(tmp_path, HEADER + "\n".join(lines) + "\n"))
+    assert rows[0].errors == [] and rows[0].output == "erasures/../x"  # '..' that stays inside is fine
+    assert "contains '..' that leads out of models/loras" in rows[1].errors[0]
+    assert "is absolute" in rows[2].errors[0]
 
 
 def test_summary_table():

@@ -394,14 +394,20 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_world, preserve_xt):
 
 def test_micro_batch_auto_splits_large_unets_only(tiny_world):
     from bierasing.erase.config import MICRO_AUTO_PARAMS
-    from bierasing.erase.engine import resolve_micro_batch
+    from bierasing.erase.engine import resolve_for_model
 
-    assert resolve_micro_batch(tiny_world, _cfg()).micro_batch == 0  # a tiny UNet: the whole batch at once
-    assert resolve_micro_batch(tiny_world, _cfg(micro_batch=3)).micro_batch == 3
+    def micro(bb, cfg):
+        return resolve_for_model(bb, cfg, [])[0].micro_batch
+
+    assert micro(tiny_world, _cfg()) == 0  # a tiny UNet: the whole batch at once
+    assert micro(tiny_world, _cfg(micro_batch=3)) == 3
 
     class Large:
         unet = torch.nn.Linear(1, MICRO_AUTO_PARAMS, device="meta")  # a parameter count, no memory
 
-    assert resolve_micro_batch(Large(), _cfg()).micro_batch == 1
+        def suggest_related(self, pairs, n):
+            return [], [[] for _ in pairs]
+
+    assert micro(Large(), _cfg()) == 1
     with pytest.raises(ValueError, match=r"micro_batch must be in \[-1, 256\]"):
         EraseConfig(micro_batch=-2)

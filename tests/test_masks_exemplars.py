@@ -108,12 +108,14 @@ def test_word_positions_and_attention_masks(tiny_world):
 def test_auto_masks_skip_whole_image_concepts(tiny_world):
     """A background or style is the whole picture: masking its exemplars would paint it over with
     the mean colour, so "auto" leaves them as drawn and masks everything else."""
-    from bierasing.erase.job import ExemplarSpec, load_exemplars, whole_image_concept
+    from bierasing.backbone import Backbone
+    from bierasing.erase.job import ExemplarSpec, load_exemplars
 
-    assert [whole_image_concept(tiny_world, c) for c in ("black", "white", "gray")] == [True] * 3
-    assert not any(whole_image_concept(tiny_world, c) for c in ("circle", "star", "red", "yellow"))
-    assert whole_image_concept(None, "Van Gogh style") and whole_image_concept(None, "a snowy background")
-    assert not whole_image_concept(None, "Van Gogh") and not whole_image_concept(None, "a stylish car")
+    assert [tiny_world.is_whole_image(c) for c in ("black", "white", "gray")] == [True] * 3
+    assert not any(tiny_world.is_whole_image(c) for c in ("circle", "star", "red", "yellow"))
+    generic = Backbone.is_whole_image.__get__(object())  # a general model's rule
+    assert generic("Van Gogh style") and generic("a snowy background")
+    assert not generic("Van Gogh") and not generic("a stylish car")
     with pytest.raises(ValueError, match="auto_mask must be one of auto, attention, none"):
         ExemplarSpec(auto_mask="clipseg")
     logs = []

@@ -6,7 +6,7 @@ import torch
 
 from bierasing.erase import Concept, EraseConfig
 from bierasing.erase.config import MAP_AUTO, MAP_AUTO_KEEP
-from bierasing.erase.engine import Eraser, with_related
+from bierasing.erase.engine import Eraser, resolve_for_model
 from bierasing.world import data, related
 from bierasing.world.evaluate import erasure_prompts
 
@@ -54,7 +54,7 @@ def _concept(neg=True):
 def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     cfg = EraseConfig(steps=1)
     assert cfg.preserve == "auto" and cfg.contexts == -1 and cfg.map_target_to_safe == -1
-    got, concepts = with_related(tiny_world, cfg, [_concept()])
+    got, concepts = resolve_for_model(tiny_world, cfg, [_concept()])
     near = related.context_neighbours("circle", "square")
     assert got.preserved() == related.context_preserve("circle") + near
     assert "a yellow triangle on a black background" in near  # beside 'a yellow circle on a black background'
@@ -62,12 +62,12 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     assert [(c.target, c.safe) for c in concepts[1:]] == related.context_pairs("circle", "square")
     assert all(c.negative_images is concepts[0].negative_images for c in concepts)
     # explicit settings win; an empty preserve gives the weaker pull
-    got, concepts = with_related(tiny_world, EraseConfig(preserve="", contexts=0), [_concept()])
+    got, concepts = resolve_for_model(tiny_world, EraseConfig(preserve="", contexts=0), [_concept()])
     assert got.preserved() == [] and len(concepts) == 1 and got.map_target_to_safe == MAP_AUTO
-    got, concepts = with_related(tiny_world, EraseConfig(preserve="a star", contexts=2), [_concept()])
+    got, concepts = resolve_for_model(tiny_world, EraseConfig(preserve="a star", contexts=2), [_concept()])
     assert got.preserved() == ["a star"] and len(concepts) == 3
     # the baselines as published: no preserve set, no contexts
-    got, concepts = with_related(tiny_world, EraseConfig(method="esd-x"), [_concept()])
+    got, concepts = resolve_for_model(tiny_world, EraseConfig(method="esd-x"), [_concept()])
     assert got.preserved() == [] and got.contexts == 0 and len(concepts) == 1
     # the resolved config is what the run records
     er = Eraser(tiny_world, [_concept()], EraseConfig(steps=1, adversarial=0.0))
@@ -78,7 +78,7 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
 
 def test_contexts_on_a_model_that_cannot_suggest_them_is_a_clear_error(tiny_world):
     with pytest.raises(ValueError, match="cannot suggest contexts"):
-        with_related(tiny_world, EraseConfig(contexts=2), [Concept("a dragon", "a cat", torch.rand(1, 3, 32, 32),
+        resolve_for_model(tiny_world, EraseConfig(contexts=2), [Concept("a dragon", "a cat", torch.rand(1, 3, 32, 32),
                                                                    torch.rand(1, 3, 32, 32))])
-    got, concepts = with_related(tiny_world, EraseConfig(), [Concept("a dragon", "a cat")])
+    got, concepts = resolve_for_model(tiny_world, EraseConfig(), [Concept("a dragon", "a cat")])
     assert got.preserved() == [] and got.contexts == 0 and len(concepts) == 1

@@ -1,6 +1,7 @@
 """Generate the pack's example workflows: one Python graph each -> UI JSON + API JSON twin.
 
     python workflows/make_workflows.py            # rewrite workflows/<name>.json and workflows/api/<name>.json
+                                                  # (and copy the batch template, see below)
     python workflows/make_workflows.py --check    # exit 1 if a committed file differs (or is stale/extra)
     python workflows/make_workflows.py --refresh-core /path/to/object_info.json
                                                   # re-vendor the core node schemas used here
@@ -10,6 +11,11 @@ Widget order: ComfyUI's frontend builds a node's widgets from its inputs sorted 
 extra ``control_after_generate`` value ("fixed") after every seed widget. Our node schemas come from
 ``nodes/spec.py`` (``spec.all_object_info()``), core ones from ``schemas/core_object_info.json``
 (ComfyUI 0.3.64's /object_info, vendored subset), so the files follow whatever the specs declare.
+
+The batch template (the API-format prompt ``bierasing batch`` fills per row) is package data:
+``bierasing/templates/erase_template_api.json`` is its single source, edited by hand. This script
+checks it with the same validator and copies it to ``workflows/batch/erase_template_api.json`` for
+people who use it from here; ``--check`` fails if the copy differs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ CKPT = "v1-5-pruned-emaonly.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IP_ADAPTER = "ip-adapter_sd15.safetensors"
 TINY_CKPT = "tiny_sd15.safetensors"
+# single source: package data of bierasing (found after a plain pip install); the copy is generated
+BATCH_TEMPLATE = ROOT / "bierasing" / "templates" / "erase_template_api.json"
+BATCH_TEMPLATE_COPY = HERE / "batch" / "erase_template_api.json"
 
 MODELS_NOTE = (
     "Files (ComfyUI/models/...):\n"
@@ -515,6 +524,11 @@ def render(schemas: dict | None = None) -> dict[Path, str]:
             raise ValueError(f"{g.name}: generated an invalid workflow:\n  " + "\n  ".join(problems))
         files[HERE / f"{g.name}.json"] = _dump(ui)
         files[HERE / "api" / f"{g.name}.json"] = _dump(api)
+    text = BATCH_TEMPLATE.read_text()
+    problems = validate(json.loads(text), schemas)
+    if problems:
+        raise ValueError(f"{BATCH_TEMPLATE.relative_to(ROOT)} is not a valid prompt:\n  " + "\n  ".join(problems))
+    files[BATCH_TEMPLATE_COPY] = text  # a byte-for-byte copy of the package's template
     return files
 
 
@@ -559,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             print("run: python workflows/make_workflows.py", file=sys.stderr)
         return 1 if diffs else 0
     (HERE / "api").mkdir(exist_ok=True)
+    (HERE / "batch").mkdir(exist_ok=True)
     for path, text in files.items():
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)

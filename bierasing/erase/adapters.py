@@ -5,7 +5,9 @@ Two kinds, both exact no-ops at step 0:
   * delta (rank 0): (W + D) x with D initialised to zero - a full fine-tune of the chosen weights
     that still needs no second copy of the UNet.
 
-Trainable sets select modules by diffusers' own names and fail loudly when nothing matches.
+Trainable sets select modules by diffusers' own names and fail loudly when nothing matches; a UNet
+with other module names (ComfyUI's LDM ``UNetModel``) is selected through a name map to diffusers
+names (:func:`bierasing.unet_names.ldm_to_diffusers`), so each set means the same layers in both.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +32,26 @@ _ATTN2 = re.compile(r"attn2\.(to_q|to_k|to_v|to_out\.0)$")
 _ATTN2_KV = re.compile(r"attn2\.(to_k|to_v)$")
 
 
-def select_modules(unet: nn.Module, trainable: str) -> dict[str, nn.Module]:
-    """Linear/Conv2d modules of ``unet`` in a trainable set; the image branch is never included."""
+def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | None = None
+                   ) -> dict[str, nn.Module]:
+    """Linear/Conv2d modules of ``unet`` in a trainable set, keyed by ``unet``'s own module names in
+    ``unet.named_modules()`` order; the image branch is never included.
+
+    The rules are written in diffusers UNet2DConditionModel names. ``names`` maps the unet's own
+    module names to diffusers module names (no ``.weight`` suffix), e.g. ComfyUI's LDM
+    ``time_embed.0`` -> ``time_embedding.linear_1``; each rule is applied to the mapped name. A
+    module the map does not name (no diffusers counterpart) is judged by its own name. Without
+    ``names`` the own names are taken to be diffusers names.
+    """
     if trainable not in TRAINABLE_SETS:
         raise ValueError(f"unknown trainable set {trainable!r}; choose one of {', '.join(TRAINABLE_SETS)}")
     out = {}
-    for name, m in unet.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, AdaptedLayer) or "processor" in name:
+    for own, m in unet.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or isinstance(m, AdaptedLayer) or "processor" in own:
             continue
-        if ".base" in name:
+        if ".base" in own:
             continue
+        name = names.get(own, own) if names else own
         if trainable == "attn2":
             keep = bool(_ATTN2.search(name))
         elif trainable == "attn2_kv":
@@ -48,10 +61,11 @@ def select_modules(unet: nn.Module, trainable: str) -> dict[str, nn.Module]:
         else:
             keep = True
         if keep:
-            out[name] = m
+            out[own] = m
     if not out:
         raise ValueError(f"trainable set {trainable!r} matched no module of this UNet; is it a "
-                         "diffusers UNet2DConditionModel with cross-attention?")
+                         "diffusers UNet2DConditionModel with cross-attention (or a UNet given with a "
+                         "name map to diffusers names)?")
     return out
 
 
@@ -163,13 +177,16 @@ class AdapterSet:
 
 
 def attach(unet: nn.Module, trainable: str = "attn2", rank: int = 4, alpha: float | None = None,
-           generator: torch.Generator | None = None) -> AdapterSet:
-    """Wrap the modules of a trainable set in adapters; the UNet's own weights stay frozen."""
+           generator: torch.Generator | None = None, names: Mapping[str, str] | None = None) -> AdapterSet:
+    """Wrap the modules of a trainable set in adapters; the UNet's own weights stay frozen.
+
+    ``names``: the unet's module names -> diffusers names, as in :func:`select_modules`; the
+    adapters are keyed by the unet's own names either way."""
     if rank < 0:
         raise ValueError(f"rank must be >= 0 (0 = full weight delta), got {rank}")
     unet.requires_grad_(False)
     layers = {}
-    for name, m in select_modules(unet, trainable).items():
+    for name, m in select_modules(unet, trainable, names).items():
         layer = AdaptedLayer(m, rank, alpha if alpha is not None else float(rank), generator)
         _set_submodule(unet, name, layer)
         layers[name] = layer

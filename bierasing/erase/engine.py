@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 
 from .. import __version__, io
+from .. import methods as registry
 from ..backbone import Backbone
 from ..sampling import ddim_timesteps
 from . import xt as xt_sources
 from .adapters import AdapterSet, attach
 from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
 from .export import save_erasure
-from .objectives import (branch_weights, mse, negative_guidance_target, positive_guidance_target,
-                         timestep_weights)
+from .objectives import LossWeights, branch_weights, erasure_loss, loss_targets, timestep_weights
 
 
 class ErasureInterrupted(RuntimeError):
@@ -106,11 +106,22 @@ class ErasureResult:
         return save_erasure(path, self.adapters, self.info())
 
 
-def with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
-                 ) -> tuple[EraseConfig, list[Concept]]:
-    """Resolve ``preserve='auto'`` and ``contexts=-1`` against the model's suggestions: the config
-    with an explicit preserve list and context count (what gets recorded), and the concepts
-    followed by their context pairs, which share the concept's exemplars."""
+def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
+                      ) -> tuple[EraseConfig, list[Concept]]:
+    """Resolve the settings whose auto value depends on the model (the others resolve in
+    ``EraseConfig``): ``preserve='auto'``, ``contexts=-1`` and the target->safe pull from the model's
+    suggestions, ``micro_batch=-1`` from the UNet's size. Returns the config with explicit values
+    (what gets recorded) and the concepts followed by their context pairs, which share the
+    concept's exemplars."""
+    cfg, concepts = _with_related(backbone, cfg, concepts)
+    if cfg.micro_batch == AUTO_INT:  # one call on a small UNet, one x_t sample per call on a large one
+        n = sum(p.numel() for p in backbone.unet.parameters())
+        cfg = dataclasses.replace(cfg, micro_batch=0 if n < MICRO_AUTO_PARAMS else 1)
+    return cfg, concepts
+
+
+def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
+                  ) -> tuple[EraseConfig, list[Concept]]:
     n = CONTEXTS_AUTO if cfg.contexts < 0 else cfg.contexts
     if not cfg.auto_preserve and n == 0:
         return dataclasses.replace(cfg, contexts=0), concepts
@@ -123,15 +134,6 @@ def with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
     cfg = dataclasses.replace(cfg, preserve=", ".join(keep) if cfg.auto_preserve else cfg.preserve,
                               contexts=max((len(p) for p in pairs), default=0))
     return cfg, concepts + extra
-
-
-def resolve_micro_batch(backbone: Backbone, cfg: EraseConfig) -> EraseConfig:
-    """``micro_batch=-1`` (auto): the whole batch in one UNet call for a small UNet, one x_t sample
-    per call for a large one (the recorded config holds the number)."""
-    if cfg.micro_batch != AUTO_INT:
-        return cfg
-    n = sum(p.numel() for p in backbone.unet.parameters())
-    return dataclasses.replace(cfg, micro_batch=0 if n < MICRO_AUTO_PARAMS else 1)
 
 
 def peak_rss_mb() -> float:
@@ -147,17 +149,16 @@ class Eraser:
                  checkpoint_path: str | Path | None = None):
         if not concepts:
             raise ValueError("give at least one concept to erase")
-        cfg, concepts = with_related(backbone, cfg, concepts)
-        cfg = resolve_micro_batch(backbone, cfg)
-        needs_images = cfg.method in ("bi-erasing", "co-erasing")
+        cfg, concepts = resolve_for_model(backbone, cfg, concepts)
+        need_neg, need_pos = cfg.images_needed()
         for c in concepts:
-            if needs_images and c.negative_images is None:
+            if need_neg and c.negative_images is None:
                 raise ValueError(f"{cfg.method} needs negative exemplar images of {c.target!r}: "
                                  "give an exemplar folder or let the model generate them")
-            if cfg.method == "bi-erasing" and cfg.pos_weight > 0 and c.positive_images is None:
-                raise ValueError(f"bi-erasing needs positive exemplar images of {c.safe or 'the safe concept'!r}")
-            if cfg.method == "bi-erasing" and cfg.pos_weight > 0 and not c.safe.strip():
-                raise ValueError(f"bi-erasing needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
+            if need_pos and c.positive_images is None:
+                raise ValueError(f"{cfg.method} needs positive exemplar images of {c.safe or 'the safe concept'!r}")
+            if (cfg.pos_weight > 0 or cfg.map_target_to_safe > 0) and not c.safe.strip():
+                raise ValueError(f"{cfg.method} needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
             if cfg.neg_anchor > 0 and not c.safe.strip():
                 raise ValueError(f"neg_anchor {cfg.neg_anchor:g} needs a safe alternative for {c.target!r}; give "
                                  "one or use neg_anchor 0 (the empty prompt)")
@@ -206,7 +207,7 @@ class Eraser:
                             for c in self.concepts]
             self.x0_neg = [bb.to_x(c.negative_images.to(bb.device)) if cfg.xt_source == "noised" else None
                            for c in self.concepts]
-        self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen)
+        self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen, names=bb.module_name_map())
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
         self.cache = None
         self.xt_forward_rows = 0
@@ -271,6 +272,17 @@ class Eraser:
             return None
         return toks[torch.randint(0, toks.shape[0], (B,), generator=self.gen)]
 
+    def loss_weights(self) -> LossWeights:
+        """This step's weights: the schedule's branch weights and the settings' extra rows."""
+        cfg = self.cfg
+        lam_neg, lam_pos = branch_weights(cfg.schedule, self.step / cfg.steps, cfg.neg_weight,
+                                          cfg.pos_weight, cfg.stage_threshold)
+        return LossWeights(neg=lam_neg, pos=lam_pos, map=cfg.map_target_to_safe,
+                           adv=cfg.adversarial if lam_neg > 0 else 0.0,
+                           keep=cfg.preserve_weight if self.c_keep is not None else 0.0,
+                           neg_guidance=cfg.neg_guidance, pos_guidance=cfg.pos_guidance,
+                           neg_anchor=cfg.neg_anchor)
+
     def training_step(self) -> dict:
         bb, cfg = self.bb, self.cfg
         B = cfg.batch_size
@@ -279,88 +291,70 @@ class Eraser:
         self.xt_forward_rows += fw
         x, t = x.to(bb.device), t.to(bb.device)
         w = self._t_weight(t)
-        lam_neg, lam_pos = branch_weights(cfg.schedule, self.step / cfg.steps, cfg.neg_weight,
-                                          cfg.pos_weight, cfg.stage_threshold)
+        lw = self.loss_weights()
         rep = lambda e: e.expand(B, -1, -1)  # noqa: E731
+        teacher_names = lw.teacher_rows()
         i_neg = self._tokens(self.tok_neg, ci, B)
-        safe_anchor = cfg.neg_anchor > 0 and lam_neg > 0
-        need_pos = lam_pos > 0 or cfg.map_target_to_safe > 0 or safe_anchor
-        i_pos = self._tokens(self.tok_pos, ci, B) if need_pos else None
-        text_only = cfg.method in ("esd-x", "esd-u")
-        adversarial = cfg.adversarial > 0 and lam_neg > 0
-        if adversarial and (self.step % cfg.adversarial_every == 0 or self.adv_delta[ci] is None):
+        i_pos = self._tokens(self.tok_pos, ci, B) if "safe" in teacher_names else None
+        text_only = registry.get(cfg.method).text_only
+        if lw.adv > 0 and (self.step % cfg.adversarial_every == 0 or self.adv_delta[ci] is None):
             self.refresh_adversaries()  # also when the negative branch first switches on (guide-then-erase)
 
-        # row groups: (text, image tokens or None) of B rows each, on x_t = x; teacher groups first
-        teacher, student = [], []
-        if lam_neg > 0:
-            img = None if text_only else i_neg
-            uncond_img = None if (text_only or cfg.text_uncond) else i_neg
-            teacher += [(rep(self.uncond), uncond_img), (rep(self.c_neg[ci]), img)]
-            student += [(rep(self.c_neg[ci]), img)]
-        if need_pos:
-            teacher += [(rep(self.uncond), i_pos), (rep(self.c_pos[ci]), i_pos)]
-            if lam_pos > 0:
-                student += [(rep(self.c_pos[ci]), i_pos)]
-            if cfg.map_target_to_safe > 0:
-                student += [(rep(self.c_neg[ci]), None if cfg.map_text_only else i_pos)]
-        if adversarial:  # text-only: suppress the concept under the attack's conditioning, ESD's target
-            j_adv = len(teacher)
-            if text_only:
-                j_adv = 0
-            else:
-                teacher += [(rep(self.uncond), None), (rep(self.c_neg[ci]), None)]
-            student += [(rep(self.c_neg[ci] + self.adv_delta[ci]), None)]
-        teacher = [(x, t, *g) for g in teacher]
-        student = [(x, t, *g) for g in student]
-        j_keep, wk = len(teacher), w
-        if self.c_keep is not None:
-            if self.keep_cache is None:  # preservation rows on the erasure rows' x_t
+        # each row group: B rows of (x_t, t, text, image tokens or None); a row without image gets
+        # zero image tokens, which makes its image channel exactly zero
+        c_neg, c_pos, u = rep(self.c_neg[ci]), rep(self.c_pos[ci]), rep(self.uncond)
+        img_neg = None if text_only else i_neg
+        xk, tk, wk = x, t, w  # preservation rows: the erasure rows' x_t, or a preserved prompt's own
+        keep = None
+        if lw.keep > 0:
+            if self.keep_cache is None:
                 keep = self.c_keep[torch.randint(0, self.c_keep.shape[0], (B,), generator=self.gen)]
-                teacher.append((x, t, keep, None))
-                student.append((x, t, keep, None))
-            else:  # on a preserved prompt's own trajectories: a second x_t batch
+            else:
                 ki = int(torch.randint(0, self.c_keep.shape[0], (1,), generator=self.gen))
                 xk, tk, _ = self.keep_cache.draw(ki, B, self.gen)
                 xk, tk = xk.to(bb.device), tk.to(bb.device)
-                teacher.append((xk, tk, rep(self.c_keep[ki]), None))
-                student.append((xk, tk, rep(self.c_keep[ki]), None))
-                wk = self._t_weight(tk)
-        self.forward_rows += B * (len(teacher) + 3 * len(student))  # backward ~ 2 forwards
+                keep, wk = rep(self.c_keep[ki]), self._t_weight(tk)
+        teacher_rows = {
+            "uncond-": (x, t, u, None if (text_only or cfg.text_uncond) else i_neg),
+            "concept": (x, t, c_neg, img_neg),
+            "uncond+": (x, t, u, i_pos),
+            "safe": (x, t, c_pos, i_pos),
+            "adv_uncond": (x, t, u, None),
+            "adv_concept": (x, t, c_neg, None),
+            "keep": (xk, tk, keep, None),
+        }
+        alias = {"adv_uncond": "uncond-", "adv_concept": "concept"} if text_only else {}
+        teacher_names = [n for n in teacher_names if n not in alias]
+        student_rows = {
+            "neg": (x, t, c_neg, img_neg),
+            "pos": (x, t, c_pos, i_pos),
+            "map": (x, t, c_neg, None if cfg.map_text_only else i_pos),
+            "adv": (x, t, None if lw.adv == 0 else rep(self.c_neg[ci] + self.adv_delta[ci]), None),
+            "keep": (xk, tk, keep, None),
+        }
+        student_names = lw.student_rows()
+        self.forward_rows += B * (len(teacher_names) + 3 * len(student_names))  # backward ~ 2 forwards
 
         with torch.no_grad(), self.adapters.disabled():
-            eps_t = self._teacher(teacher)
-        plan = []  # per student group: (loss part, weight in the loss, target, per-sample x0 weight)
-        if lam_neg > 0:
-            a = cfg.neg_anchor  # share of eps(x_t, c+, I+) in the anchor; the rest is eps(x_t, {}, I-)
-            anchor = (1 - a) * eps_t[0] + a * eps_t[3] if safe_anchor else eps_t[0]
-            plan.append(("neg", lam_neg, negative_guidance_target(anchor, eps_t[1], cfg.neg_guidance), w))
-        if lam_pos > 0 or cfg.map_target_to_safe > 0:
-            j = 2 if lam_neg > 0 else 0
-            target = positive_guidance_target(eps_t[j], eps_t[j + 1], cfg.pos_guidance)
-            if lam_pos > 0:
-                plan.append(("pos", lam_pos, target, w))
-            if cfg.map_target_to_safe > 0:
-                plan.append(("map", cfg.map_target_to_safe, target, w))
-        if adversarial:
-            plan.append(("adv", cfg.adversarial, negative_guidance_target(eps_t[j_adv], eps_t[j_adv + 1],
-                                                                          cfg.neg_guidance), w))
-        if self.c_keep is not None:
-            plan.append(("keep", cfg.preserve_weight, eps_t[j_keep], wk))
+            eps = dict(zip(teacher_names, self._teacher([teacher_rows[n] for n in teacher_names])))
+        eps.update({a: eps[n] for a, n in alias.items()})
+        targets = loss_targets(eps, lw)
+        weights = {k: (wk if k == "keep" else w) for k in student_names}
 
         # the student rows m at a time (micro_batch): each chunk's loss is its share of the step's
         # loss, so the summed gradients are the whole step's (one chunk = one plain backward)
+        student = [student_rows[k] for k in student_names]
         self.opt.zero_grad(set_to_none=True)
-        total, parts = 0.0, {name: 0.0 for name, *_ in plan}
+        total, parts = 0.0, {k: 0.0 for k in student_names}
         for segs in self._chunks(len(student), B):
-            loss = 0.0
-            for (g, sl), pred in zip(segs, self._call(student, segs)):
-                name, lam, target, wg = plan[g]
-                part = mse(pred, target[sl], None if wg is None else wg[sl])
-                if sl.stop - sl.start != B:
-                    part = part * ((sl.stop - sl.start) / B)
-                loss = loss + lam * part
-                parts[name] += part.item()
+            preds = self._call(student, segs)
+            kinds = [student_names[g] for g, _ in segs]
+            loss, chunk_parts = erasure_loss(
+                dict(zip(kinds, preds)), {k: (targets[k][0], targets[k][1][sl]) for k, (_, sl) in zip(kinds, segs)},
+                {k: None if weights[k] is None else weights[k][sl] for k, (_, sl) in zip(kinds, segs)},
+                {k: (sl.stop - sl.start) / B for k, (_, sl) in zip(kinds, segs)})
+            for k, part in chunk_parts.items():
+                parts[k] += part.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
                                          f"lower the learning rate (now {cfg.lr}) or the guidance strengths")

@@ -49,7 +49,7 @@ def uce_edit(backbone, erase: Sequence[str], guide: Sequence[str], preserve: Seq
         for e, g in zip(ce, cg):
             n = min(len(e), len(g))
             pairs.append((e[:n], g[:n]))
-        adapters = attach(backbone.unet, "attn2_kv", rank=0)
+        adapters = attach(backbone.unet, "attn2_kv", rank=0, names=backbone.module_name_map())
         for name, layer in adapters.layers.items():
             w0 = layer.base.weight.double()
             d = w0.shape[1]

@@ -27,6 +27,7 @@ from ..sampling import sample
 from . import data
 from .detector import Detection, detect_batch
 from .models import ShapesWorldBackbone
+from .prompts import erasure_prompts  # noqa: F401 (part of this module's interface)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -272,29 +273,6 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
 
 
 # ---- erasure ---------------------------------------------------------------------------------
-
-def erasure_prompts(target: str, synonym: int = 0) -> list[tuple[str, str, data.Concepts]]:
-    """(prompt, kind, wanted concepts) for a target concept; synonym=k uses the k-th synonym."""
-    axis = data.axis_of(target)
-    out = []
-    if axis == "shape":
-        for s in data.SHAPES:
-            for c in data.COLORS[:3] if s != target else data.COLORS:
-                out.append((data.prompt(s, c, synonym=synonym), "target" if s == target else "other",
-                            data.Concepts(s, c, None)))
-    elif axis == "color":
-        for c in data.COLORS:
-            for s in data.SHAPES[:3] if c != target else data.SHAPES:
-                out.append((data.prompt(s, c, synonym=synonym), "target" if c == target else "other",
-                            data.Concepts(s, c, None)))
-    else:
-        for b in data.BACKGROUNDS:
-            for k, s in enumerate(data.SHAPES):
-                c = data.COLORS[k]
-                out.append((data.prompt(s, c, b, synonym=synonym), "target" if b == target else "other",
-                            data.Concepts(s, c, b)))
-    return out
-
 
 def measure_erasure(backbone, target: str, samples_per_prompt: int = 8, seed: int = 0,
                     steps: int = 20, guidance: float = 1.5, synonym: int = 0,

@@ -148,6 +148,26 @@ class ShapesWorldBackbone(Backbone):
     def from_x(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)
 
+    exemplar_size = data.IMAGE_SIZE
+
+    def concept_text(self, concept: str) -> str:
+        """A world concept word becomes its canonical prompt ("circle" -> "a circle")."""
+        return data.concept_prompt(concept) if data.is_concept(concept) else concept
+
+    def is_whole_image(self, concept: str) -> bool:
+        """The background axis is the whole image; other world words are things in it."""
+        if data.is_concept(concept):
+            return data.axis_of(concept) == "background"
+        return super().is_whole_image(concept)
+
+    def default_safe(self, concept: str) -> str:
+        return data.DEFAULT_SAFE.get(concept, "")
+
+    def erasure_scorer(self):
+        from .scoring import WorldScorer
+
+        return WorldScorer()
+
     def suggest_related(self, pairs, n_contexts):
         from .related import suggest
 

@@ -8,12 +8,11 @@ training on them cannot inflate the ACC_p it reports: they are the training spli
 from __future__ import annotations
 
 from . import data
+from .prompts import erasure_prompts
 
 
 def evaluated_prompts(target: str) -> set[str]:
     """Every prompt the evaluation of ``target`` samples, canonical and synonym."""
-    from .evaluate import erasure_prompts
-
     return {p for k in range(3) for p, _, _ in erasure_prompts(target, synonym=k)}
 
 

@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cond_attack import frozen
-from .world import data
+from ..cond_attack import frozen
+from . import data
 
 # ---- prompt sets -------------------------------------------------------------------------------
 
@@ -285,7 +285,7 @@ def soft_prompt_attack(backbone, target: str, *, n_tokens: int = 2, steps: int =
 # ---- scoring -----------------------------------------------------------------------------------
 
 def _hits(images: torch.Tensor, target: str) -> list[bool]:
-    from .world.detector import detect_batch
+    from .detector import detect_batch
 
     axis = data.axis_of(target)
     u8 = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -297,7 +297,7 @@ def attack_success(backbone, target: str, cond, samples: int = 16, seed: int = 0
                    guidance: float = 1.5) -> float:
     """Share of ``samples`` images (seeds seed..seed+samples-1, DDIM, CFG against "") in which the
     detector sees ``target``; ``cond`` is text conditioning [1, L, D] or a :class:`SoftPrompt`."""
-    from .sampling import denoise, seeded_noise
+    from ..sampling import denoise, seeded_noise
 
     if isinstance(cond, SoftPrompt):
         cond = cond.encode()
@@ -316,7 +316,7 @@ def attack_success(backbone, target: str, cond, samples: int = 16, seed: int = 0
 def prompts_success(backbone, target: str, prompts: Sequence[str], samples: int = 16, seed: int = 0,
                     steps: int = 20, guidance: float = 1.5) -> dict:
     """ASR over prompts (``samples`` per prompt, sample j of every prompt with seed seed + j)."""
-    from .world.evaluate import generate
+    from .evaluate import generate
 
     imgs = generate(backbone, list(prompts), samples, seed, steps, guidance)
     rates = {}
@@ -330,7 +330,7 @@ def prompts_success(backbone, target: str, prompts: Sequence[str], samples: int 
 def embedding_attack(backbone, target: str, steps: int = 40, seed: int = 0, images: int = 32, **kw):
     """:func:`bierasing.cond_attack.attack_conditioning` from the target's erasure prompt, on fresh
     renders of the concept (seeded, disjoint from the soft-prompt attack's)."""
-    from .cond_attack import attack_conditioning
+    from ..cond_attack import attack_conditioning
 
     x0 = backbone.to_x(_target_images(target, images, np.random.default_rng(int(seed) + 20_011)).to(backbone.device))
     with torch.no_grad():
@@ -350,7 +350,7 @@ def attack_report(backbone, target: str, samples: int = 16, seed: int = 0, soft_
     whose unattacked sampling is ``embedding_init_asr``."""
     import time
 
-    from .world.evaluate import measure_erasure
+    from .evaluate import measure_erasure
 
     t0 = time.time()
     syn = {}

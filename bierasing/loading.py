@@ -1,0 +1,82 @@
+"""Load a model for erasure from what a user has on disk: the one place that knows which model
+families exist (the engine, job and scorer see only the :class:`Backbone`).
+
+    load_backbone("shapesworld")                          # the shipped toy world
+    load_backbone("runs/world/model")                     # a ShapesWorld folder (world.json)
+    load_backbone("sd15/", ip_adapter="ip-adapter_sd15.safetensors", image_encoder="image_encoder/")
+
+SD1.x comes as a diffusers pipeline folder. Nothing is downloaded and only safetensors weights
+are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .io import _PICKLE_SUFFIXES
+
+SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x pipeline folder")
+
+
+def model_kind(model: str | os.PathLike | None) -> str:
+    """'world' or 'sd1' for what ``model`` names; a clear error for anything else."""
+    if model in (None, "", "shapesworld"):
+        return "world"
+    path = Path(model).expanduser()
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(f"{model}: pickled checkpoints can run code when loaded and are never read; "
+                         "convert it to .safetensors or give a diffusers folder")
+    if not path.exists():
+        raise ValueError(f"{model!r} does not exist; give 'shapesworld' or a path to "
+                         + ", ".join(SUPPORTED[1:]))
+    if path.is_dir() and (path / "world.json").is_file():
+        return "world"
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
+        _check_sd1_unet(json.loads((path / "unet" / "config.json").read_text()), path)
+        return "sd1"
+    raise ValueError(f"{model!r} is not a model this command can load; give one of: {', '.join(SUPPORTED)}")
+
+
+def _check_sd1_unet(cfg: dict, path: Path) -> None:
+    width, extra = cfg.get("cross_attention_dim"), cfg.get("addition_embed_type")
+    if width == 2048 or extra == "text_time":
+        what = "SDXL"
+    elif width == 1024:
+        what = "SD2.x"
+    elif width == 768 and cfg.get("in_channels", 4) == 4 and not extra:
+        return
+    else:
+        what = f"a UNet with {width}-d cross-attention"
+    raise ValueError(f"{path} holds {what}; this version erases from ShapesWorld and SD1.x models only")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: str | os.PathLike | None = None,
+                  image_encoder: str | os.PathLike | None = None, resolution: int = 512,
+                  device: str | None = None):
+    """The :class:`~bierasing.backbone.Backbone` for ``model``, with its image branch where given."""
+    kind = model_kind(model)
+    device = device or default_device()
+    if kind == "world":
+        if ip_adapter or image_encoder:
+            raise ValueError("ShapesWorld brings its own image branch; drop --ip-adapter / --image-encoder")
+        from .world.models import ShapesWorldBackbone
+
+        path = None if model in (None, "", "shapesworld") else Path(model).expanduser()
+        return ShapesWorldBackbone.load(path, device=device)
+    for name, p, want in (("--ip-adapter", ip_adapter, "file"), ("--image-encoder", image_encoder, "dir")):
+        if p is not None and not (Path(p).is_file() if want == "file" else Path(p).is_dir()):
+            raise ValueError(f"{name} {p}: no such {'file' if want == 'file' else 'folder'}")
+    if ip_adapter is not None and Path(ip_adapter).suffix.lower() != ".safetensors":
+        raise ValueError(f"--ip-adapter {ip_adapter}: only .safetensors adapters are read (pickled files can run code)")
+    from .sd15 import SD15Backbone
+
+    return SD15Backbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
+                                        image_encoder=image_encoder, resolution=resolution, device=device)

@@ -1,0 +1,95 @@
+"""The product's generic parts know no model family: the engine, job and CLI run with the toy
+world's package blocked, and ``bierasing erase`` erases from an SD1.x diffusers folder (the
+random-weight stand-in users can build) into a LoRA that diffusers and ComfyUI read."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK_WORLD = textwrap.dedent("""
+    import sys
+    class _NoWorld:
+        def find_spec(self, name, path=None, target=None):
+            if name == "bierasing.world" or name.startswith("bierasing.world."):
+                raise ImportError(f"{name} is blocked: generic code must not import the toy world")
+    sys.meta_path.insert(0, _NoWorld())
+""")
+
+
+def _run(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", BLOCK_WORLD + code], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_engine_job_and_cli_import_without_the_world():
+    r = _run("import bierasing.erase.engine, bierasing.erase.job, bierasing.erase.scoring, bierasing.cli, "
+             "bierasing.loading, bierasing.sd15, bierasing.cond_attack, bierasing.methods, bierasing.erase")
+    assert r.returncode == 0, r.stderr
+    blocked = _run("import bierasing.world.models")  # the blocker itself works
+    assert blocked.returncode != 0 and "bierasing.world is blocked" in blocked.stderr
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    from bierasing.standins import build_sd15_folder
+
+    return build_sd15_folder(tmp_path_factory.mktemp("sd15"), "tiny")
+
+
+def _erase(standin, out, *extra):
+    args = ["erase", "--model", str(standin["model"]), "--concept", "a dog", "--safe", "a cat", "--steps", "2",
+            "--out", str(out), "--exemplars", "2", "--eval-samples", "1", "--resolution", "64",
+            "--cache-size", "2", "--batch-size", "2", "--xt-steps", "4", "--adversarial-steps", "1",
+            "--threads", "2", "--json", "--device", "cpu", *extra]
+    return _run(f"from bierasing.cli import main\nsys.exit(main({args!r}))")
+
+
+def test_cli_erases_from_an_sd15_diffusers_folder_with_the_world_blocked(standin, tmp_path):
+    out = tmp_path / "erase_dog"
+    r = _erase(standin, out, "--ip-adapter", str(standin["ip_adapter"]), "--image-encoder", str(standin["image_encoder"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    lora = out / "erasure.safetensors"
+    assert summary["output"] == str(lora) and lora.is_file()
+    assert (out / "before_after.png").is_file() and (out / "report.md").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "bi-erasing" and report["config"]["steps"] == 2
+    assert report["config"]["preserve"] == "" and report["config"]["contexts"] == 0  # SD1.x: nothing suggested
+
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys) and any("attn2_to_k" in k for k in keys)
+    assert json.loads(meta["bierasing"])["method"] == "bi-erasing"
+
+
+def test_cli_refuses_image_methods_without_an_image_branch_before_loading(standin, tmp_path):
+    r = _erase(standin, tmp_path / "x")
+    assert r.returncode == 2 and "--ip-adapter" in r.stderr and "esd-x" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_esd_x_needs_no_image_branch(standin, tmp_path):
+    r = _erase(standin, tmp_path / "esd", "--method", "esd-x")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "esd" / "erasure.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad, msg", [("nowhere/at/all", "does not exist"), ("model.ckpt", "pickled")])
+def test_cli_names_what_it_can_load(tmp_path, bad, msg):
+    if bad.endswith(".ckpt"):
+        (tmp_path / bad).write_bytes(b"\x80\x02")
+    r = _run("from bierasing.cli import main\n"
+             f"sys.exit(main(['erase', '--model', {str(tmp_path / bad)!r}, '--concept', 'a dog', '--safe', 'a cat']))")
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
