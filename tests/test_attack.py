@@ -1,4 +1,4 @@
-"""Attacks on erased ShapesWorld models (bierasing.attack): prompt sets and the soft-prompt attack."""
+"""Attacks on erased ShapesWorld models (bierasing.world.attack): prompt sets and the soft-prompt attack."""
 
 import re
 

@@ -93,3 +93,73 @@ def test_cli_names_what_it_can_load(tmp_path, bad, msg):
     r = _run("from bierasing.cli import main\n"
              f"sys.exit(main(['erase', '--model', {str(tmp_path / bad)!r}, '--concept', 'a dog', '--safe', 'a cat']))")
     assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_lora(standin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "erase"
+    r = _erase(standin, out, "--method", "esd-x", "--rank", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "erasure.safetensors"
+
+
+def test_cli_lora_loads_in_diffusers_with_no_missing_or_unexpected_keys(standin, cli_lora):
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
+    from test_diffusers_lora import NO_TEXT_ENCODER_KEYS, captured_warnings, fixed_input, load_pipeline, unet_out
+
+    pipe = load_pipeline(standin["model"])
+    before = unet_out(pipe.unet, fixed_input())
+    with captured_warnings() as messages:
+        pipe.load_lora_weights(str(cli_lora))
+    assert [m for m in messages if NO_TEXT_ENCODER_KEYS not in m] == []
+    assert not torch_equal(unet_out(pipe.unet, fixed_input()), before)  # the erasure took effect
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def _lora_modules(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k.split(".")[0] for k in f.keys()}
+
+
+def test_cli_lora_keys_are_all_in_comfyuis_key_map(standin, cli_lora):
+    """ComfyUI's LoraLoader maps ``lora_unet_<diffusers name with _>`` through its LDM<->diffusers
+    UNet map; the library's copy of that map (checked against ComfyUI's in test_unet_names) must
+    name every module of the file, so no key is left "not loaded"."""
+    from diffusers import UNet2DConditionModel
+
+    from bierasing.unet_names import ldm_to_diffusers
+
+    unet = UNet2DConditionModel.from_pretrained(standin["model"] / "unet")
+    accepted = {"lora_unet_" + d.replace(".", "_") for d in ldm_to_diffusers(unet.config).values()}
+    modules = _lora_modules(cli_lora)
+    assert modules and modules <= accepted, sorted(modules - accepted)[:5]
+
+
+def test_cli_lora_keys_in_real_comfyui_key_map(standin, cli_lora):
+    from comfy_support import comfy_available
+
+    why = comfy_available()
+    if why:
+        pytest.skip(why)
+    import sys
+
+    from comfy_support import COMFY
+
+    sys.path.insert(0, COMFY)
+    import comfy.model_detection
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    sd = load_file(str(standin["model"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet_config = comfy.model_detection.unet_config_from_diffusers_unet(sd)
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    accepted = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in mapping if k.endswith(".weight")}
+    modules = _lora_modules(cli_lora)
+    assert modules and modules <= accepted, sorted(modules - accepted)[:5]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bierasing import attack
+from bierasing.world import attack
 from bierasing.cond_attack import AttackConfig, attack_conditioning
 from bierasing.erase import Concept, EraseConfig, ErasureInterrupted
 from bierasing.erase.engine import Eraser
