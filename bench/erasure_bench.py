@@ -29,32 +29,32 @@ TARGETS = {"circle": "object", "star": "object", "triangle": "object", "red": "a
 
 # name -> (kind, settings); "engine" rows are EraseConfig overrides. "bi-erasing" and its ablations
 # are the paper's objective as released (map_target_to_safe 0, no adversarial rows);
-# "bi-map-target" adds our target->safe pull (session-5 form: the student row sees the safe image);
-# "bi-adversarial-0.3" (the session-5 default) adds adversarial rows to that; "bi-text-map" (=
-# EraseConfig() defaults since session 6) makes the pull's student row text-only, weight 0.15.
-HALF = {"preserve_weight": 0.5}  # the preservation weight of every engine row before session 15
-EMPTY = {"neg_anchor": 0.0, **HALF}  # negative guidance around the empty prompt: every engine row before session 13
-UNIFORM = {"loss_weighting": "uniform", **EMPTY}  # plain eps-MSE: every engine row before session 12
+# "bi-map-target" adds our target->safe pull (its first form, 2026-11-24: the student row sees the safe
+# image); "bi-adversarial-0.3" (the first default) adds adversarial rows to that; "bi-text-map" (= the
+# EraseConfig() defaults after the image-branch retrain) makes the pull's student row text-only, weight 0.15.
+HALF = {"preserve_weight": 0.5}  # the preservation weight of every engine row before 2026-12-02
+EMPTY = {"neg_anchor": 0.0, **HALF}  # negative guidance around the empty prompt: rows before anchor 0.5 (2026-11-25)
+UNIFORM = {"loss_weighting": "uniform", **EMPTY}  # plain eps-MSE: engine rows before x0 weighting (2026-11-25)
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper's objective, as released
-SESSION5 = {"map_target_to_safe": 0.4, "map_text_only": False}  # the session-5 default's pull
+IMAGE_PULL = {"map_target_to_safe": 0.4, "map_text_only": False}  # the first default's pull (2026-11-24)
 DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig() on ShapesWorld
 RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
-    # the session-13 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 in sessions 14-15)
+    # the 2026-11-25 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 before 2026-12-02)
     "bi-keep-half": ("engine", {**HALF, "preserve": "auto", "contexts": -1}),
-    "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # session 13
+    "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # 2026-11-25
     "bi-keep-half-seed1": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "seed": 1}),
-    "bi-empty": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1}),  # the session-12 default
+    "bi-empty": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1}),  # x0 default, empty-prompt anchor
     "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
-    "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # session 13
-    "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # session 12
-    "bi-anchor-safe-keep1": ("engine", {**DEFAULT, "neg_anchor": 1.0}),  # session 17, gray
-    # the defaults of sessions 9-11 (plain eps-MSE; x0 weighting became the default in session 12)
+    "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # 2026-11-25
+    "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # 2026-11-25
+    "bi-anchor-safe-keep1": ("engine", {**DEFAULT, "neg_anchor": 1.0}),  # 2026-12-03, gray
+    # the plain eps-MSE defaults (auto preserve/contexts; x0 weighting became the default on 2026-11-25)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
     "bi-default-attn-mask": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1,
-                                        "_auto_mask": "attention"}),  # <= session 10
+                                        "_auto_mask": "attention"}),  # before auto masks
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-u": ("engine", {"method": "esd-u"}),
@@ -71,24 +71,24 @@ RUNS = {
     "bi-xt-esd": ("engine", {"xt_source": "esd", **PAPER}),
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
-    # the same ablations around the default (session 17); the rows above vary the paper's objective
+    # the same ablations around the default (2026-12-03); the rows above vary the paper's objective
     "bi-default-no-positive": ("engine", {**DEFAULT, "pos_weight": 0.0}),
     "bi-default-no-masks": ("engine", {**DEFAULT, "_auto_mask": "none"}),
     "bi-default-lambda-0.8-0.2": ("engine", {**DEFAULT, "neg_weight": 0.8, "pos_weight": 0.2}),
     "bi-default-lambda-0.4-0.6": ("engine", {**DEFAULT, "neg_weight": 0.4, "pos_weight": 0.6}),
     "bi-default-xt-noised": ("engine", {**DEFAULT, "xt_source": "noised"}),
     "bi-default-xt-esd": ("engine", {**DEFAULT, "xt_source": "esd"}),
-    "bi-map-target": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.0}),
-    "bi-adversarial": ("engine", {**UNIFORM, **SESSION5, "adversarial": 1.0}),
-    "bi-adversarial-0.3": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3}),  # the session-5 default
+    "bi-map-target": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.0}),
+    "bi-adversarial": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 1.0}),
+    "bi-adversarial-0.3": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.3}),  # the first default
     "bi-text-map": ("engine", {**UNIFORM, "map_target_to_safe": 0.15, "map_text_only": True,
-                               "adversarial": 0.3}),  # = EraseConfig() of session 6
+                               "adversarial": 0.3}),  # = EraseConfig() after the image-branch retrain
     "bi-text-uncond": ("engine", {"text_uncond": True, **PAPER}),
     "bi-eta-2": ("engine", {"neg_guidance": 2.0, **PAPER}),
-    "bi-adversarial-0.3-text-uncond": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3, "text_uncond": True}),
-    "bi-adversarial-0.3-map-text-only": ("engine", {**UNIFORM, **SESSION5, "adversarial": 0.3, "map_text_only": True}),
+    "bi-adversarial-0.3-text-uncond": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.3, "text_uncond": True}),
+    "bi-adversarial-0.3-map-text-only": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.3, "map_text_only": True}),
     # "preserve": "axis" = the other concepts of the target's axis, the preserve set UCE gets;
-    # "bi-keep-map-0.3" = EraseConfig(preserve=<that set>) since session 7 (map auto -> 0.3, x_t "target")
+    # "bi-keep-map-0.3" = EraseConfig(preserve=<that set>) from 2026-11-24 (map auto -> 0.3, x_t "target")
     "bi-keep": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.15, "preserve_xt": "target"}),
     "bi-keep-map-0.3": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target"}),
     "bi-keep-map-0.5": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.5, "preserve_xt": "target"}),
@@ -112,8 +112,8 @@ TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
 MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
-# the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (session 11;
-# sessions 9-10 averaged the first five); cross, green and gray are a held-out check no setting was chosen on
+# the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (since
+# 2026-11-25; before, the first five); cross, green and gray are a held-out check no setting was chosen on
 BENCH_TARGETS = ("circle", "star", "triangle", "red", "blue", "yellow", "white", "black")
 RELEASED = ("released", "released-1500")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
@@ -169,7 +169,7 @@ def single(spec: dict) -> dict:
     kind, settings = RUNS[run][0], dict(RUNS[run][1])
     safe = data.DEFAULT_SAFE[target]
     bb = ShapesWorldBackbone.load()
-    # "auto" (the default since session 11) = attention masks, none for the style targets (backgrounds)
+    # "auto" (the default since 2026-11-25) = attention masks, none for the style targets (backgrounds)
     mask = settings.pop("_auto_mask", "auto")
     quiet = lambda m: None  # noqa: E731
     neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
@@ -179,7 +179,7 @@ def single(spec: dict) -> dict:
     t0 = time.time()
     if kind == "engine":
         # rows name their preserve set and contexts; "context" + contexts 4 is what EraseConfig()
-        # resolves to on ShapesWorld since session 9 (preserve "auto", contexts -1)
+        # resolves to on ShapesWorld since 2026-11-25 (preserve "auto", contexts -1)
         settings = {"preserve": "", "contexts": 0, **settings}
         if settings["preserve"] in ("axis", "context"):
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve

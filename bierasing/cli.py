@@ -106,6 +106,9 @@ def _load_backbone(args, method: str | None = None):
         raise ValueError(f"{method} conditions on exemplar images through an image branch: give --ip-adapter "
                          "(an ip-adapter_sd15 .safetensors) and --image-encoder (its CLIP vision folder), or "
                          "use --method esd-x / esd-u (text only)")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to act on
     return load_backbone(args.model, ip, enc, resolution=getattr(args, "resolution", 512),
                          device=getattr(args, "device", None))
 

@@ -32,7 +32,7 @@ but the branch then never sees text and image together, which is how Bi-Erasing 
 caption plus its matching exemplar then keeps the shape in only 0.39 of samples
 (``text_image_shape_acc`` in ``bierasing world eval``). The default, 80% empty prompts for 3600
 steps, measured steering 0.83 with text + image 0.89 (0.725 / 0.82 at 1200 steps, 0.785 / 0.87 at
-2400); it is the shipped branch (model card). Session 19, on a from-scratch UNet: that recipe gave
+2400); it is the shipped branch (model card). On 2026-12-03, on a from-scratch UNet: that recipe gave
 0.7875 / 0.825, and a 3x higher image-stage learning rate (``ip_lr`` 3e-3) 0.8125 / 0.8625 at 1800
 steps and 0.80 / 0.87 at 2400, so the default is now ip_lr 3e-3 for 1800 steps (half the time).
 """
@@ -40,6 +40,7 @@ steps and 0.80 / 0.87 at 2400, so the default is now ip_lr 3e-3 for 1800 steps (
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,8 @@ import torch.nn.functional as F
 from .. import io
 from . import data
 from .models import WEIGHTS_DIR, ShapesWorldBackbone, WorldConfig, build_models, build_tokenizer
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("clip", "unet", "vision", "ip_warm", "ip")
 IP_OBJECTIVES = ("distill", "features", "hybrid", "attn", "denoise")
@@ -84,7 +87,7 @@ class TrainConfig:
     ip_batch: int = 32
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the clip, unet and vision stages"})
     ip_lr: float = field(default=3e-3, metadata={
-        "help": "peak learning rate of the projector warm start and the image branch. Session 19, on one "
+        "help": "peak learning rate of the projector warm start and the image branch. On 2026-12-03, on one "
                 "from-scratch UNet: 3e-3 for 1800 steps steered 0.8125 with text + image 0.8625 in 9.3 min, "
                 "where 1e-3 for 3600 steps (the earlier default) gave 0.7875 / 0.825 in 21.5 min"})
     warmup: int = 100
@@ -132,7 +135,7 @@ class TrainConfig:
         "help": "the image-branch stage ends at the first probe whose image steering reaches this "
                 "(with text + matching exemplar keeping the shape in >= 0.85); 0 = always train ip_steps "
                 "(and no probes). Probes (seeds 1000+, 4 samples) read below the 16-sample evaluation: "
-                "session 19's distill run (lr 1e-3) probed 0.71 / 0.72 at steps 1000 and 2000 and 0.76 / 0.73 "
+                "the 2026-12-03 distill run (lr 1e-3) probed 0.71 / 0.72 at steps 1000 and 2000 and 0.76 / 0.73 "
                 "at 3000, and its evaluation at 3600 gave 0.7875 / 0.825"})
     precision: str = field(default="fp32", metadata={
         "help": "forward passes of the UNet and image-branch steps: 'fp32', or 'bf16' (torch.autocast; "
@@ -191,7 +194,7 @@ class WorldTrainer:
     """Owns the models, optimizers and RNGs of one training run; ``run`` does what is left."""
 
     def __init__(self, out: Path, tcfg: TrainConfig, wcfg: WorldConfig,
-                 progress: bool = True, log: Callable[[str], None] = print,
+                 progress: bool = True, log: Callable[[str], None] = logger.info,
                  should_stop: Callable[[], bool] | None = None):
         self.out, self.tcfg, self.wcfg, self.progress, self.log = Path(out), tcfg, wcfg, progress, log
         self.should_stop = should_stop
@@ -663,7 +666,7 @@ class WorldTrainer:
 
 
 def train_world(out: str | Path, tcfg: TrainConfig | None = None, wcfg: WorldConfig | None = None,
-                progress: bool = True, log: Callable[[str], None] = print,
+                progress: bool = True, log: Callable[[str], None] = logger.info,
                 should_stop: Callable[[], bool] | None = None, init_from: str | Path | None = None,
                 start_stage: str | None = None) -> ShapesWorldBackbone:
     """Train (or resume) a ShapesWorld model into ``out``/model; returns the trained backbone.
