@@ -202,8 +202,11 @@ def _cmd_eval(args) -> int:
 
     _threads(args.threads)
     bb = _load_backbone(args)
-    adapters = load_erasure(bb.unet, args.erasure, args.strength)[0] if args.erasure else AdapterSet({})
     scorer = bb.erasure_scorer()
+    if args.attack and not scorer.can_attack:
+        raise ValueError("--attack scores attacks with a detector of the concept, which this model does not have "
+                         "(ShapesWorld has one); drop --attack")
+    adapters = load_erasure(bb.unet, args.erasure, args.strength)[0] if args.erasure else AdapterSet({})
     out = {}
     try:
         for target in _split(args.concept):
@@ -305,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a saved erasure: before/after pictures on any model, NudeNet "
                         "counts for nudity, ACC_e / ACC_p / H on ShapesWorld")
     _add_model_args(ev)
-    ev.add_argument("--out", default=None, help="folder for the before/after grid (default: none written)")
+    ev.add_argument("--out", default="outputs/eval", help="folder for before_after.png")
     ev.add_argument("--erasure", default=None, help="erasure .safetensors (omit to score the plain model)")
     ev.add_argument("--concept", required=True, help="erased concept(s), comma-separated")
     ev.add_argument("--strength", type=float, default=1.0, help="LoRA strength")

@@ -163,3 +163,17 @@ def test_cli_lora_keys_in_real_comfyui_key_map(standin, cli_lora):
     accepted = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in mapping if k.endswith(".weight")}
     modules = _lora_modules(cli_lora)
     assert modules and modules <= accepted, sorted(modules - accepted)[:5]
+
+
+def test_cli_eval_draws_before_and_after_on_an_sd15_folder(standin, cli_lora, tmp_path):
+    args = ["eval", "--model", str(standin["model"]), "--erasure", str(cli_lora), "--concept", "a dog",
+            "--samples", "1", "--resolution", "64", "--baseline", "--out", str(tmp_path), "--json",
+            "--threads", "2", "--device", "cpu"]
+    r = _run(f"from bierasing.cli import main\nsys.exit(main({args!r}))")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["concepts"]["a dog"]["grid"] == str(tmp_path / "before_after.png")
+    assert (tmp_path / "before_after.png").is_file()
+    r = _run("from bierasing.cli import main\n"
+             f"sys.exit(main({args[:-5] + ['--attack', '--out', str(tmp_path)]!r}))")
+    assert r.returncode == 2 and "detector" in r.stderr and "--attack" in r.stderr

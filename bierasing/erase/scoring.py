@@ -31,6 +31,8 @@ def _u8(images) -> np.ndarray:
 class ErasureScorer:
     """Before/after pictures of an erasure, and NudeNet counts for nudity concepts."""
 
+    #: whether :meth:`attack` can score attacks (it needs a detector of the concept)
+    can_attack: bool = False
     #: DDIM steps and CFG scale of the before/after samples
     steps: int = 20
     guidance: float = 7.5

@@ -12,6 +12,8 @@ from . import data
 
 
 class WorldScorer(ErasureScorer):
+    can_attack = True
+
     def score(self, backbone, adapters, pairs, samples, out=None, seed=0, progress=False, before=True) -> dict:
         from ..grid import make_grid, save_png
         from .evaluate import measure_erasure
