@@ -67,9 +67,12 @@ class Backbone(abc.ABC):
 
     def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                      image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's raw output (in ``prediction_type``)."""
-        kwargs = {"ip_hidden_states": image_tokens} if image_tokens is not None else None
-        return self.unet(x_t, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+        """The UNet's raw output (in ``prediction_type``), computed in the UNet's own dtype and
+        returned in ``x_t``'s (a bf16/fp16 model samples and trains from fp32 latents)."""
+        dt = next(self.unet.parameters()).dtype
+        kwargs = {"ip_hidden_states": image_tokens.to(dt)} if image_tokens is not None else None
+        out = self.unet(x_t.to(dt), t, encoder_hidden_states=text.to(dt), cross_attention_kwargs=kwargs).sample
+        return out.to(x_t.dtype)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                       image_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -164,7 +164,8 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
                 glue.raise_if_interrupted()
             raise
         try:
-            tensors = erasure_tensors(result.adapters, glue.ldm_to_diffusers_names(model))
+            tensors = erasure_tensors(result.adapters, glue.ldm_to_diffusers_names(model),
+                                     result.config.save_precision)
         finally:
             result.adapters.remove(bb.unet)
     info = result.info()

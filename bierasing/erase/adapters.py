@@ -79,20 +79,21 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self.multiplier = 1.0
         w = base.weight
+        f32 = torch.float32  # adapters and their optimiser state stay fp32 whatever the model's dtype
         if rank > 0:
             self.alpha = float(alpha)
             if isinstance(base, nn.Linear):
-                down = torch.empty(rank, base.in_features, dtype=w.dtype)
-                self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+                down = torch.empty(rank, base.in_features, dtype=f32)
+                self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=f32, device=w.device))
             else:
-                down = torch.empty(rank, base.in_channels, *base.kernel_size, dtype=w.dtype)
-                self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, dtype=w.dtype, device=w.device))
+                down = torch.empty(rank, base.in_channels, *base.kernel_size, dtype=f32)
+                self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, dtype=f32, device=w.device))
             bound = 1 / math.sqrt(down[0].numel())  # kaiming-uniform(a=sqrt(5)) bound, seeded
             down.uniform_(-bound, bound, generator=generator)
             self.down = nn.Parameter(down.to(w.device))
         else:
             self.alpha = 0.0
-            self.delta = nn.Parameter(torch.zeros_like(w))
+            self.delta = nn.Parameter(torch.zeros_like(w, dtype=f32))
 
     @property
     def scale(self) -> float:
@@ -110,15 +111,16 @@ class AdaptedLayer(nn.Module):
         if not self.enabled or self.multiplier == 0:
             return self.base(x)
         b = self.base
-        if self.rank == 0:
-            w = b.weight + self.multiplier * self.delta
+        if self.rank == 0:  # fp32 adapters, cast to the model's dtype for its forward (no-op in fp32)
+            w = b.weight + self.multiplier * self.delta.to(b.weight.dtype)
             if isinstance(b, nn.Linear):
                 return F.linear(x, w, b.bias)
             return b._conv_forward(x, w, b.bias)
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
         if isinstance(b, nn.Linear):
-            low = F.linear(F.linear(x, self.down), self.up)
+            low = F.linear(F.linear(x, down), up)
         else:
-            low = F.conv2d(F.conv2d(x, self.down, None, b.stride, b.padding, b.dilation), self.up)
+            low = F.conv2d(F.conv2d(x, down, None, b.stride, b.padding, b.dilation), up)
         return b(x) + (self.multiplier * self.scale) * low
 
 

@@ -117,6 +117,9 @@ class EraseConfig:
     adversarial_every: int = _f(20, "steps between refreshes of the adversarial conditioning", min=1, max=100000)
     adversarial_steps: int = _f(10, "optimisation steps of each adversarial refresh", min=1, max=1000)
     adversarial_budget: float = _f(0.5, "largest adversarial offset of a token, relative to its norm", min=0.0, max=10.0)
+    save_precision: str = _f("auto", "precision of the saved LoRA weights: auto = fp16 for SD-size models (what "
+                             "LoRA users expect), fp32 for small ones; fp32 keeps every bit of training",
+                             choices=("auto", "fp16", "bf16", "fp32"))
     seed: int = _f(0, "seed of every random choice (exemplars, t, noise, adapter init)", min=0, max=2**31 - 1)
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only when stopped)", min=0, max=100000)
 
@@ -164,6 +167,13 @@ class EraseConfig:
     def images_needed(self) -> tuple[bool, bool]:
         """(negative, positive): which exemplar sets this run uses (see :func:`bierasing.methods.images_needed`)."""
         return registry.images_needed(self.method, self.pos_weight, abs(self.map_target_to_safe), self.neg_anchor)
+
+    def exemplars_to_load(self) -> tuple[bool, bool]:
+        """(negative, positive): the exemplar sets worth making for this run: those the method needs,
+        plus concept images for noised x_t and for the adversarial attack (which can otherwise
+        attack the trajectory cache's samples)."""
+        neg, pos = self.images_needed()
+        return neg or self.xt_source == "noised" or self.adversarial > 0, pos
 
     def _is_auto(self, name: str) -> bool:
         """Whether an auto-valued setting is AUTO; any other negative value is refused."""

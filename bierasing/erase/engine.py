@@ -103,7 +103,7 @@ class ErasureResult:
                     "adversarial_last": self.adversarial[-1]} if self.adversarial else {})}
 
     def save(self, path: str | Path) -> Path:
-        return save_erasure(path, self.adapters, self.info())
+        return save_erasure(path, self.adapters, self.info(), precision=self.config.save_precision)
 
 
 def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
@@ -114,9 +114,11 @@ def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Conce
     (what gets recorded) and the concepts followed by their context pairs, which share the
     concept's exemplars."""
     cfg, concepts = _with_related(backbone, cfg, concepts)
+    large = sum(p.numel() for p in backbone.unet.parameters()) >= MICRO_AUTO_PARAMS  # SD-size
     if cfg.micro_batch == AUTO_INT:  # one call on a small UNet, one x_t sample per call on a large one
-        n = sum(p.numel() for p in backbone.unet.parameters())
-        cfg = dataclasses.replace(cfg, micro_batch=0 if n < MICRO_AUTO_PARAMS else 1)
+        cfg = dataclasses.replace(cfg, micro_batch=1 if large else 0)
+    if cfg.save_precision == "auto":
+        cfg = dataclasses.replace(cfg, save_precision="fp16" if large else "fp32")
     return cfg, concepts
 
 
@@ -209,6 +211,9 @@ class Eraser:
                            for c in self.concepts]
         self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen, names=bb.module_name_map())
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
+        # fp16 models: scale the loss so small gradients survive the fp16 backward (bf16 and fp32 need none)
+        fp16 = next(bb.unet.parameters()).dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(bb.device.type, enabled=fp16)
         self.cache = None
         self.xt_forward_rows = 0
         if cfg.xt_source == "cache":
@@ -357,10 +362,13 @@ class Eraser:
                 parts[k] += part.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the erasure loss became {loss.item()} at step {self.step}; "
-                                         f"lower the learning rate (now {cfg.lr}) or the guidance strengths")
-            loss.backward()
+                                         f"lower the learning rate (now {cfg.lr}) or the guidance strengths"
+                                         + ("; an fp16 model can overflow: load it in bf16 or fp32" if
+                                            self.scaler.is_enabled() else ""))
+            self.scaler.scale(loss).backward()
             total += loss.item()
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         return {"step": self.step + 1, "loss": round(total, 6), **{k: round(v, 6) for k, v in parts.items()}}
 
     def _chunks(self, groups: int, B: int) -> list[list[tuple[int, slice]]]:
@@ -414,18 +422,24 @@ class Eraser:
         meta = {"config": self.cfg.to_dict(), "concepts": [[c.target, c.safe] for c in self.concepts],
                 "step": self.step, "history": self.history, "optim": om,
                 "forward_rows": self.forward_rows, "xt_forward_rows": self.xt_forward_rows,
-                "seconds": self.seconds, "adversarial": self.adv_log}
+                "seconds": self.seconds, "adversarial": self.adv_log, "scaler": self.scaler.state_dict()}
         io.save_checkpoint(self.checkpoint_path, tensors, meta)
 
     def _try_resume(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.is_file():
             return False
         tensors, meta = io.load_checkpoint(self.checkpoint_path)
-        if meta["config"] != self.cfg.to_dict() or meta["concepts"] != [[c.target, c.safe] for c in self.concepts]:
+        same = lambda c: {k: v for k, v in c.items() if k != "lr"}  # noqa: E731 (a lower lr may resume)
+        if same(meta["config"]) != same(self.cfg.to_dict()) \
+                or meta["concepts"] != [[c.target, c.safe] for c in self.concepts]:
             raise ValueError(f"{self.checkpoint_path} belongs to a run with other settings; delete it "
-                             "to start over or resume with the same settings")
+                             "to start over or resume with the same settings (only lr may change)")
         self.adapters.load_state_tensors({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
         io.optimizer_from_tensors(self.opt, tensors, meta["optim"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.lr
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
         io.restore_rng(tensors, {}, None, self.gen)
         self.step, self.history = meta["step"], meta["history"]
         self.forward_rows, self.xt_forward_rows = meta["forward_rows"], meta["xt_forward_rows"]
@@ -452,7 +466,15 @@ class Eraser:
         self._try_resume()
         self.bb.unet.train(False)
         while self.step < self.cfg.steps:
-            rec = self.training_step()
+            try:
+                rec = self.training_step()
+            except FloatingPointError as e:  # nothing was updated this step: keep what was learnt
+                if self.checkpoint_path is None:
+                    raise
+                self.seconds += time.time() - t0
+                self.save_checkpoint()
+                raise FloatingPointError(f"{e}. Step {self.step} is saved in {self.checkpoint_path}: run again "
+                                         "with a lower lr to resume from it") from None
             self.step += 1
             self.history.append(rec)
             if self.callback is not None:

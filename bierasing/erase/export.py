@@ -27,25 +27,33 @@ def kohya_name(module_name: str) -> str:
     return PREFIX + module_name.replace(".", "_")
 
 
-def erasure_tensors(adapters: AdapterSet, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Adapter weights under kohya keys; ``rename`` maps module names first (ComfyUI's LDM names ->
-    diffusers names, so files from both paths are the same format)."""
+#: file precisions of an erasure's weights (``EraseConfig.save_precision``)
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def erasure_tensors(adapters: AdapterSet, rename: dict[str, str] | None = None,
+                    precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Adapter weights under kohya keys, in ``precision`` (alphas stay fp32); ``rename`` maps module
+    names first (ComfyUI's LDM names -> diffusers names, so files from both paths are the same format)."""
+    if precision not in SAVE_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(SAVE_DTYPES)}; got {precision!r}")
+    dt = SAVE_DTYPES[precision]
     out = {}
     for name, layer in adapters.layers.items():
         key = kohya_name((rename or {}).get(name, name))
         if layer.rank == 0:
-            out[f"{key}.diff"] = layer.delta.detach().float()
+            out[f"{key}.diff"] = layer.delta.detach().to(dt)
         else:
-            out[f"{key}.lora_down.weight"] = layer.down.detach().float()
-            out[f"{key}.lora_up.weight"] = layer.up.detach().float()
+            out[f"{key}.lora_down.weight"] = layer.down.detach().to(dt)
+            out[f"{key}.lora_up.weight"] = layer.up.detach().to(dt)
             out[f"{key}.alpha"] = torch.tensor(layer.alpha)
     return out
 
 
 def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict,
-                 rename: dict[str, str] | None = None) -> Path:
+                 rename: dict[str, str] | None = None, precision: str = "fp32") -> Path:
     """Atomically write the erasure; ``info`` (method, concepts, hyper-parameters...) goes to metadata."""
-    return save_erasure_tensors(path, erasure_tensors(adapters, rename), info)
+    return save_erasure_tensors(path, erasure_tensors(adapters, rename, precision), info)
 
 
 def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict) -> Path:
@@ -59,7 +67,8 @@ def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tenso
             "ss_network_module": "networks.lora" if ranks != {0} else "diff",
             "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
             "modelspec.title": str(info.get("title", path.stem))}
-    save_safetensors(path, {k: v.detach().float().contiguous() for k, v in tensors.items()}, meta)
+    keep = lambda v: v if v.dtype in SAVE_DTYPES.values() else v.float()  # noqa: E731 (fp32/fp16/bf16 as given)
+    save_safetensors(path, {k: keep(v.detach()).contiguous() for k, v in tensors.items()}, meta)
     return path
 
 

@@ -105,14 +105,14 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     for s in specs:  # before any exemplar is made: a cut-off prompt would erase the wrong thing
         check_text_fits(backbone, backbone.concept_text(s.target), "concept to erase")
         check_text_fits(backbone, backbone.concept_text(s.safe), "safe alternative")
-    need_neg, need_pos = cfg.images_needed()
+    load_neg, load_pos = cfg.exemplars_to_load()
     t_start = time.time()
     concepts = []
     for i, s in enumerate(specs):
         neg = pos = None
-        if need_neg or cfg.xt_source == "noised" or cfg.adversarial > 0:
+        if load_neg:
             neg = load_exemplars(backbone, s.negative, s.target, cfg.seed + 1000 * i, mask_filter, log)
-        if need_pos:
+        if load_pos:
             pos = load_exemplars(backbone, s.positive, s.safe, cfg.seed + 1000 * i + 500, mask_filter, log)
         concepts.append(Concept(backbone.concept_text(s.target),
                                 backbone.concept_text(s.safe) if s.safe else "", neg, pos))
