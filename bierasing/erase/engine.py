@@ -469,7 +469,7 @@ class Eraser:
             try:
                 rec = self.training_step()
             except FloatingPointError as e:  # nothing was updated this step: keep what was learnt
-                if self.checkpoint_path is None:
+                if self.checkpoint_path is None or self.step == 0:
                     raise
                 self.seconds += time.time() - t0
                 self.save_checkpoint()
