@@ -87,6 +87,8 @@ class ErasureResult:
     forward_rows: int = 0
     xt_forward_rows: int = 0
     adversarial: list[dict] = field(default_factory=list)
+    #: peak memory allocated on the accelerator during the run (None on the CPU)
+    peak_device_mb: float | None = None
 
     def info(self) -> dict:
         steps = max(1, self.config.steps)
@@ -94,6 +96,7 @@ class ErasureResult:
                 "concepts": [{"target": t, "safe": s} for t, s in self.concepts],
                 "config": self.config.to_dict(), "seconds": round(self.seconds, 2),
                 "peak_rss_mb": round(self.peak_rss_mb, 1),
+                **({"peak_device_mb": round(self.peak_device_mb, 1)} if self.peak_device_mb is not None else {}),
                 "unet_forward_equivalents_per_step": round(self.forward_rows / steps, 2),
                 "unet_forward_equivalents_per_sample": round(self.forward_rows / (steps * self.config.batch_size), 2),
                 "xt_forward_rows": self.xt_forward_rows,
@@ -140,6 +143,13 @@ def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    """Peak memory torch allocated on a CUDA device since the last reset (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 class Eraser:
@@ -195,6 +205,8 @@ class Eraser:
         calls it unless it was called first (to report the setup before the training loop starts)."""
         t_prep = time.time()
         bb, cfg = self.bb, self.cfg
+        if bb.device.type == "cuda":  # the run's peak, reported as peak_device_mb
+            torch.cuda.reset_peak_memory_stats(bb.device)
         with torch.no_grad():
             keep = cfg.preserved() if cfg.preserve_weight > 0 else []
             texts = sorted({"", *(c.target for c in self.concepts), *(c.safe for c in self.concepts), *keep})
@@ -491,7 +503,7 @@ class Eraser:
         self.seconds += time.time() - t0
         return ErasureResult(self.adapters, self.cfg, [(c.target, c.safe) for c in self.concepts],
                              self.history, self.seconds, peak_rss_mb(), self.forward_rows,
-                             self.xt_forward_rows, self.adv_log)
+                             self.xt_forward_rows, self.adv_log, peak_device_mb(self.bb.device))
 
 
 def erase(backbone: Backbone, concepts: list[Concept], cfg: EraseConfig | None = None, **kw) -> ErasureResult:

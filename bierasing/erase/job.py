@@ -149,6 +149,8 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
                                                       eval_samples, out, progress=progress))
     report["seconds"] = round(time.time() - t_start, 2)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if result.peak_device_mb is not None:
+        report["peak_device_mb"] = round(result.peak_device_mb, 1)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", _markdown(report))
     return report
@@ -157,7 +159,8 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
 def _markdown(r: dict) -> str:
     lines = [f"# Erasure report: {', '.join(t for t, _ in r['concepts'])}", "",
              f"- method: **{r['method']}**, output `{Path(r['output']).name}`",
-             f"- erase time {r['erase_seconds']} s, whole job {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB",
+             f"- erase time {r['erase_seconds']} s, whole job {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB"
+             + (f", peak GPU memory {r['peak_device_mb']} MB" if "peak_device_mb" in r else ""),
              f"- trained parameters: {r['adapter_parameters']}; UNet forward-equivalents per x_t sample: "
              f"{r['unet_forward_equivalents_per_sample']}",
              f"- loss {r['loss_first']} -> {r['loss_last']}", ""]
