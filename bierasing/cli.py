@@ -110,12 +110,16 @@ def _load_backbone(args, method: str | None = None):
 
     transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to act on
     return load_backbone(args.model, ip, enc, resolution=getattr(args, "resolution", 512),
-                         device=getattr(args, "device", None))
+                         device=getattr(args, "device", None), config=getattr(args, "model_config", None))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shapesworld",
-                   help="'shapesworld' (shipped), a ShapesWorld model folder, or a diffusers SD1.x pipeline folder")
+                   help="'shapesworld' (shipped), a ShapesWorld model folder, a diffusers SD1.x pipeline folder, "
+                        "or a single-file SD1.x .safetensors checkpoint")
+    p.add_argument("--model-config", default=None,
+                   help="diffusers config folder for a single-file checkpoint whose sizes differ from SD1.5's "
+                        "(default: the SD1.5 config shipped with the package)")
     p.add_argument("--ip-adapter", default=None,
                    help="image branch of a real model: an ip-adapter_sd15 .safetensors (bi-erasing, co-erasing)")
     p.add_argument("--image-encoder", default=None,

@@ -5,8 +5,9 @@ families exist (the engine, job and scorer see only the :class:`Backbone`).
     load_backbone("runs/world/model")                     # a ShapesWorld folder (world.json)
     load_backbone("sd15/", ip_adapter="ip-adapter_sd15.safetensors", image_encoder="image_encoder/")
 
-SD1.x comes as a diffusers pipeline folder. Nothing is downloaded and only safetensors weights
-are read.
+SD1.x comes as a diffusers pipeline folder or a single-file checkpoint (converted with diffusers
+from the SD1.5 config the package ships). Nothing is downloaded and only safetensors weights are
+read.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch
 
 from .io import _PICKLE_SUFFIXES
 
-SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x pipeline folder")
+SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x pipeline folder",
+             "a single-file SD1.x .safetensors checkpoint")
 
 
 def model_kind(model: str | os.PathLike | None) -> str:
-    """'world' or 'sd1' for what ``model`` names; a clear error for anything else."""
+    """'world', 'sd1' (diffusers folder) or 'sd1_file' (single file) for what ``model`` names; a clear
+    error for anything else."""
     if model in (None, "", "shapesworld"):
         return "world"
     path = Path(model).expanduser()
@@ -35,6 +38,11 @@ def model_kind(model: str | os.PathLike | None) -> str:
                          + ", ".join(SUPPORTED[1:]))
     if path.is_dir() and (path / "world.json").is_file():
         return "world"
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from .single_file import check_sd1_single_file
+
+        check_sd1_single_file(path)  # reads the header only
+        return "sd1_file"
     if path.is_dir() and (path / "unet" / "config.json").is_file():
         _check_sd1_unet(json.loads((path / "unet" / "config.json").read_text()), path)
         return "sd1"
@@ -60,8 +68,9 @@ def default_device() -> str:
 
 def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: str | os.PathLike | None = None,
                   image_encoder: str | os.PathLike | None = None, resolution: int = 512,
-                  device: str | None = None):
-    """The :class:`~bierasing.backbone.Backbone` for ``model``, with its image branch where given."""
+                  device: str | None = None, config: str | os.PathLike | None = None):
+    """The :class:`~bierasing.backbone.Backbone` for ``model``, with its image branch where given;
+    ``config`` is the diffusers config folder of a single-file checkpoint (default: SD1.5's, shipped)."""
     kind = model_kind(model)
     device = device or default_device()
     if kind == "world":
@@ -76,6 +85,11 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
             raise ValueError(f"{name} {p}: no such {'file' if want == 'file' else 'folder'}")
     if ip_adapter is not None and Path(ip_adapter).suffix.lower() != ".safetensors":
         raise ValueError(f"--ip-adapter {ip_adapter}: only .safetensors adapters are read (pickled files can run code)")
+    if kind == "sd1_file":
+        from .single_file import load_sd1_single_file
+
+        return load_sd1_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
+                                    resolution=resolution, device=device, config=config)
     from .sd15 import SD15Backbone
 
     return SD15Backbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,

@@ -90,7 +90,7 @@ class SD15Backbone(Backbone):
                         device: str = "cpu", dtype: torch.dtype = torch.float32,
                         image_normalization: str = "bi-erasing") -> "SD15Backbone":
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         root = Path(model_dir)
         for sub in ("unet", "text_encoder", "tokenizer", "vae", "scheduler"):
@@ -106,20 +106,39 @@ class SD15Backbone(Backbone):
         tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
         vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
         sched = DDPMScheduler.from_pretrained(root / "scheduler")
+        return cls.assemble(tok, text, unet, vae, sched, ip_adapter, image_encoder, resolution, device, dtype,
+                            image_normalization)
+
+    @classmethod
+    def assemble(cls, tokenizer, text_encoder, unet, vae, scheduler, ip_adapter=None, image_encoder=None,
+                 resolution: int = 512, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 image_normalization: str = "bi-erasing") -> "SD15Backbone":
+        """The backbone of loaded components, with the image branch from ``ip_adapter`` +
+        ``image_encoder`` (both or neither), on ``device``, frozen."""
         enc = proj = None
         if (ip_adapter is None) != (image_encoder is None):
             raise ValueError("give both ip_adapter and image_encoder for the image branch, or neither")
         if ip_adapter is not None:
-            install_decoupled_attention(unet)
-            enc = CLIPVisionModelWithProjection.from_pretrained(image_encoder, **kw)
-            sd, _ = load_safetensors(ip_adapter)
-            n_tokens = sd["image_proj.proj.weight"].shape[0] // unet.config.cross_attention_dim
-            proj = ImageProjModel(enc.config.projection_dim, unet.config.cross_attention_dim, n_tokens)
-            load_ip_adapter_state_dict(sd, proj, unet)
-            proj.to(dtype)
-            unet.to(dtype)
-        bb = cls(tok, text, unet, vae, sched, enc, proj, resolution, image_normalization)
-        for m in (text, unet, vae, enc, proj):
+            enc, proj = install_image_branch(unet, ip_adapter, image_encoder, dtype)
+        bb = cls(tokenizer, text_encoder, unet, vae, scheduler, enc, proj, resolution, image_normalization)
+        for m in (text_encoder, unet, vae, enc, proj):
             if m is not None:
                 m.to(device)
         return bb.eval()
+
+
+def install_image_branch(unet, ip_adapter: str | os.PathLike, image_encoder: str | os.PathLike,
+                         dtype: torch.dtype = torch.float32):
+    """Decoupled image attention on ``unet`` with an ``ip-adapter_sd15``-layout file's weights, and
+    its CLIP vision encoder: (image encoder, image projector)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    install_decoupled_attention(unet)
+    enc = CLIPVisionModelWithProjection.from_pretrained(image_encoder, torch_dtype=dtype, use_safetensors=True)
+    sd, _ = load_safetensors(ip_adapter)
+    n_tokens = sd["image_proj.proj.weight"].shape[0] // unet.config.cross_attention_dim
+    proj = ImageProjModel(enc.config.projection_dim, unet.config.cross_attention_dim, n_tokens)
+    load_ip_adapter_state_dict(sd, proj, unet)
+    proj.to(dtype)
+    unet.to(dtype)
+    return enc, proj

@@ -177,3 +177,22 @@ def test_cli_eval_draws_before_and_after_on_an_sd15_folder(standin, cli_lora, tm
     r = _run("from bierasing.cli import main\n"
              f"sys.exit(main({args[:-5] + ['--attack', '--out', str(tmp_path)]!r}))")
     assert r.returncode == 2 and "detector" in r.stderr and "--attack" in r.stderr
+
+
+def test_cli_erases_from_a_single_file_sd1_checkpoint(tmp_path):
+    from bierasing.single_file import build_sd1_single_file
+
+    sf = build_sd1_single_file(tmp_path / "tiny-sd1.safetensors")
+    out = tmp_path / "erase"
+    args = ["erase", "--model", str(sf["checkpoint"]), "--model-config", str(sf["config"]),
+            "--ip-adapter", str(sf["ip_adapter"]), "--image-encoder", str(sf["image_encoder"]),
+            "--concept", "a dog", "--safe", "a cat", "--steps", "2", "--out", str(out), "--exemplars", "2",
+            "--eval-samples", "1", "--resolution", "64", "--cache-size", "2", "--batch-size", "2",
+            "--xt-steps", "4", "--adversarial-steps", "1", "--json", "--device", "cpu"]
+    r = _run(f"from bierasing.cli import main\nsys.exit(main({args!r}))")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "erasure.safetensors").is_file() and (out / "before_after.png").is_file()
+    # the shipped SD1.5 config does not fit the tiny file: a clear error, not a crash
+    r = _run("from bierasing.cli import main\n"
+             f"sys.exit(main({args[:4] + args[6:]!r}))")
+    assert r.returncode == 2 and "bierasing: error:" in r.stderr, r.stderr[-2000:]
