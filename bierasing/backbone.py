@@ -130,6 +130,14 @@ class Backbone(abc.ABC):
         SD1.5 the user names what to preserve, so the default is nothing."""
         return [], [[] for _ in pairs]
 
+    def attach_adapters(self, trainable: str, rank: int, generator: torch.Generator | None = None):
+        """Trainable adapters on the UNet's ``trainable`` set (:class:`bierasing.erase.adapters.AdapterSet`).
+        A diffusers UNet gets its modules wrapped in place (``AdapterSet.remove`` undoes it); ComfyUI's
+        MODEL attaches them to a clone through weight wrappers instead."""
+        from .erase.adapters import attach
+
+        return attach(self.unet, trainable, rank, generator=generator, names=self.module_name_map())
+
     def module_name_map(self) -> dict[str, str] | None:
         """Module names of ``self.unet`` -> diffusers names, for trainable-set selection (None: the
         UNet already uses diffusers names)."""

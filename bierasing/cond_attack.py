@@ -84,7 +84,8 @@ class CondAttack:
 @contextlib.contextmanager
 def frozen(*modules: torch.nn.Module):
     """No gradients into any weight of ``modules`` (adapters included); flags restored afterwards."""
-    params = [p for m in modules for p in m.parameters()]
+    # inference tensors (ComfyUI's loaded weights) never take gradients and may not be flagged
+    params = [p for m in modules for p in m.parameters() if not p.is_inference()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)

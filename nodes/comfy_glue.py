@@ -1,14 +1,18 @@
 """Every use of ComfyUI internals lives here: MODEL/CLIP/VAE/CLIP_VISION as a ``bierasing`` Backbone.
 
-The erasure engine is the library's; this module only makes ComfyUI's objects speak its interface:
+The erasure engine is the library's; this module only makes ComfyUI's objects speak its interface,
+on a **clone** of the incoming MODEL, attaching everything the way ComfyUI's own LoRA trainer does:
 
 * noise prediction through ``BaseModel.apply_model`` (ComfyUI's own dtype casting and
   model_sampling), converted between DDPM timesteps/x_t and ComfyUI's sigma/x = x0 + sigma * eps;
-* the IP-Adapter image channel as a wrapper around each ``attn2`` CrossAttention (ComfyUI's LDM
-  names), numbered like ``ip-adapter_sd15`` through ComfyUI's LDM -> diffusers name map;
-* weights loaded inside the prompt's ``torch.inference_mode()`` are inference tensors, which autograd
-  refuses to save; :func:`training_session` re-creates them once as plain tensors (same values) and
-  runs the loop with inference mode off;
+* trainable adapters as weight wrappers (``ModelPatcher.add_weight_wrapper``): ComfyUI applies them
+  to each weight as its ops cast it for a forward, so they follow offloading and Dynamic VRAM and
+  vanish with the clone;
+* weights loaded inside the prompt's ``torch.inference_mode()`` are inference tensors, which
+  autograd refuses to save: in a training session every other weight gets an identity wrapper, so
+  ComfyUI's cast hands each forward an ordinary copy (nothing is replaced in the shared model);
+* the IP-Adapter image channel as attn2 replace patches in the clone's model options, numbered
+  like ``ip-adapter_sd15`` through ComfyUI's LDM -> diffusers name map;
 * erasures are exported under diffusers-style kohya names, so a file made here is the same format as
   one made by the library's diffusers path (LoraLoader and diffusers both read it).
 """
@@ -77,69 +81,64 @@ class IPState:
 
 
 class IPCrossAttention:
-    """ComfyUI CrossAttention + a decoupled image channel: softmax(QK^T)V + s * softmax(QK_ip^T)V_ip.
+    """An attn2 replace patch: softmax(QK^T)V + s * softmax(QK_ip^T)V_ip on ComfyUI's q, k, v.
 
-    Installed as the attn2 module's instance ``forward`` (the module tree and its weight names stay
-    exactly ComfyUI's, so trainable-set selection and ComfyUI's weight patching see no change); the
-    image K/V weights live here, outside the UNet's state dict.
+    ComfyUI computes q = to_q(x), k = to_k(context), v = to_v(context) and applies to_out to what
+    this returns. Without image tokens (and not recording) it is ComfyUI's own attention, exactly
+    as without the patch. The image K/V weights live here, outside the model.
     """
 
-    def __init__(self, base: nn.Module, to_k_ip: torch.Tensor | None, to_v_ip: torch.Tensor | None,
-                 state: IPState, scale: float):
-        self.base = base
+    def __init__(self, to_k_ip: torch.Tensor | None, to_v_ip: torch.Tensor | None, state: IPState,
+                 scale: float, device: torch.device):
         self.to_k_ip = self.to_v_ip = None
-        if to_k_ip is not None:  # without weights the wrapper only records attention maps
-            dev = base.to_k.weight.device
-            self.to_k_ip = nn.Linear(to_k_ip.shape[1], to_k_ip.shape[0], bias=False, device=dev)
-            self.to_v_ip = nn.Linear(to_v_ip.shape[1], to_v_ip.shape[0], bias=False, device=dev)
+        if to_k_ip is not None:  # without weights the patch only records attention maps
+            self.to_k_ip = nn.Linear(to_k_ip.shape[1], to_k_ip.shape[0], bias=False, device=device)
+            self.to_v_ip = nn.Linear(to_v_ip.shape[1], to_v_ip.shape[0], bias=False, device=device)
             with torch.no_grad():
                 self.to_k_ip.weight.copy_(to_k_ip)
                 self.to_v_ip.weight.copy_(to_v_ip)
             self.to_k_ip.requires_grad_(False)
             self.to_v_ip.requires_grad_(False)
-        self.state, self.scale, self.heads = state, scale, base.heads
+        self.state, self.scale = state, scale
         self.attention_store: list | None = None  # automatic masks read the text-attention maps here
 
-    def _split(self, x):
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
 
-    def __call__(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006 (ComfyUI's signature)
+        heads = extra_options["n_heads"]
         tokens = self.state.tokens
-        if tokens is None and self.attention_store is None:
-            return type(self.base).forward(self.base, x, context=context, value=value, mask=mask,
-                                           transformer_options=transformer_options)
-        b = self.base
-        context = x if context is None else context
-        q = self._split(b.to_q(x))
-        k = self._split(b.to_k(context))
-        v = self._split(b.to_v(context if value is None else value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if (tokens is None or self.to_k_ip is None) and self.attention_store is None:
+            return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        qh, kh = split(q), split(k)
+        out = F.scaled_dot_product_attention(qh, kh, split(v))
         if self.attention_store is not None:
-            probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+            probs = (qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])).softmax(-1)
             self.attention_store.append(probs.mean(1).float().detach())
         if tokens is not None and self.to_k_ip is not None:
-            tok = tokens
-            k_ip = self._split(self.to_k_ip(tok.float()).to(q.dtype))
-            v_ip = self._split(self.to_v_ip(tok.float()).to(q.dtype))
-            out = out + self.scale * F.scaled_dot_product_attention(q, k_ip, v_ip)
-        out = out.transpose(1, 2).reshape(x.shape[0], -1, q.shape[1] * q.shape[-1])
-        return b.to_out(out)
+            tok = tokens.to(self.to_k_ip.weight.device).float()
+            k_ip = split(self.to_k_ip(tok).to(q.dtype))
+            v_ip = split(self.to_v_ip(tok).to(q.dtype))
+            out = out + self.scale * F.scaled_dot_product_attention(qh, k_ip, v_ip)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
 
 
-def plain_tensors_(module: nn.Module) -> int:
-    """Replace inference-mode parameters/buffers by ordinary copies (same values); returns how many."""
-    n = 0
-    for m in module.modules():
-        for k, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
-                m._parameters[k] = nn.Parameter(p.detach().clone(), requires_grad=False)
-                n += 1
-        for k, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
-                m._buffers[k] = b.clone()
-                n += 1
-    return n
+def attn2_block(ldm_name: str) -> tuple[str, int, int]:
+    """ComfyUI's attn2 patch key of an attn2 module: (block, number, transformer index), e.g.
+    ``input_blocks.1.1.transformer_blocks.0.attn2`` -> ("input", 1, 0)."""
+    parts = ldm_name.split(".")
+    kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}.get(parts[0])
+    if kind is None or "transformer_blocks" not in parts:
+        raise ValueError(f"{ldm_name} is not an attn2 of an SD-style UNet")
+    number = 0 if kind == "middle" else int(parts[1])
+    return kind, number, int(parts[parts.index("transformer_blocks") + 1])
+
+
+def _copy_weight(w: torch.Tensor) -> torch.Tensor:
+    """Identity weight/bias wrapper: its presence makes ComfyUI's cast hand the forward a fresh
+    copy, an ordinary tensor autograd can save (the loaded one is an inference tensor); detached,
+    so no gradient reaches the model's own weights (fp8 ones could not even hold it)."""
+    return w.detach()
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -157,9 +156,12 @@ class ComfyBackbone(Backbone):
         check_sd1(model)
         if clip is None:
             raise ValueError("no CLIP connected: the erasure needs the model's text encoder")
-        self.patcher, self.clip, self.vae, self.clip_vision = model, clip, vae, clip_vision
+        # a clone: adapters, the image channel and training copies attach to it, never to ``model``
+        self.patcher, self.clip, self.vae, self.clip_vision = model.clone(), clip, vae, clip_vision
         self.base_model = model.model
-        self.unet = model.model.diffusion_model
+        self.unet = model.model.diffusion_model  # shared with ``model``: read here, never modified
+        self._ours: set[int] = set()  # ids of the weight wrappers this backbone added
+        self._loaded_uuid = None
         ms = self.base_model.model_sampling
         self.model_sampling = ms
         self.alphas_cumprod = (1.0 / (1.0 + ms.sigmas.float().cpu() ** 2))
@@ -167,7 +169,7 @@ class ComfyBackbone(Backbone):
         self.ip_state = IPState()
         self.ip_weights, self.ip_scale = ip_weights, ip_scale
         self.image_proj: ImageProjModel | None = None
-        self._wrapped: dict[str, IPCrossAttention] = {}
+        self._channels: dict[str, IPCrossAttention] = {}
         self._text_memo: dict[str, torch.Tensor] = {}
         self._image_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._latent_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -243,9 +245,11 @@ class ComfyBackbone(Backbone):
         sigma = self.model_sampling.sigma(t.float().cpu()).to(x_t.device)
         s = sigma.view(-1, 1, 1, 1).to(x_t.dtype)
         x = x_t * (1 + s ** 2).sqrt()  # DDPM x_t -> ComfyUI's x0 + sigma * eps
+        self.ensure_loaded()
         self.ip_state.tokens = image_tokens
         try:
-            den = self.base_model.apply_model(x, sigma, c_crossattn=text)
+            den = self.base_model.apply_model(x, sigma, c_crossattn=text,
+                                              transformer_options=self.patcher.model_options["transformer_options"])
         finally:
             self.ip_state.tokens = None
         return ((x - den) / s).to(x_t.dtype)
@@ -261,7 +265,56 @@ class ComfyBackbone(Backbone):
         return ldm_to_diffusers_names(self.patcher) or None
 
     def attention_recorders(self) -> list:
-        return list(self._wrapped.values())
+        return list(self._channels.values())
+
+    # ---- trainable adapters and loading -----------------------------------------------------------
+    def attach_adapters(self, trainable: str, rank: int, generator: torch.Generator | None = None):
+        """Adapters on the clone as weight wrappers (ComfyUI applies them where it casts each weight);
+        they live on the device the model computes on, in fp32."""
+        from bierasing.erase.adapters import AdaptedLayer, AdapterSet, select_modules
+
+        layers = {}
+        for name, m in select_modules(self.unet, trainable, self.module_name_map()).items():
+            layer = AdaptedLayer(m, rank, float(rank), generator, device=self.device)
+            self._add_wrapper(f"{name}.weight", lambda w, layer=layer: layer.patch_weight(w.detach()))
+            layers[name] = layer
+        return AdapterSet(layers, in_place=False)
+
+    def make_trainable(self) -> None:
+        """Identity wrappers on every other weight and bias: each forward then runs on autograd-usable
+        copies."""
+        for name, m in self.unet.named_modules():
+            if not hasattr(m, "weight_function"):
+                continue
+            for param in ("weight", "bias"):  # norms save their bias for the backward too
+                key = f"diffusion_model.{name}.{param}"
+                if getattr(m, param, None) is not None and not self.patcher.weight_wrapper_patches.get(key):
+                    self._add_wrapper(f"{name}.{param}", _copy_weight)
+
+    def _add_wrapper(self, weight: str, fn) -> None:
+        self.patcher.add_weight_wrapper(f"diffusion_model.{weight}", fn)
+        self._ours.add(id(fn))
+
+    def ensure_loaded(self) -> None:
+        """Load the clone with everything attached so far (ComfyUI applies weight wrappers as it
+        loads; after new ones the clone is unpatched and loaded again)."""
+        if self._loaded_uuid == self.patcher.patches_uuid:
+            return
+        if self._loaded_uuid is not None:
+            self.patcher.detach()
+        mm.load_models_gpu([self.patcher])
+        self._loaded_uuid = self.patcher.patches_uuid
+
+    def release(self) -> None:
+        """Unpatch the clone and take this backbone's wrappers off the shared modules."""
+        if self._loaded_uuid is not None:
+            self.patcher.detach()
+            self._loaded_uuid = None
+        for m in self.unet.modules():
+            for attr in ("weight_function", "bias_function"):
+                fns = m.__dict__.get(attr)
+                if fns and any(id(f) in self._ours for f in fns):
+                    setattr(m, attr, [f for f in fns if id(f) not in self._ours])
 
     def word_positions(self, prompt: str, word: str) -> list[int]:
         def ids(text):
@@ -278,9 +331,9 @@ class ComfyBackbone(Backbone):
 
     # ---- image channel on/off -------------------------------------------------------------------
     def install_image_branch(self) -> None:
-        """Wrap every attn2: with IP-Adapter weights it adds the image channel, without them it only
-        records attention maps (automatic masks)."""
-        if self._wrapped:
+        """An attn2 replace patch on every attn2 of the clone: with IP-Adapter weights it adds the
+        image channel, without them it only records attention maps (automatic masks)."""
+        if self._channels:
             return
         names = attn2_in_ip_adapter_order(self.patcher)
         nums: list[int | None] = [None] * len(names)
@@ -298,33 +351,27 @@ class ComfyBackbone(Backbone):
                 if k.shape != base.to_k.weight.shape:
                     raise ValueError(f"ip_adapter.{n}.to_k_ip is {tuple(k.shape)} but {name}.to_k is "
                                      f"{tuple(base.to_k.weight.shape)}: adapter and model do not match")
-            channel = IPCrossAttention(base, k, v, self.ip_state, self.ip_scale)
-            base.forward = channel
-            self._wrapped[name] = channel
-
-    def remove_image_branch(self) -> None:
-        for channel in self._wrapped.values():
-            del channel.base.forward  # back to the class's forward
-        self._wrapped.clear()
+            channel = IPCrossAttention(k, v, self.ip_state, self.ip_scale, self.device)
+            self.patcher.set_model_attn2_replace(channel, *attn2_block(name))
+            self._channels[name] = channel
 
 
 @contextlib.contextmanager
 def unet_session(backbone: ComfyBackbone, train: bool = True):
-    """Load the UNet fully, (for training) make its weights autograd-usable, wrap attn2; undo on exit.
+    """Inference mode off and (for training) gradients on, the image channel patched into the clone
+    and, for training, every weight made autograd-usable; the clone is loaded on first use and
+    unpatched on exit, however the block ends (Cancel and errors included).
 
-    Conditioning must be computed before (it is memoised): loading CLIP/VAE while attn2 is wrapped
-    could make ComfyUI move weights under names that no longer exist.
-    """
+    Conditioning must be computed before (it is memoised)."""
     grad = torch.enable_grad() if train else torch.no_grad()
     with torch.inference_mode(False), grad:
-        mm.load_models_gpu([backbone.patcher], memory_required=1e20 if train else 0, force_full_load=True)
-        if train:
-            plain_tensors_(backbone.unet)
-        backbone.install_image_branch()
         try:
+            backbone.install_image_branch()
+            if train:
+                backbone.make_trainable()
             yield backbone
         finally:
-            backbone.remove_image_branch()
+            backbone.release()
             if train:
                 mm.soft_empty_cache()
 

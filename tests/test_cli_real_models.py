@@ -158,7 +158,16 @@ def test_cli_lora_keys_in_real_comfyui_key_map(standin, cli_lora):
     from safetensors.torch import load_file
 
     sd = load_file(str(standin["model"] / "unet" / "diffusion_pytorch_model.safetensors"))
-    unet_config = comfy.model_detection.unet_config_from_diffusers_unet(sd)
+    assert comfy.model_detection.unet_config_from_diffusers_unet(sd) is None  # ComfyUI knows real sizes only
+    cfg = json.loads((standin["model"] / "unet" / "config.json").read_text())
+    levels = len(cfg["block_out_channels"])
+    depth = [1 if b.startswith("CrossAttn") else 0 for b in cfg["down_block_types"]]
+    unet_config = {  # the stand-in in ComfyUI's terms (what its detection would give at this size)
+        "model_channels": cfg["block_out_channels"][0], "num_res_blocks": [cfg["layers_per_block"]] * levels,
+        "channel_mult": [c // cfg["block_out_channels"][0] for c in cfg["block_out_channels"]],
+        "transformer_depth": depth, "transformer_depth_middle": 1, "context_dim": cfg["cross_attention_dim"],
+        "transformer_depth_output": [d for d in depth for _ in range(cfg["layers_per_block"] + 1)],
+        "num_heads": cfg["attention_head_dim"], "use_linear_in_transformer": False}
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     accepted = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in mapping if k.endswith(".weight")}
     modules = _lora_modules(cli_lora)

@@ -72,28 +72,30 @@ def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | N
 class AdaptedLayer(nn.Module):
     """A Linear or Conv2d with a switchable trainable adapter (LoRA if rank > 0, else a full delta)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.base = base
         self.rank = rank
         self.enabled = True
         self.multiplier = 1.0
         w = base.weight
+        dev = w.device if device is None else torch.device(device)  # ComfyUI: where the model computes
         f32 = torch.float32  # adapters and their optimiser state stay fp32 whatever the model's dtype
         if rank > 0:
             self.alpha = float(alpha)
             if isinstance(base, nn.Linear):
                 down = torch.empty(rank, base.in_features, dtype=f32)
-                self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=f32, device=w.device))
+                self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=f32, device=dev))
             else:
                 down = torch.empty(rank, base.in_channels, *base.kernel_size, dtype=f32)
-                self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, dtype=f32, device=w.device))
+                self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, dtype=f32, device=dev))
             bound = 1 / math.sqrt(down[0].numel())  # kaiming-uniform(a=sqrt(5)) bound, seeded
             down.uniform_(-bound, bound, generator=generator)
-            self.down = nn.Parameter(down.to(w.device))
+            self.down = nn.Parameter(down.to(dev))
         else:
             self.alpha = 0.0
-            self.delta = nn.Parameter(torch.zeros_like(w, dtype=f32))
+            self.delta = nn.Parameter(torch.zeros(w.shape, dtype=f32, device=dev))
 
     @property
     def scale(self) -> float:
@@ -106,6 +108,13 @@ class AdaptedLayer(nn.Module):
         if self.up.ndim == 2:
             return self.scale * self.up @ self.down
         return self.scale * torch.einsum("or,rikl->oikl", self.up[:, :, 0, 0], self.down)
+
+    def patch_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` + this adapter's change, in ``w``'s dtype and device: the form ComfyUI's weight
+        wrappers take (they run on the weight each forward casts, also with offloaded weights)."""
+        if not self.enabled or self.multiplier == 0:
+            return w
+        return w + (self.multiplier * self.delta_weight()).to(device=w.device, dtype=w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.multiplier == 0:
@@ -127,8 +136,11 @@ class AdaptedLayer(nn.Module):
 class AdapterSet:
     """All adapters attached to one UNet, by module name, with a teacher switch."""
 
-    def __init__(self, layers: dict[str, AdaptedLayer]):
+    def __init__(self, layers: dict[str, AdaptedLayer], in_place: bool = True):
         self.layers = layers
+        #: the layers replace the UNet's modules (``attach``); False: they act from outside the
+        #: module tree (ComfyUI's weight wrappers), so ``remove`` has nothing to put back
+        self.in_place = in_place
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (
@@ -173,8 +185,9 @@ class AdapterSet:
 
     def remove(self, unet: nn.Module) -> None:
         """Put the original modules back (the UNet is unchanged afterwards)."""
-        for name, layer in self.layers.items():
-            _set_submodule(unet, name, layer.base)
+        if self.in_place:
+            for name, layer in self.layers.items():
+                _set_submodule(unet, name, layer.base)
         self.layers = {}
 
 

@@ -20,7 +20,7 @@ from .. import methods as registry
 from ..backbone import Backbone
 from ..sampling import ddim_timesteps
 from . import xt as xt_sources
-from .adapters import AdapterSet, attach
+from .adapters import AdapterSet
 from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
 from .export import save_erasure
 from .objectives import LossWeights, branch_weights, erasure_loss, loss_targets, timestep_weights
@@ -221,7 +221,7 @@ class Eraser:
                             for c in self.concepts]
             self.x0_neg = [bb.to_x(c.negative_images.to(bb.device)) if cfg.xt_source == "noised" else None
                            for c in self.concepts]
-        self.adapters = attach(bb.unet, cfg.trainable, cfg.rank, generator=self.gen, names=bb.module_name_map())
+        self.adapters = bb.attach_adapters(cfg.trainable, cfg.rank, self.gen)
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
         # fp16 models: scale the loss so small gradients survive the fp16 backward (bf16 and fp32 need none)
         fp16 = next(bb.unet.parameters()).dtype == torch.float16
