@@ -19,7 +19,7 @@ from comfy_support import build_standins, comfy_available, load_comfy, pack
 
 WHY = comfy_available()
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def _assert_untouched(before, after):
             assert before[k] == after[k], k
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "fp8", "bf16"])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp8", "bf16", "fp16"])
 def test_erase_leaves_the_input_model_untouched_and_keeps_another_packs_patch(env, dtype_name, caplog):
     import comfy.model_management as mm
 

@@ -225,7 +225,7 @@ class Eraser:
         self.opt = torch.optim.Adam(self.adapters.parameters(), lr=cfg.lr)
         # fp16 models: scale the loss so small gradients survive the fp16 backward (bf16 and fp32 need none)
         fp16 = next(bb.unet.parameters()).dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(bb.device.type, enabled=fp16)
+        self.scaler = torch.amp.GradScaler(bb.device.type if fp16 else "cpu", enabled=fp16)
         self.cache = None
         self.xt_forward_rows = 0
         if cfg.xt_source == "cache":
