@@ -49,7 +49,8 @@ def test_pyproject_declares_the_package_data():
     rel = PACKAGE_TEMPLATE.relative_to(ROOT / "bierasing").as_posix()
     assert any(fnmatch.fnmatch(rel, pat) for pat in data["bierasing"]), data
     extras = cfg["project"]["optional-dependencies"]["test"]
-    assert {e.split(">")[0].split("=")[0] for e in extras} >= {"pytest", "peft", "accelerate"}
+    assert {e.split(">")[0].split("=")[0] for e in extras} >= {"pytest", "peft"}
+    assert any(d.startswith("accelerate") for d in cfg["project"]["dependencies"])  # quiet diffusers loads
     pins = {ln.split("==")[0] for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln}
     assert {"peft", "accelerate", "torch"} <= pins
 
