@@ -10,6 +10,7 @@ file with the real key names for that UNet; a small CLIP vision model with ViT-H
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
@@ -64,7 +65,13 @@ def load_comfy():
 
     async def _load():
         if getattr(server.PromptServer, "instance", None) is None:
-            server.PromptServer(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            if "asset_manager" in inspect.signature(server.PromptServer.__init__).parameters:  # newer ComfyUI
+                from app.assets.manager import default_asset_manager
+
+                server.PromptServer(loop, default_asset_manager())
+            else:  # 0.3.x
+                server.PromptServer(loop)
         if not await nodes.load_custom_node(str(REPO), module_parent="custom_nodes"):
             raise RuntimeError("the Bi-Erasing pack failed to import into ComfyUI (see the log)")
 
