@@ -20,6 +20,7 @@ on a **clone** of the incoming MODEL, attaching everything the way ComfyUI's own
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Sequence
 
@@ -33,6 +34,8 @@ import comfy.utils
 
 from bierasing.adapter import ImageProjModel
 from bierasing.backbone import Backbone
+
+logger = logging.getLogger(__name__)
 
 
 class NotSD1Error(ValueError):
@@ -135,10 +138,10 @@ def attn2_block(ldm_name: str) -> tuple[str, int, int]:
 
 
 def _copy_weight(w: torch.Tensor) -> torch.Tensor:
-    """Identity weight/bias wrapper: its presence makes ComfyUI's cast hand the forward a fresh
-    copy, an ordinary tensor autograd can save (the loaded one is an inference tensor); detached,
-    so no gradient reaches the model's own weights (fp8 ones could not even hold it)."""
-    return w.detach()
+    """Identity weight/bias wrapper: a detached copy of the cast weight, an ordinary tensor autograd
+    can save (the loaded one is an inference tensor). Copied here because newer ComfyUI (Dynamic
+    VRAM) hands wrappers its reusable cast buffer, which the next layer's cast overwrites."""
+    return w.detach().clone()
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -274,9 +277,14 @@ class ComfyBackbone(Backbone):
         from bierasing.erase.adapters import AdaptedLayer, AdapterSet, select_modules
 
         layers = {}
+        dynamic = getattr(self.patcher, "is_dynamic", lambda: False)()
         for name, m in select_modules(self.unet, trainable, self.module_name_map()).items():
+            if dynamic and mm.module_size(m) <= 16 * 1024:  # Dynamic VRAM moves these whole, unwrapped
+                logger.warning("not training %s: under Dynamic VRAM ComfyUI applies no weight wrapper to "
+                               "modules this small", name)
+                continue
             layer = AdaptedLayer(m, rank, float(rank), generator, device=self.device)
-            self._add_wrapper(f"{name}.weight", lambda w, layer=layer: layer.patch_weight(w.detach()))
+            self._add_wrapper(f"{name}.weight", lambda w, layer=layer: layer.patch_weight(w.detach().clone()))
             layers[name] = layer
         return AdapterSet(layers, in_place=False)
 
