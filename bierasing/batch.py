@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol
 
 from . import methods as registry
 
-from .io import atomic_write_json, atomic_write_text, name_problem
+from .io import NAME_PROBLEMS, atomic_write_json, atomic_write_text, name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Row:
     safe: str = ""
     method: str = "bi-erasing"
     steps: int = 200
-    negative: str = "generate"       # "generate" or an exemplar folder (absolute, or in ComfyUI's input/)
+    negative: str = "generate"       # "generate" or an exemplar folder under ComfyUI's input/
     positive: str = "generate"
     name: str = ""
     output: str = ""                 # file name under models/loras (".safetensors" is added by the node)
@@ -144,7 +144,7 @@ def _output_problem(out: str) -> str | None:
             "nul": f"{out!r} contains a NUL character",
             "absolute": f"{out!r} is absolute; give a name inside models/loras such as 'erasures/dog'",
             "escapes": f"{out!r} contains '..' that leads out of models/loras; the erasure must stay inside it",
-            }[problem]
+            }.get(problem) or NAME_PROBLEMS[problem].format(name=out)
 
 
 def _make_row(number: int, raw: dict[str, Any], line: int | None = None) -> Row:

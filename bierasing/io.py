@@ -66,16 +66,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_BAD_CHARS = re.compile(r'[\x00-\x1f:*?"<>|]')
 
 
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a path inside a folder, judged from its text alone; None if it can.
 
     One of ``"empty"``, ``"nul"``, ``"absolute"`` (a leading ``/`` or ``\\``, or a Windows drive such
-    as ``C:``, on every OS) or ``"escapes"`` (its ``..`` parts climb above the folder; ``a/../b`` is
-    fine). Both ``/`` and ``\\`` separate parts, so a name checked here is safe on a Windows server
-    too. No file system access: use it for folders on another machine (a ComfyUI server's
-    models/loras); :func:`safe_child` adds the symlink-aware check for local folders.
+    as ``C:``, on every OS), ``"escapes"`` (its ``..`` parts climb above the folder; ``a/../b`` is
+    fine), ``"backslash"`` (``\\`` separates folders on Windows only, so ``/`` is the one separator) or
+    ``"character"`` (control characters or ``:*?"<>|``, which Windows cannot store). No file system
+    access: use it for folders on another machine (a ComfyUI server's models/loras); :func:`safe_child` adds the symlink-aware check for local folders.
     """
     if not name or not name.strip():
         return "empty"
@@ -83,6 +84,10 @@ def name_problem(name: str) -> str | None:
         return "nul"
     if name.startswith(("/", "\\")) or _DRIVE.match(name) or PurePath(name).is_absolute():
         return "absolute"
+    if "\\" in name:
+        return "backslash"
+    if _BAD_CHARS.search(name):
+        return "character"
     depth = 0
     for part in re.split(r"[/\\]", name):
         if part == "..":
@@ -92,6 +97,13 @@ def name_problem(name: str) -> str | None:
         elif part not in ("", "."):
             depth += 1
     return None
+
+
+NAME_PROBLEMS = {
+    "backslash": "{name!r} contains a backslash; use / to put the file in a subfolder",
+    "character": "{name!r} contains a character file names cannot hold (control characters or :*?\"<>|); "
+                 "use letters, digits, - _ . and / for subfolders",
+}
 
 
 def safe_child(root: str | os.PathLike, name: str) -> Path:
@@ -104,6 +116,8 @@ def safe_child(root: str | os.PathLike, name: str) -> Path:
         raise ValueError("the output name contains a NUL character")
     if problem == "absolute":
         raise ValueError(f"{name!r} is an absolute path; give a name inside the output folder")
+    if problem in ("backslash", "character"):
+        raise ValueError(NAME_PROBLEMS[problem].format(name=name))
     p = Path(name)
     base = Path(root).resolve()
     if problem == "escapes":

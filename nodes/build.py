@@ -31,6 +31,21 @@ RUN = {
 }
 
 
+def _verdict(problem: str | None) -> bool | str:
+    return True if problem is None else problem
+
+
+# ComfyUI hands validate_inputs only the inputs its signature names (and then skips its own range
+# checks for them), so each validator lists its inputs explicitly.
+def _validate_erase(cls, concept=None, safe_concept=None, method=None, pos_weight=None,
+                    map_target_to_safe=None, neg_anchor=None):
+    return _verdict(impl.erase_input_problem(concept, safe_concept, method=method, pos_weight=pos_weight,
+                                             map_target_to_safe=map_target_to_safe, neg_anchor=neg_anchor))
+
+
+VALIDATE = {"Erase": _validate_erase}
+
+
 def _socket(type_name: str):
     return _SOCKETS.get(type_name) or io.Custom(type_name)
 
@@ -41,6 +56,8 @@ def _input(p: Port):
         options = list(p.options)
         if p.files:
             options = comfy_glue.files(p.files)
+        elif p.folders:
+            options = comfy_glue.exemplar_folders()
         default = p.default if p.default in options else None
         return io.Combo.Input(p.name, options=options, default=default, **common)
     if p.type == "INT":
@@ -74,9 +91,11 @@ def make_node(spec: NodeSpec) -> type[io.ComfyNode]:
             return io.NodeOutput(*out[0], ui=out[1])
         return io.NodeOutput(*out)
 
-    return type(spec.node_id, (io.ComfyNode,), {
-        "define_schema": classmethod(define_schema), "execute": classmethod(execute),
-        "__doc__": spec.description, "__module__": __name__})
+    members = {"define_schema": classmethod(define_schema), "execute": classmethod(execute),
+               "__doc__": spec.description, "__module__": __name__}
+    if spec.key in VALIDATE:
+        members["validate_inputs"] = classmethod(VALIDATE[spec.key])
+    return type(spec.node_id, (io.ComfyNode,), members)
 
 
 NODES = [make_node(s) for s in SPECS]

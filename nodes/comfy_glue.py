@@ -19,6 +19,8 @@ on a **clone** of the incoming MODEL, attaching everything the way ComfyUI's own
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 import logging
 import math
@@ -463,3 +465,23 @@ def input_folder() -> str:
     import folder_paths
 
     return folder_paths.get_input_directory()
+
+
+EXEMPLAR_ROOTS_ENV = "BIERASING_EXEMPLAR_ROOTS"
+
+
+def exemplar_roots() -> list[str]:
+    """Folders outside the input folder that the server's owner opened to Load Exemplars
+    (``BIERASING_EXEMPLAR_ROOTS``, separated like PATH); none by default."""
+    return [r for r in os.environ.get(EXEMPLAR_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+
+
+def exemplar_folders() -> list[str]:
+    """Load Exemplars' dropdown: image folders under the input folder, then under the opened roots."""
+    from bierasing.erase.exemplars import image_folders
+
+    found = image_folders(input_folder())
+    for root in exemplar_roots():
+        if os.path.isdir(root):
+            found += [os.path.join(os.path.abspath(root), f) for f in image_folders(root)]
+    return found

@@ -43,13 +43,9 @@ def _masks_like(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 # ---- exemplars ------------------------------------------------------------------------------------
 def load_exemplars(folder: str, size: int, max_images: int):
-    from bierasing.erase.exemplars import load_folder
+    from bierasing.erase.exemplars import confined_folder, load_folder
 
-    if not folder.strip():
-        raise ValueError("give the exemplar folder (absolute, or relative to ComfyUI's input folder)")
-    path = Path(folder).expanduser()
-    if not path.is_absolute():
-        path = Path(glue.input_folder()) / path
+    path = confined_folder(folder, glue.input_folder(), glue.exemplar_roots())
     images, masks, names = load_folder(path, size=size, limit=max_images or None)
     if masks is None:
         masks = torch.ones(images.shape[0], images.shape[2], images.shape[3])
@@ -67,7 +63,7 @@ def generate_exemplars(model, clip, vae, prompt: str, negative: str, count: int,
 
 # ---- masks ----------------------------------------------------------------------------------------
 def mask_filter(images, masks=None, concept="", caption="", model=None, clip=None, vae=None, **filter_kw):
-    from bierasing.erase.masks import apply_masks
+    from bierasing.erase.masks import apply_masks, check_finite
 
     cfg = MaskFilter(**filter_kw)
     imgs = to_bchw(images)
@@ -75,6 +71,7 @@ def mask_filter(images, masks=None, concept="", caption="", model=None, clip=Non
         raw = _automatic_masks(imgs, concept, caption, model, clip, vae)
     else:
         raw = _masks_like(masks, imgs)
+        check_finite(raw)
         if float(raw.max()) <= 0:
             raise ValueError("every mask is empty (all zero); paint or segment the concept, or leave the mask "
                              "input unconnected for automatic masks")
@@ -115,13 +112,8 @@ def load_image_adapter(adapter_name: str, scale: float):
 
 
 # ---- erasure --------------------------------------------------------------------------------------
-def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_adapter=None,
-          negative_images=None, positive_images=None, vae=None, resolution: int = 512, **settings):
-    from bierasing.erase.engine import Concept, Eraser
-    from bierasing.erase.export import erasure_tensors
-    from bierasing.plot import loss_curve
-
-    cfg = EraseConfig(**settings)
+def concept_pairs(concept: str, safe_concept: str) -> list[tuple[str, str]]:
+    """'a, b' and 'x' (or 'x, y') -> [(a, x), (b, x)] (or [(a, x), (b, y)]), with clear errors."""
     targets = [c.strip() for c in concept.split(",") if c.strip()]
     safes = [s.strip() for s in safe_concept.split(",")]
     if not targets:
@@ -129,7 +121,38 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
     if len(safes) not in (1, len(targets)):
         raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one safe concept, "
                          "or one per concept (comma-separated)")
-    safes = safes * len(targets) if len(safes) == 1 else safes
+    return list(zip(targets, safes * len(targets) if len(safes) == 1 else safes))
+
+
+def erase_input_problem(concept=None, safe_concept=None, **settings) -> str | None:
+    """What is wrong with Erase's widgets, checked when the prompt is queued (before any model loads);
+    None if nothing is. Values fed by links are not known yet and are skipped."""
+    try:
+        cfg = EraseConfig(**{k: v for k, v in settings.items() if v is not None})
+        if concept is None:
+            return None
+        pairs = concept_pairs(concept, safe_concept or "")
+        if cfg.needs_safe():
+            missing = [t for t, s in pairs if not s]
+            if missing:
+                return (f"{cfg.method} pulls {missing[0]!r} toward a safe alternative: fill safe_concept "
+                        "(e.g. 'clothed' for 'nudity', 'a photo' for a style), or pick esd-x / esd-u")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_adapter=None,
+          negative_images=None, positive_images=None, vae=None, resolution: int = 512, **settings):
+    from bierasing.erase.engine import Concept, Eraser
+    from bierasing.erase.export import erasure_tensors
+    from bierasing.plot import loss_curve
+
+    cfg = EraseConfig(**settings)
+    problem = erase_input_problem(concept, safe_concept, **settings)
+    if problem:
+        raise ValueError(problem)
+    pairs = concept_pairs(concept, safe_concept)
     need_neg, need_pos = cfg.images_needed()
     if registry.get(cfg.method).needs_image_encoder and (clip_vision is None or image_adapter is None):
         raise ValueError(f"{cfg.method} conditions on exemplar images: connect a CLIP_VISION (Load CLIP Vision) "
@@ -141,10 +164,10 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
         neg = glue.plain(to_bchw(negative_images)).to(bb.device) if negative_images is not None else None
         pos = glue.plain(to_bchw(positive_images)).to(bb.device) if positive_images is not None else None
     concepts = [Concept(t, s, neg if need_neg else None, pos if need_pos else None)
-                for t, s in zip(targets, safes)]
+                for t, s in pairs]
     # conditioning first: CLIP and CLIP vision are done before the UNet is loaded for training
     with torch.inference_mode(False):
-        bb.encode_text(sorted({"", *targets, *safes}))
+        bb.encode_text(sorted({"", *(t for t, _ in pairs), *(s for _, s in pairs)}))
         for c in concepts:
             for imgs in (c.negative_images, c.positive_images):
                 if imgs is not None:

@@ -39,6 +39,7 @@ class Port:
     multiline: bool = False
     control_after_generate: bool = False  # seed widgets: ComfyUI adds a "fixed/randomize" widget
     files: str = ""  # COMBO of the files in this ComfyUI model folder (listed when ComfyUI loads)
+    folders: bool = False  # COMBO of the image folders under ComfyUI's input folder (same)
 
     def options_dict(self) -> dict:
         d: dict[str, Any] = {"tooltip": self.tooltip} if self.tooltip else {}
@@ -110,10 +111,13 @@ SPECS: list[NodeSpec] = [
     NodeSpec(
         "LoadExemplars", "Load Exemplars (folder)",
         "Loads every image of a folder as one IMAGE batch, with masks matched by file name "
-        "(<name>_mask.png beside it or masks/<name>.png). Images are resized to one size.",
-        inputs=[Port("folder", "STRING", "folder of exemplar images: absolute, or relative to ComfyUI's input folder",
-                     default="exemplars/nudity"),
-                Port("size", "INT", "resize every exemplar to this square size in pixels (CLIP vision crops to 224 anyway)",
+        "(<name>_mask.png beside it or masks/<name>.png). Images are centre-cropped to a square and resized; "
+        "animated images give their first frame.",
+        inputs=[Port("folder", "COMBO", "a folder of exemplar images under ComfyUI's input folder (refresh after "
+                     "adding one); other folders only if the server's owner sets BIERASING_EXEMPLAR_ROOTS",
+                     default="exemplars/nudity", options=("exemplars/nudity",), folders=True),
+                Port("size", "INT", "centre-crop and resize every exemplar to this square size in pixels (CLIP "
+                     "vision crops to 224 anyway); images more than 4x smaller are refused",
                      default=512, min=32, max=2048, step=32),
                 Port("max_images", "INT", "load at most this many (sorted by name); 0 loads all",
                      default=0, min=0, max=10000)],
@@ -156,7 +160,7 @@ SPECS: list[NodeSpec] = [
         "Loads IP-Adapter SD1.5 weights (image projector + to_k_ip/to_v_ip) from models/ipadapter for the "
         "decoupled image cross-attention of both branches. Use with the ViT-H CLIP vision model.",
         inputs=[Port("adapter_name", "COMBO", "file in models/ipadapter (e.g. ip-adapter_sd15.safetensors)",
-                     options=("ip-adapter_sd15.safetensors",)),
+                     options=("ip-adapter_sd15.safetensors",), files="ipadapter"),
                 Port("scale", "FLOAT", "weight of the image channel in every attn2 (IP-Adapter scale)",
                      default=1.0, min=0.0, max=4.0, step=0.05)],
         outputs=[Port("image_adapter", IMAGE_ADAPTER, "the image branch weights")]),

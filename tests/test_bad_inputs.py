@@ -91,8 +91,8 @@ def _images(n=2, seed=1) -> torch.Tensor:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
+    return {str(p.relative_to(root)): "-> " + os.readlink(p) if p.is_symlink() else
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
 
 
 def _no_adapters(unet) -> bool:
@@ -284,6 +284,52 @@ def _zero_mask_folder(folder: Path):
     _png(folder / "img_mask.png", np.zeros((32, 32), np.uint8))
 
 
+def _animated_gif(folder: Path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((32, 32, 3), rgb, np.uint8)) for rgb in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(folder / "img.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _first_frame_ok(c, folder, result):
+    images, _, names = result
+    assert names == ["img.gif"] and images.shape == (1, 3, 32, 32)
+    assert torch.allclose(images[0], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 32, 32), atol=1e-6)
+
+
+def _wide_bands(folder: Path):  # 48 wide: blue | green (the centre 32 columns) | red, in BGR
+    a = np.zeros((32, 48, 3), np.uint8)
+    a[:, :8], a[:, 8:40], a[:, 40:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    _png(folder / "img.png", a)
+
+
+def _centre_crop_ok(c, folder, result):
+    images, _, _ = result
+    assert images.shape == (1, 3, 32, 32)  # squashing would have mixed blue and red into the edges
+    assert torch.allclose(images[0], torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1).expand(3, 32, 32), atol=1e-6)
+
+
+def _transparent(folder: Path):
+    _png(folder / "img.png", np.zeros((32, 32, 4), np.uint8))
+
+
+def _one_exemplar_loaded(c, folder, result):
+    images, masks, count = result
+    assert images.shape == (1, 32, 32, 3) and masks.shape == (1, 32, 32) and count == 1
+
+
+def _problem(problem):
+    if problem:
+        raise ValueError(problem)
+    return problem
+
+
+def _nan_masks():
+    m = torch.ones(1, 32, 32)
+    m[0, 3, 4], m[0, 5, 6] = float("nan"), float("inf")
+    return m
+
+
 LONG_PROMPT = "a big red circle on a black background " * 3  # 24 words: over ShapesWorld's 16 tokens
 TOO_MANY_CHARS = "nudity " * 50  # 350 characters
 
@@ -352,6 +398,45 @@ CASES = [
          setup=_folder_with("corrupt_cli", lambda f: _bytes(f / "img.png", b"\x89PNG\r\n\x1a\nnot really"))),
     Case("exemplar-folder-empty-name-node", "node:BiErasingLoadExemplars",
          lambda c, d: c.nodes.load_exemplars("   ", 32, 0), ValueError, r"give the exemplar folder"),
+    Case("exemplar-animated-first-frame", "library load_folder", lambda c, d: load_folder(d, size=32), None,
+         setup=_folder_with("animated", _animated_gif), after=_first_frame_ok),
+    Case("exemplar-wide-centre-crop", "library load_folder", lambda c, d: load_folder(d, size=32), None,
+         setup=_folder_with("wide", _wide_bands), after=_centre_crop_ok),
+    Case("exemplar-fully-transparent", "library load_folder (node:BiErasingLoadExemplars)",
+         lambda c, d: load_folder(d, size=32), ValueError, r"img\.png is fully transparent.*save it without",
+         setup=_folder_with("clear", _transparent)),
+    Case("exemplar-extreme-aspect", "library load_folder", lambda c, d: load_folder(d, size=32), ValueError,
+         r"img\.png is 200x40, more than 4:1; its centre square would keep only 20% of it",
+         setup=_folder_with("panorama", lambda f: _png(f / "img.png", _rgb(40, 200)))),
+    Case("exemplar-too-small", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars("tiny", 512, 0), ValueError,
+         r"img\.png is 64x64: too small for 512 px exemplars .*at least 128 px on the short side",
+         setup=_folder_with("tiny", lambda f: _png(f / "img.png", _rgb(64, 64)))),
+    Case("exemplar-folder-absolute-node", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars(str(d), 32, 0), ValueError,
+         r"is outside ComfyUI's input folder; put the exemplars in a subfolder .*BIERASING_EXEMPLAR_ROOTS",
+         setup=_folder_with("../elsewhere", lambda f: _png(f / "img.png", _rgb()))),
+    Case("exemplar-folder-home-node", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars("~/Pictures", 32, 0), ValueError, r"is outside ComfyUI's input folder"),
+    Case("exemplar-folder-dotdot-node", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars("../elsewhere", 32, 0), ValueError,
+         r"leaves ComfyUI's input folder \('\.\.'\); pick one of its subfolders",
+         setup=_folder_with("../elsewhere", lambda f: _png(f / "img.png", _rgb()))),
+    Case("exemplar-folder-symlink-out-node", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars("link", 32, 0), ValueError, r"'link' leads outside ComfyUI's input folder",
+         setup=lambda c: (_folder_with("../elsewhere", lambda f: _png(f / "img.png", _rgb()))(c),
+                          (c.tmp / "in" / "link").symlink_to(c.tmp / "elsewhere"))),
+    Case("exemplar-folder-opened-root-node", "node:BiErasingLoadExemplars",
+         lambda c, d: c.nodes.load_exemplars(str(d), 32, 0), None,
+         setup=lambda c: (c.mp.setenv("BIERASING_EXEMPLAR_ROOTS", str(c.tmp / "elsewhere")),
+                          _folder_with("../elsewhere/dog", lambda f: _png(f / "img.png", _rgb()))(c))[1],
+         after=_one_exemplar_loaded),
+    Case("mask-nan-inf", "library apply_masks",
+         lambda c, d: apply_masks(_images(1), _nan_masks()), ValueError,
+         r"the masks hold 2 NaN or infinite values \(of 1024\); the node that made them is broken"),
+    Case("mask-nan-inf-node", "node:BiErasingMaskFilter",
+         lambda c, d: c.nodes.mask_filter(torch.rand(1, 32, 32, 3), _nan_masks()), ValueError,
+         r"the masks hold 2 NaN or infinite values"),
 
     # concept text
     Case("concept-empty", "library Concept", lambda c, d: Concept(""), ValueError,
@@ -375,6 +460,12 @@ CASES = [
     Case("concept-blank-list-cli", "cli erase --concept",
          lambda c, d: c.cli("erase", "--concept", " , ", "--out", str(c.out), "--threads", "1"), 2,
          r"bierasing: error: the concept to erase is empty"),
+    Case("safe-missing-when-queued", "node:BiErasingErase (validate_inputs)",
+         lambda c, d: _problem(c.nodes.erase_input_problem("nudity", "  ", method="bi-erasing")), ValueError,
+         r"bi-erasing pulls 'nudity' toward a safe alternative: fill safe_concept"),
+    Case("safe-count-when-queued", "node:BiErasingErase (validate_inputs)",
+         lambda c, d: _problem(c.nodes.erase_input_problem("a, b, c", "x, y", method="esd-x")), ValueError,
+         r"3 concepts but 2 safe alternatives"),
     Case("concept-empty-node", "node:BiErasingErase",
          lambda c, d: c.nodes.erase(None, None, " , ", "clothed"), ValueError,
          r"concept to erase is empty; type a word or phrase"),
@@ -444,6 +535,12 @@ CASES = [
     Case("name-escapes-node", "node:BiErasingSaveErasure",
          lambda c, d: c.nodes.save_erasure(_lora(), "../../escaped"), ValueError,
          r"would leave the output folder"),
+    Case("name-backslash-node", "node:BiErasingSaveErasure",
+         lambda c, d: c.nodes.save_erasure(_lora(), "erasures\\dog"), ValueError,
+         r"'erasures\\\\dog\.safetensors' contains a backslash; use / to put the file in a subfolder"),
+    Case("name-bad-character-node", "node:BiErasingSaveErasure",
+         lambda c, d: c.nodes.save_erasure(_lora(), "dog?v2"), ValueError,
+         r"contains a character file names cannot hold"),
     Case("name-absolute-node", "node:BiErasingSaveErasure",
          lambda c, d: c.nodes.save_erasure(_lora(), str(c.tmp / "abs")), ValueError, r"is an absolute path"),
     Case("name-escapes-cli", "cli erase --name",
@@ -510,6 +607,7 @@ def node_impl():
     glue.output_folder = lambda kind: str(glue.dirs["output"])
     glue.input_folder = lambda: str(glue.dirs["input"])
     glue.file_path = lambda kind, name: str(Path(glue.dirs["models"]) / name)
+    glue.exemplar_roots = lambda: [r for r in os.environ.get("BIERASING_EXEMPLAR_ROOTS", "").split(os.pathsep) if r]
     pkg = types.ModuleType(NODE_PKG)
     pkg.__path__ = []  # nothing else of the pack is imported
     pkg.comfy_glue = glue

@@ -335,11 +335,14 @@ def test_run_batch_logs_progress_by_default(tmp_path, template, caplog):
 
 
 def test_output_names_stay_inside_models_loras(tmp_path):
-    lines = ["a,dog,cat,,,,,erasures/../x,,,", "b,dog,cat,,,,,..\\x,,,", "c,dog,cat,,,,,\\\\server\\x,,,"]
+    lines = ["a,dog,cat,,,,,erasures/../x,,,", "b,dog,cat,,,,,../x,,,", "c,dog,cat,,,,,\\\\server\\x,,,",
+             "d,dog,cat,,,,,erasures\\x,,,", "e,dog,cat,,,,,erasures/a:b,,,"]
     rows = read_concepts(write(tmp_path, HEADER + "\n".join(lines) + "\n"))
     assert rows[0].errors == [] and rows[0].output == "erasures/../x"  # '..' that stays inside is fine
     assert "contains '..' that leads out of models/loras" in rows[1].errors[0]
     assert "is absolute" in rows[2].errors[0]
+    assert "contains a backslash; use / to put the file in a subfolder" in rows[3].errors[0]
+    assert "contains a character file names cannot hold" in rows[4].errors[0]
 
 
 def test_summary_table():

@@ -23,6 +23,8 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # COMBOs that list the files of a user's model folders: any *.safetensors name is accepted
 MODEL_FILE_INPUTS = frozenset({"ckpt_name", "lora_name", "clip_name", "adapter_name", "erasure_name",
                                "vae_name", "unet_name", "control_net_name"})
+# COMBOs that list the user's folders under ComfyUI's input folder: any relative path is accepted
+INPUT_FOLDER_INPUTS = frozenset({"folder"})
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 FRONTEND_ONLY = frozenset({"Note", "MarkdownNote"})  # UI-only nodes: no schema, dropped from API format
 
@@ -101,6 +103,11 @@ def check_value(where: str, d: InputDef, value: Any) -> list[str]:
             if isinstance(value, str) and value.endswith(".safetensors"):
                 return []
             return [f"{where}: {name}={value!r} is not a .safetensors file name"]
+        if name in INPUT_FOLDER_INPUTS:
+            if isinstance(value, str) and value.strip() and not value.startswith(("/", "~")) \
+                    and ".." not in value.split("/"):
+                return []
+            return [f"{where}: {name}={value!r} is not a folder under ComfyUI's input folder"]
         if value not in (d.options or []):
             return [f"{where}: {name}={value!r} not in options {d.options}"]
         return []

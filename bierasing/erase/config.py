@@ -164,6 +164,11 @@ class EraseConfig:
         self._resolve_auto("map_target_to_safe",
                            auto["map_target_to_safe_keep"] if self.preserved() else auto["map_target_to_safe"])
 
+    def needs_safe(self) -> bool:
+        """Whether a run leans on the safe alternative (positive branch, target->safe pull or a negative
+        anchor on it), so every concept must name one."""
+        return self.pos_weight > 0 or self.map_target_to_safe != 0 or self.neg_anchor > 0
+
     def images_needed(self) -> tuple[bool, bool]:
         """(negative, positive): which exemplar sets this run uses (see :func:`bierasing.methods.images_needed`)."""
         return registry.images_needed(self.method, self.pos_weight, abs(self.map_target_to_safe), self.neg_anchor)

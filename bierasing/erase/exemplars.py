@@ -2,17 +2,27 @@
 
 Folder layout: ``dog_01.png`` with an optional mask ``dog_01_mask.png`` beside it or
 ``masks/dog_01.png``; white = the concept, black = background.
+
+Conversions, never silent loss: non-square images are centre-cropped to a square (not squashed);
+animated images (GIF, WebP, APNG) give their first frame; transparent pixels take the mean colour
+of the opaque ones. Refused with a message: fully transparent images, aspect ratios beyond 4:1 (the
+crop would drop most of the picture) and images that would be enlarged more than 4x (smeared).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MAX_ASPECT = 4.0
+MAX_UPSCALE = 4.0
+log = logging.getLogger(__name__)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -26,11 +36,17 @@ def read_image(path: Path) -> np.ndarray:
     peak = 65535.0 if raw.dtype == np.uint16 else 255.0 if raw.dtype == np.uint8 else None
     if peak is None:
         raise ValueError(f"{path.name}: unsupported pixel type {raw.dtype}; save it as 8- or 16-bit PNG/JPEG")
+    frames = cv2.imcount(str(path))
+    if frames > 1:
+        log.info("%s is animated (%d frames); its first frame is used", path.name, frames)
     img = raw.astype(np.float32) / peak
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.shape[2] == 4:  # RGBA: composite on its mean colour so transparency is not black
         alpha = img[:, :, 3:4]
+        if float(alpha.max()) == 0:
+            raise ValueError(f"{path.name} is fully transparent (alpha 0 everywhere), so it shows nothing; "
+                             "save it without transparency or remove it from the folder")
         rgb = img[:, :, :3]
         mean = (rgb * alpha).sum((0, 1)) / max(float(alpha.sum()), 1e-6)
         img = rgb * alpha + (1 - alpha) * mean
@@ -54,6 +70,30 @@ def read_mask(path: Path) -> np.ndarray:
     return m
 
 
+def fit_square(img: np.ndarray, mask: np.ndarray | None, size: int, name: str):
+    """Centre-crop ``img`` (and its mask) to a square and resize to size x size; refuses extreme aspect
+    ratios and images that would be enlarged more than :data:`MAX_UPSCALE` times."""
+    import cv2
+
+    h, w = img.shape[:2]
+    short = min(h, w)
+    if max(h, w) > MAX_ASPECT * short:
+        raise ValueError(f"{name} is {w}x{h}, more than {MAX_ASPECT:g}:1; its centre square would keep only "
+                         f"{short / max(h, w):.0%} of it. Crop it around the concept yourself, or remove it")
+    if short * MAX_UPSCALE < size:
+        raise ValueError(f"{name} is {w}x{h}: too small for {size} px exemplars (it would be enlarged more than "
+                         f"{MAX_UPSCALE:g}x and smeared); use images at least {math.ceil(size / MAX_UPSCALE)} px "
+                         "on the short side, or a smaller size")
+    top, left = (h - short) // 2, (w - short) // 2
+    img = img[top:top + short, left:left + short]
+    mask = mask[top:top + short, left:left + short] if mask is not None else None
+    interp = cv2.INTER_AREA if short >= size else cv2.INTER_CUBIC
+    img = np.clip(cv2.resize(img, (size, size), interpolation=interp), 0, 1)
+    if mask is not None:
+        mask = np.clip(cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR), 0, 1)
+    return img, mask
+
+
 def _mask_for(path: Path) -> Path | None:
     for cand in (path.with_name(f"{path.stem}_mask.png"), path.parent / "masks" / f"{path.stem}.png"):
         if cand.is_file():
@@ -65,11 +105,10 @@ def load_folder(folder: str | os.PathLike, size: int | None = None,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Images [N, 3, H, W] in [0, 1], masks [N, H, W] (None if no image has one) and file names.
 
-    ``size`` resizes images (and masks) to size x size; without it all images must share a size.
+    ``size`` centre-crops and resizes images (and masks) to size x size (:func:`fit_square`); without
+    it all images must share a size.
     Images without a mask get an all-ones mask when others have one.
     """
-    import cv2
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"exemplar folder {folder} does not exist")
@@ -87,8 +126,7 @@ def load_folder(folder: str | os.PathLike, size: int | None = None,
             raise ValueError(f"mask {mpath.name} is {m.shape[1]}x{m.shape[0]} but {f.name} is "
                              f"{img.shape[1]}x{img.shape[0]}; masks must match their images")
         if size is not None:
-            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-            m = cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR) if m is not None else None
+            img, m = fit_square(img, m, size, f.name)
         any_mask |= m is not None
         images.append(img)
         masks.append(m)
@@ -101,6 +139,44 @@ def load_folder(folder: str | os.PathLike, size: int | None = None,
         mask_batch = torch.from_numpy(np.stack([m if m is not None else np.ones(images[0].shape[:2], np.float32)
                                                 for m in masks]))
     return batch, mask_batch, [f.name for f in files]
+
+
+def image_folders(root: str | os.PathLike, max_depth: int = 3) -> list[str]:
+    """Folders under ``root`` (itself excluded, hidden ones skipped) that hold at least one image, as
+    ``/``-separated paths relative to ``root``, sorted; for a dropdown of exemplar folders."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if len(rel.parts) < max_depth else []
+        if rel.parts and any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in filenames):
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def confined_folder(name: str, base: str | os.PathLike, allowed_roots: list[str] = ()) -> Path:
+    """The exemplar folder ``name`` names: relative to ``base`` (ComfyUI's input folder) and inside it, or
+    an absolute path inside one of ``allowed_roots`` (folders the server's owner opened). Anything else
+    is refused, so whoever can queue a prompt cannot read other folders of the machine."""
+    from ..io import name_problem
+
+    text = name.strip()
+    if not text:
+        raise ValueError("give the exemplar folder: a subfolder of ComfyUI's input folder")
+    path = Path(text)
+    if path.is_absolute() or text.startswith("~"):
+        full = Path(os.path.expanduser(text)).resolve()
+        if any(full == Path(r).resolve() or Path(r).resolve() in full.parents for r in allowed_roots):
+            return full
+        raise ValueError(f"{text!r} is outside ComfyUI's input folder; put the exemplars in a subfolder of "
+                         f"{base} (or the server's owner lists its parent in BIERASING_EXEMPLAR_ROOTS)")
+    if name_problem(text) == "escapes":
+        raise ValueError(f"{text!r} leaves ComfyUI's input folder ('..'); pick one of its subfolders")
+    base = Path(base).resolve()
+    full = (base / path).resolve()
+    if full != base and base not in full.parents:  # a symlink that points outside
+        raise ValueError(f"{text!r} leads outside ComfyUI's input folder; pick one of its subfolders")
+    return full
 
 
 def generate(backbone, prompt: str, n: int, seed: int = 0, steps: int = 20, guidance: float = 1.5,

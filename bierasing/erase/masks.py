@@ -74,6 +74,16 @@ def fill_background(image: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:
     return m[..., None] * img + (1 - m[..., None]) * mean
 
 
+def check_finite(masks) -> None:
+    """Refuse masks holding NaN or infinity (a broken upstream node), which would filter as garbage."""
+    import torch
+
+    bad = int((~torch.isfinite(masks)).sum())
+    if bad:
+        raise ValueError(f"the masks hold {bad} NaN or infinite values (of {masks.numel()}); the node that made "
+                         "them is broken or divided by zero. Fix or replace it, or clamp the mask to 0..1")
+
+
 def apply_masks(images, masks, cfg: MaskFilter | None = None, return_masks: bool = False):
     """Tensor images [N, 3, H, W] and raw masks [N, H, W] -> filtered images (torch, same layout),
     and the cleaned soft masks [N, H, W] with ``return_masks``."""
@@ -81,6 +91,7 @@ def apply_masks(images, masks, cfg: MaskFilter | None = None, return_masks: bool
 
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images; give one mask per image")
+    check_finite(masks)
     out, softs = [], []
     for img, m in zip(images, masks):
         if tuple(m.shape) != tuple(img.shape[1:]):
