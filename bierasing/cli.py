@@ -232,6 +232,19 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_standins(args) -> int:
+    from . import comfy_standins
+
+    if args.remove:
+        removed = comfy_standins.remove_standins(args.comfyui)
+        print(f"removed {len(removed)} stand-in files")
+        return 0
+    written = comfy_standins.write_standins(args.comfyui, seed=args.seed, vision=not args.no_vision)
+    print(f"wrote {len(written)} stand-in files (random weights: the images are noise); "
+          "remove them with: bierasing standins --remove --comfyui " + args.comfyui)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bierasing", description="Bi-Erasing: concept erasure for diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -326,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_eval)
+
+    st = sub.add_parser("standins", help="write random-weight stand-ins for the models the shipped templates "
+                                         "name into a ComfyUI folder, to try every template without downloads; "
+                                         "run with ComfyUI's Python")
+    st.add_argument("--comfyui", required=True, help="the ComfyUI folder (the one holding main.py)")
+    st.add_argument("--no-vision", action="store_true",
+                    help="skip the 1.3 GB ViT-H stand-in (templates with Load CLIP Vision then need a real one)")
+    st.add_argument("--remove", action="store_true", help="delete the stand-ins written before (only those)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    st.set_defaults(func=_cmd_standins)
 
     sub.add_parser("batch", add_help=False,
                    help="erase every row of a concept list (CSV/TOML) through a running ComfyUI "

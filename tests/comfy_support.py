@@ -18,15 +18,10 @@ from pathlib import Path
 
 import torch
 
+from bierasing.comfy_standins import randomize
+
 COMFY = os.environ.get("COMFYUI_PATH", "")
 REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-    "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "use_temporal_resblock": False, "use_temporal_attention": False,
-}
 SMALL_VISION = {"hidden_act": "gelu", "hidden_size": 64, "image_size": 224, "intermediate_size": 128,
                 "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 4,
                 "num_channels": 3, "num_hidden_layers": 2, "patch_size": 32, "projection_dim": 1024}
@@ -91,61 +86,23 @@ def pack(submodule: str):
                       f"{[n for n in sys.modules if n.endswith(submodule.split('.')[-1])]}")
 
 
-@torch.no_grad()
-def _reinit(sd: dict, gen: torch.Generator) -> None:
-    for k, t in sd.items():
-        if not t.is_floating_point():
-            continue
-        if t.dim() >= 2:
-            t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-        elif t.dim() == 1 and k.endswith(".weight"):
-            t.fill_(1.0)
-        elif k.endswith("vae_scale"):
-            t.fill_(1.0)
-        else:
-            t.zero_()
-
-
 def build_standins(root: Path, seed: int = 0) -> dict[str, Path]:
     """Write checkpoints/tiny_sd15.safetensors, ipadapter/tiny_ip_sd15.safetensors and
     clip_vision/small_vision.json (+ weights) under ``root`` and register those folders."""
-    import comfy.sd1_clip
-    import comfy.supported_models
-    import comfy.taesd.taesd
     import comfy.utils
     import folder_paths
 
-    gen = torch.Generator().manual_seed(seed)
-    cfg = comfy.supported_models.SD15(dict(TINY_UNET))
-    model = cfg.get_model({})
-    unet_sd = model.diffusion_model.state_dict()
-    clip_sd = comfy.sd1_clip.SD1ClipModel().state_dict()
-    vae_sd = comfy.taesd.taesd.TAESD().state_dict()
-    for sd in (unet_sd, clip_sd, vae_sd):
-        _reinit(sd, gen)
-    out = dict(cfg.process_unet_state_dict_for_saving(unet_sd))
-    clip_sd = {(k if k.startswith("clip_l.") else "clip_l." + k): v for k, v in clip_sd.items()}
-    out.update(cfg.process_clip_state_dict_for_saving(clip_sd))
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    out.update(cfg.process_vae_state_dict_for_saving(vae_sd))
+    from bierasing.comfy_standins import checkpoint_tensors, ip_adapter_tensors
+
     paths = {}
     for sub in ("checkpoints", "ipadapter", "clip_vision", "loras"):
         (root / sub).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(sub, str(root / sub), is_default=True)
+    ckpt, n_attn2 = checkpoint_tensors(seed)
     paths["checkpoint"] = root / "checkpoints" / "tiny_sd15.safetensors"
-    comfy.utils.save_torch_file({k: v.contiguous() for k, v in out.items()}, str(paths["checkpoint"]))
-
-    # IP-Adapter SD1.5 layout for this UNet: image_proj + ip_adapter.{1,3,5,7}.to_{k,v}_ip
-    ip = {"image_proj.proj.weight": torch.randn(4 * 768, 1024, generator=gen) * 0.02,
-          "image_proj.proj.bias": torch.zeros(4 * 768),
-          "image_proj.norm.weight": torch.ones(768), "image_proj.norm.bias": torch.zeros(768)}
-    n_attn2 = sum(1 for n, m in model.diffusion_model.named_modules() if n.endswith("attn2"))
-    for i in range(n_attn2):
-        for part in ("to_k_ip", "to_v_ip"):
-            ip[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.randn(320, 768, generator=gen) * 0.02
+    comfy.utils.save_torch_file(ckpt, str(paths["checkpoint"]))
     paths["ip_adapter"] = root / "ipadapter" / "tiny_ip_sd15.safetensors"
-    comfy.utils.save_torch_file(ip, str(paths["ip_adapter"]))
-
+    comfy.utils.save_torch_file(ip_adapter_tensors(n_attn2, seed), str(paths["ip_adapter"]))
     paths["vision_config"] = root / "clip_vision" / "small_vision.json"
     paths["vision_config"].write_text(json.dumps(SMALL_VISION))
     return paths
@@ -157,6 +114,6 @@ def small_clip_vision(config: Path, seed: int = 0):
 
     cv = comfy.clip_vision.ClipVisionModel(str(config))
     sd = cv.model.state_dict()
-    _reinit(sd, torch.Generator().manual_seed(seed))
+    randomize(sd, torch.Generator().manual_seed(seed))
     cv.model.load_state_dict(sd)
     return cv
