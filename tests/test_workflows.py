@@ -27,7 +27,7 @@ def schemas():
 
 
 def _load(name: str, api: bool = False) -> dict:
-    return json.loads(((WF / "api") if api else WF).joinpath(f"{name}.json").read_text())
+    return json.loads(((WF / "api") if api else ROOT / "example_workflows").joinpath(f"{name}.json").read_text())
 
 
 def _slot(schemas, ntype: str, name: str) -> int:
@@ -46,7 +46,8 @@ def _api_nodes(wf: dict, ntype: str) -> list[tuple[str, dict]]:
 
 
 def test_one_ui_and_one_api_file_per_workflow():
-    assert sorted(p.stem for p in WF.glob("*.json")) == sorted(NAMES)
+    assert sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json")) == sorted(NAMES)
+    assert not list(WF.glob("*.json")), "ComfyUI lists workflows/*.json as templates too"
     assert sorted(p.stem for p in (WF / "api").glob("*.json")) == sorted(NAMES)
 
 
@@ -125,15 +126,31 @@ def test_tiny_workflow_settings(schemas):
             assert v == set_.get(k, default), k
     [(_, save)] = _api_nodes(wf, "BiErasingSaveErasure")
     assert save["inputs"]["filename"] == "erasures/tiny_cat" and save["inputs"]["lora"] == [eid, 1]
-    [(lid, lora)] = _api_nodes(wf, "LoraLoader")
-    assert lora["inputs"]["lora_name"] == "erasures/tiny_cat.safetensors"
-    assert (lora["inputs"]["strength_model"], lora["inputs"]["strength_clip"]) == (1.0, 0.0)
     [(_, ks)] = _api_nodes(wf, "KSampler")
-    assert (ks["inputs"]["steps"], ks["inputs"]["cfg"], ks["inputs"]["model"]) == (2, 5.0, [lid, 0])
+    assert (ks["inputs"]["steps"], ks["inputs"]["cfg"], ks["inputs"]["model"]) == (2, 5.0, [eid, 0])
     [(_, lat)] = _api_nodes(wf, "EmptyLatentImage")
     assert (lat["inputs"]["width"], lat["inputs"]["height"]) == (64, 64)
-    ckpts = _api_nodes(wf, "CheckpointLoaderSimple")
-    assert len(ckpts) == 2 and all(c["inputs"]["ckpt_name"] == "tiny_sd15.safetensors" for _, c in ckpts)
+    [(_, ckpt)] = _api_nodes(wf, "CheckpointLoaderSimple")
+    assert ckpt["inputs"]["ckpt_name"] == "tiny_sd15.safetensors"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_template_runs_on_a_fresh_install(name):
+    """No template reads a file that another workflow writes, and every file it names is one that
+    'bierasing standins' provides (so each runs alone, in any order, right after install)."""
+    from bierasing import comfy_standins as st
+
+    wf = _load(name, api=True)
+    assert not _api_nodes(wf, "LoraLoader") and not _api_nodes(wf, "BiErasingLoadErasure")
+    provided = {"ckpt_name": set(st.CHECKPOINTS), "clip_name": {st.VISION}, "adapter_name": {st.IP_ADAPTER},
+                "folder": {st.EXEMPLARS.as_posix()}}
+    for nid, node in wf.items():
+        for key, value in node["inputs"].items():
+            if key in provided and not isinstance(value, list):
+                assert value in provided[key], f"{name} node {nid}: {key}={value!r} is not provided"
+    erased = [nid for nid, _ in _api_nodes(wf, "BiErasingErase")]
+    samplers = [n for _, n in _api_nodes(wf, "KSampler")] + [n for _, n in _api_nodes(wf, "BiErasingCompareGrid")]
+    assert all((n["inputs"].get("model") or n["inputs"].get("erased_model"))[0] in erased for n in samplers)
 
 
 def test_compare_methods_share_inputs_and_name_outputs():
@@ -163,10 +180,10 @@ def test_masks_per_workflow():
 
 def test_evaluate_workflow():
     wf = _load("evaluate_erasure_sd15", api=True)
-    [(lid, le)] = _api_nodes(wf, "BiErasingLoadErasure")
-    assert le["inputs"]["erasure_name"] == "erasures/nudity_bierasing.safetensors"
+    [(eid, er)] = _api_nodes(wf, "BiErasingErase")
+    assert (er["inputs"]["method"], er["inputs"]["concept"]) == ("bi-erasing", "nudity")
     [(gid, grid)] = _api_nodes(wf, "BiErasingCompareGrid")
-    assert grid["inputs"]["erased_model"] == [lid, 0]
+    assert grid["inputs"]["erased_model"] == [eid, 0]
     evals = _api_nodes(wf, "BiErasingEvaluate")
     assert sorted(tuple(e["inputs"]["images"]) for _, e in evals) == [(gid, 1), (gid, 2)]
     assert all((e["inputs"]["detector"], e["inputs"]["threshold"]) == ("nudenet", 0.6) for _, e in evals)
