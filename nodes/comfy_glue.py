@@ -20,6 +20,7 @@ on a **clone** of the incoming MODEL, attaching everything the way ComfyUI's own
 from __future__ import annotations
 
 import os
+import time
 
 import contextlib
 import logging
@@ -395,14 +396,40 @@ def raise_if_interrupted() -> None:
 
 
 class Progress:
-    """ComfyUI's progress bar (the UI bar and the Cancel button's polling)."""
+    """ComfyUI's progress bar (the UI bar and the Cancel button's polling); with a ``LivePreview``
+    also the node's preview picture and a 'step · loss · time left' line under the node."""
 
-    def __init__(self, total: int):
+    PICTURE_SECONDS = 3.0  # redraw the curve at most this often (a sample step always redraws)
+
+    def __init__(self, total: int, preview=None):
         self.bar = comfy.utils.ProgressBar(total)
-        self.total = total
+        self.total, self.preview = total, preview
+        self.last_picture = float("-inf")
 
-    def __call__(self, step: int, total: int, *_):
-        self.bar.update_absolute(step, total)
+    def __call__(self, step: int, total: int, record: dict | None = None):
+        picture = None
+        if self.preview is not None:
+            send_text(self.preview.text(step, total, record))
+            now = time.monotonic()
+            if self.preview.sample_due(step, total) or step == total or now - self.last_picture > self.PICTURE_SECONDS:
+                from PIL import Image
+
+                picture = ("JPEG", Image.fromarray(self.preview.render(step, total)), 768)
+                self.last_picture = now
+        self.bar.update_absolute(step, total, picture)
+
+
+def send_text(text: str) -> None:
+    """A line of text under the running node (ComfyUI's progress text; ignored where unsupported)."""
+    try:
+        import server
+        from comfy_execution.utils import get_executing_context
+
+        ctx = get_executing_context()
+        if ctx is not None and getattr(server.PromptServer, "instance", None) is not None:
+            server.PromptServer.instance.send_progress_text(text, ctx.node_id)
+    except (ImportError, AttributeError):
+        pass
 
 
 def apply_lora(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):

@@ -143,7 +143,8 @@ def erase_input_problem(concept=None, safe_concept=None, **settings) -> str | No
 
 
 def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_adapter=None,
-          negative_images=None, positive_images=None, vae=None, resolution: int = 512, **settings):
+          negative_images=None, positive_images=None, vae=None, resolution: int = 512, preview_every: int = 50,
+          **settings):
     from bierasing.erase.engine import Concept, Eraser
     from bierasing.erase.export import erasure_tensors
     from bierasing.plot import loss_curve
@@ -175,8 +176,12 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             if (cfg.xt_source == "noised" or (cfg.adversarial > 0 and bb.can_encode_images)) \
                     and c.negative_images is not None:
                 bb.to_x(c.negative_images)
-    progress = glue.Progress(cfg.steps)
+    from bierasing.erase.preview import LivePreview
+
+    preview = LivePreview(bb.concept_text(pairs[0][0]), sample_every=preview_every, seed=cfg.seed)
+    progress = glue.Progress(cfg.steps, preview)
     eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
+    preview.attach(eraser)
     with glue.unet_session(bb, train=True):
         try:
             result = eraser.run()

@@ -184,7 +184,10 @@ SPECS: list[NodeSpec] = [
                      "rows' attack (without it the attack uses the x_t cache's samples)", optional=True),
                 *ports_from_config(EraseConfig, skip=("checkpoint_every",)),
                 Port("resolution", "INT", "image size of the x_t trajectories (512 for SD1.5; lower is faster)",
-                     default=512, min=64, max=1024, step=64)],
+                     default=512, min=64, max=1024, step=64),
+                Port("preview_every", "INT", "while training, draw the concept prompt with the original and the "
+                     "erased model every this many steps (live preview); 0 shows only the loss curve",
+                     optional=True, default=50, min=0, max=10000)],
         outputs=[Port("model", "MODEL", "the erased model (original + LoRA), for KSampler"),
                  Port("lora", "LORA_MODEL", "the erasure as LoRA tensors (Save Erasure, or core LoRA nodes)"),
                  Port("loss_curve", "IMAGE", "training losses per step"),
