@@ -109,7 +109,7 @@ def test_widget_positions(schemas):
     assert [s for s, _ in widget_slots(schemas["BiErasingSaveErasure"])] == ["filename", "report"]
     slots = [s for s, _ in widget_slots(schemas["BiErasingErase"])]
     assert slots[:3] == ["concept", "safe_concept", "method"]
-    assert slots[slots.index("seed") + 1] == "seed:control" and slots[-1] == "resolution"
+    assert slots[slots.index("seed") + 1] == "seed:control" and slots[-2:] == ["resolution", "preview_every"]
 
 
 # --- what each workflow does ------------------------------------------------------------------
@@ -122,7 +122,8 @@ def test_tiny_workflow_settings(schemas):
                 concept="cat", safe_concept="dog")
     for k, v in er["inputs"].items():
         if not isinstance(v, list):
-            default = schemas["BiErasingErase"]["input"]["required"][k][1]["default"]
+            inputs = schemas["BiErasingErase"]["input"]
+            default = {**inputs["required"], **inputs.get("optional", {})}[k][1]["default"]
             assert v == set_.get(k, default), k
     [(_, save)] = _api_nodes(wf, "BiErasingSaveErasure")
     assert save["inputs"]["filename"] == "erasures/tiny_cat" and save["inputs"]["lora"] == [eid, 1]
