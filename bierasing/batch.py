@@ -12,12 +12,13 @@ Standard library only (plus ``bierasing.io``, which needs neither torch nor nump
 module talks to a server, it never loads a model. Progress goes to the ``bierasing.batch`` logger
 unless a ``progress`` function is given; the command line prints it.
 
-    bierasing batch concepts.csv [--server 127.0.0.1:8188] [--via http|comfy-cli] [--dry-run]
+    bierasing batch concepts.csv [--server 127.0.0.1:8188 [--server 127.0.0.1:8189 ...]] [--via http|comfy-cli] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import csv
 import dataclasses
@@ -30,13 +31,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from . import methods as registry
 
@@ -426,13 +428,20 @@ class RowResult:
     concept: str = ""
     method: str = ""
     output: str = ""                 # the erasure's file under models/loras
+    server: str = ""                 # HOST:PORT of the ComfyUI that ran the row
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class Transport(Protocol):
+    name: str  # HOST:PORT, for messages
+
     def run(self, prompt: dict, timeout: float) -> RowResult: ...
+
+
+class ServerUnreachable(ConnectionError):
+    """The server did not take the prompt at all (down, wrong port): the row may run elsewhere."""
 
 
 def parse_server(server: str) -> tuple[str, int]:
@@ -491,6 +500,8 @@ class HttpComfy:
     def __init__(self, host: str = "127.0.0.1", port: int = 8188, poll: float = 1.0,
                  request_timeout: float = 30.0, client_id: str | None = None):
         self.base = f"http://{host}:{port}"
+        self.name = f"{host}:{port}"
+        self.current: str | None = None  # the prompt this transport waits for
         self.poll = poll
         self.request_timeout = request_timeout
         self.client_id = client_id or f"bierasing-batch-{uuid.uuid4().hex[:8]}"
@@ -534,13 +545,13 @@ class HttpComfy:
                 return RowResult("failed", error=_format_node_errors(body), seconds=elapsed())
             return RowResult("failed", error=f"HTTP {e.code} from /prompt: {raw[:300]}", seconds=elapsed())
         except (urllib.error.URLError, OSError, ValueError) as e:
-            return RowResult("failed", error=f"cannot queue on {self.base}: {getattr(e, 'reason', e)}",
-                             seconds=elapsed())
+            raise ServerUnreachable(f"cannot queue on {self.base}: {getattr(e, 'reason', e)}") from None
         pid = (resp or {}).get("prompt_id")
         if not pid:
             return RowResult("failed", error=f"{self.base}/prompt answered without a prompt_id: {resp!r}"[:300],
                              seconds=elapsed())
         lost_since = None
+        self.current = pid
         try:
             while True:
                 try:
@@ -570,6 +581,8 @@ class HttpComfy:
         except KeyboardInterrupt:
             self.cancel(pid)
             raise
+        finally:
+            self.current = None
 
 
 def parse_envelope(stdout: str) -> dict | None:
@@ -606,6 +619,7 @@ class ComfyCli:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8188, comfy_bin: str = "comfy"):
         self.host, self.port, self.comfy_bin = host, port, comfy_bin
+        self.name = f"{host}:{port}"
 
     def command(self, workflow: str | os.PathLike, timeout: float) -> list[str]:
         return [self.comfy_bin, "--skip-prompt", "run", "--workflow", str(workflow), "--wait", "--json",
@@ -693,59 +707,115 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def run_batch(rows: list[Row], template: dict, transport: Transport, state_path: str | os.PathLike,
-              progress: Callable[[str], Any] | None = None, timeout: float = DEFAULT_TIMEOUT,
-              force: bool = False) -> list[RowResult]:
+def run_batch(rows: list[Row], template: dict, transport: Transport | Sequence[Transport],
+              state_path: str | os.PathLike, progress: Callable[[str], Any] | None = None,
+              timeout: float = DEFAULT_TIMEOUT, force: bool = False) -> list[RowResult]:
     """Run every row not already done; returns one result per row, in order.
+
+    ``transport`` may be several servers (one ComfyUI per GPU): each takes the next waiting row as
+    soon as it is idle, so every row runs once, on whichever server was free. A server that cannot
+    be reached drops out and its row goes back to the others (it fails only when no server is left).
 
     ``progress`` receives one line per event (the command line prints them); by default they go to
     the ``bierasing.batch`` logger at INFO level.
 
-    The state file maps row name -> {hash of the row's settings, status, prompt_id, outputs, ...} and
-    is rewritten atomically after every row; a row is skipped when it is recorded as done with the
-    same hash (``force`` re-runs everything).
+    The state file maps row name -> {hash of the row's settings, status, prompt_id, outputs, server,
+    ...} and is rewritten atomically after every row; a row is skipped when it is recorded as done
+    with the same hash (``force`` re-runs everything).
     """
     progress = progress or logger.info
+    transports = list(transport) if isinstance(transport, (list, tuple)) else [transport]
+    many = len(transports) > 1
     state = load_state(state_path)
-    results: list[RowResult] = []
     n = len(rows)
-    for i, row in enumerate(rows, 1):
-        label = f"[{i}/{n}] {row.label}"
+    results: list[RowResult | None] = [None] * n
+    waiting: collections.deque = collections.deque()
+    for i, row in enumerate(rows):
+        label = f"[{i + 1}/{n}] {row.label}"
         base = dict(name=row.label, concept=row.concept, method=row.method, output=output_path(row.output))
         if row.errors:
-            res = RowResult("failed", error="; ".join(row.errors), **base)
-            progress(f"{label}: invalid row, not run: {res.error}")
-            results.append(res)
+            results[i] = RowResult("failed", error="; ".join(row.errors), **base)
+            progress(f"{label}: invalid row, not run: {results[i].error}")
             continue
         h = row.settings_hash()
         done = state["rows"].get(row.name)
         if not force and isinstance(done, dict) and done.get("status") == "done" and done.get("hash") == h:
-            res = RowResult("skipped", done.get("prompt_id"), done.get("outputs"), "", done.get("seconds", 0.0),
-                            **{**base, "output": done.get("output") or base["output"]})
+            results[i] = RowResult("skipped", done.get("prompt_id"), done.get("outputs"), "",
+                                   done.get("seconds", 0.0), **{**base, "output": done.get("output") or base["output"],
+                                                                "server": done.get("server", "")})
             progress(f"{label}: skipped (done)")
-            results.append(res)
             continue
         try:
             prompt = build_prompt(template, row)
         except ValueError as e:
-            res = RowResult("failed", error=f"{_where(row.number, row.line)}: {e}", **base)
-            progress(f"{label}: invalid row, not run: {res.error}")
-            results.append(res)
+            results[i] = RowResult("failed", error=f"{_where(row.number, row.line)}: {e}", **base)
+            progress(f"{label}: invalid row, not run: {results[i].error}")
             continue
-        progress(f"{label}: running...")
-        try:
-            res = transport.run(prompt, timeout)
-        except Exception as e:  # a broken row or transport must not stop the batch
-            res = RowResult("failed", error=f"{type(e).__name__}: {e}")
-        res = dataclasses.replace(res, **{**base, "output": _saved_path(res.outputs) or base["output"]})
-        state["rows"][row.name] = {"hash": h, **res.to_json(), "settings": row.settings(),
-                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save_state(state_path, state)
+        waiting.append((i, label, base, h, prompt))
+
+    lock = threading.Lock()
+    alive = {id(t) for t in transports}
+
+    def finish(i: int, label: str, base: dict, h: str, res: RowResult, server: str) -> None:
+        res = dataclasses.replace(res, **{**base, "output": _saved_path(res.outputs) or base["output"],
+                                          "server": server})
+        on = f" on {server}" if many else ""
+        with lock:
+            results[i] = res
+            state["rows"][rows[i].name] = {"hash": h, **res.to_json(), "settings": rows[i].settings(),
+                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            save_state(state_path, state)
         if res.status == "done":
-            progress(f"{label}: done in {res.seconds:.1f} s -> {res.output}")
+            progress(f"{label}: done{on} in {res.seconds:.1f} s -> {res.output}")
         else:
-            progress(f"{label}: FAILED after {res.seconds:.1f} s: {_one_line(res.error)}")
-        results.append(res)
+            progress(f"{label}: FAILED{on} after {res.seconds:.1f} s: {_one_line(res.error)}")
+
+    def serve(t: Transport, k: int) -> None:
+        server = getattr(t, "name", f"server {k + 1}")
+        while True:
+            with lock:
+                if not waiting:
+                    return
+                i, label, base, h, prompt = waiting.popleft()
+            progress(f"{label}: running on {server}..." if many else f"{label}: running...")
+            try:
+                res = t.run(prompt, timeout)
+            except ServerUnreachable as e:
+                with lock:
+                    alive.discard(id(t))
+                    others = bool(alive)
+                    if others:
+                        waiting.appendleft((i, label, base, h, prompt))
+                if others:
+                    progress(f"{server} is unreachable ({e}); its rows go to the other servers")
+                    return
+                res = RowResult("failed", error=str(e))
+            except Exception as e:  # a broken row or transport must not stop the batch
+                res = RowResult("failed", error=f"{type(e).__name__}: {e}")
+            finish(i, label, base, h, res, server)
+
+    if not many:  # in this thread, so Ctrl-C reaches the transport (it cancels its prompt)
+        serve(transports[0], 0)
+    else:
+        workers = [threading.Thread(target=serve, args=(t, k), daemon=True, name=f"batch-{k}")
+                   for k, t in enumerate(transports)]
+        for w in workers:
+            w.start()
+        try:
+            while any(w.is_alive() for w in workers):
+                for w in workers:
+                    w.join(0.2)
+        except KeyboardInterrupt:
+            with lock:
+                waiting.clear()
+            for t in transports:
+                if getattr(t, "current", None) and hasattr(t, "cancel"):
+                    t.cancel(t.current)
+            raise
+    for i in range(n):  # rows left when every server dropped out mid-batch
+        if results[i] is None:
+            results[i] = RowResult("failed", error="no server left to run it", name=rows[i].label,
+                                   concept=rows[i].concept, method=rows[i].method, output=output_path(rows[i].output))
     return results
 
 
@@ -754,14 +824,16 @@ def _cell(text) -> str:
 
 
 def summary_table(results: list[RowResult]) -> str:
-    """Markdown table of a batch: row, concept, method, status, seconds, output path or error."""
-    lines = ["| # | row | concept | method | status | seconds | output / error |",
-             "|---|-----|---------|--------|--------|--------:|----------------|"]
+    """Markdown table of a batch: row, concept, method, status, seconds, output path or error (and the
+    server of each row when several ran the batch)."""
+    servers = len({r.server for r in results if r.server}) > 1
+    lines = ["| # | row | concept | method | status |" + (" server |" if servers else "") + " seconds | output / error |",
+             "|---|-----|---------|--------|--------|" + ("--------|" if servers else "") + "--------:|----------------|"]
     for i, r in enumerate(results, 1):
         status = "skipped (done)" if r.status == "skipped" else r.status
         what = r.output if r.status in ("done", "skipped") else r.error
         lines.append(f"| {i} | {_cell(r.name)} | {_cell(r.concept)} | {_cell(r.method)} | {status} | "
-                     f"{r.seconds:.1f} | {_cell(what)} |")
+                     + (f"{_cell(r.server)} | " if servers else "") + f"{r.seconds:.1f} | {_cell(what)} |")
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     lines.append("")
     lines.append(f"{counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed")
@@ -777,7 +849,9 @@ def build_parser(prog: str = "bierasing batch") -> argparse.ArgumentParser:
                    + ", ".join(COLUMNS))
     p.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="API-format prompt for one erasure "
                    "(default: %(default)s)")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="ComfyUI HOST:PORT (default: %(default)s)")
+    p.add_argument("--server", action="append", metavar="HOST:PORT",
+                   help=f"a ComfyUI server (default: {DEFAULT_SERVER}); repeat it for one server per GPU: each "
+                   "row goes to the next idle server")
     p.add_argument("--via", choices=("http", "comfy-cli"), default="http",
                    help="queue through ComfyUI's HTTP API or through `comfy run` (comfy-cli)")
     p.add_argument("--comfy", default="comfy", help="comfy-cli executable for --via comfy-cli (default: comfy)")
@@ -840,25 +914,27 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.prompts_dir) if args.prompts_dir else state_path.parent / "prompts"
             return _dry_run(rows, template, out, state_path, say)
         load_state(state_path)
-        host, port = parse_server(args.server)
+        addresses = list(dict.fromkeys(parse_server(s) for s in (args.server or [DEFAULT_SERVER])))
     except ValueError as e:
         complain(str(e))
         return 2
-    if args.via == "comfy-cli":
-        if shutil.which(args.comfy) is None:
-            complain(f"comfy-cli not found ({args.comfy!r}); pip install comfy-cli, or use --via http")
-            return 2
-        transport: Transport = ComfyCli(host, port, args.comfy)
-    else:
-        transport = HttpComfy(host, port)
-    problem = HttpComfy(host, port).ping()
-    if problem:
-        complain(f"{problem}; start it first, e.g. comfy --skip-prompt --workspace <ComfyUI> "
-                 f"launch --background -- --port {port}")
+    if args.via == "comfy-cli" and shutil.which(args.comfy) is None:
+        complain(f"comfy-cli not found ({args.comfy!r}); pip install comfy-cli, or use --via http")
         return 2
-    say(f"{len(rows)} rows from {concepts} -> ComfyUI at {host}:{port} via {args.via}; state {state_path}")
+    transports: list[Transport] = []
+    for host, port in addresses:
+        problem = HttpComfy(host, port).ping()
+        if problem:
+            complain(f"{problem}; start it first, e.g. comfy --skip-prompt --workspace <ComfyUI> "
+                     f"launch --background -- --port {port}" + ("" if len(addresses) == 1 else " (skipping it)"))
+            continue
+        transports.append(ComfyCli(host, port, args.comfy) if args.via == "comfy-cli" else HttpComfy(host, port))
+    if not transports:
+        return 2
+    where = ", ".join(t.name for t in transports)
+    say(f"{len(rows)} rows from {concepts} -> ComfyUI at {where} via {args.via}; state {state_path}")
     try:
-        results = run_batch(rows, template, transport, state_path, progress=say, timeout=args.timeout,
+        results = run_batch(rows, template, transports, state_path, progress=say, timeout=args.timeout,
                             force=args.force)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -252,10 +252,11 @@ def test_resume_skips_done_and_reruns_failed_and_changed(tmp_path, template):
     assert t1.calls == ["erasures/a", "erasures/b", "erasures/c"]  # the invalid row is never sent
     assert r1[0].output == "models/loras/erasures/a.safetensors"
     assert "out of memory" in r1[1].error and "column concept: empty" in r1[3].error
-    assert lines[0] == "[1/4] a: running..."
-    assert lines[1] == "[1/4] a: done in 1.2 s -> models/loras/erasures/a.safetensors"
-    assert lines[3].startswith("[2/4] b: FAILED after 0.5 s: BiErasingErase (node 6): out of memory")
-    assert lines[-1].startswith("[4/4] row4: invalid row, not run: row 4 (line 5), column concept: empty")
+    # invalid rows are reported before anything is queued
+    assert lines[0].startswith("[4/4] row4: invalid row, not run: row 4 (line 5), column concept: empty")
+    assert lines[1] == "[1/4] a: running..."
+    assert lines[2] == "[1/4] a: done in 1.2 s -> models/loras/erasures/a.safetensors"
+    assert lines[4].startswith("[2/4] b: FAILED after 0.5 s: BiErasingErase (node 6): out of memory")
     saved = json.loads(state.read_text())
     assert {k: v["status"] for k, v in saved["rows"].items()} == {"a": "done", "b": "failed", "c": "done"}
 
@@ -498,6 +499,90 @@ def test_main_dry_run_and_no_server(tmp_path, capsys, monkeypatch):
     assert "column method: unknown method 'esd'" in capsys.readouterr().out
     assert main([str(concepts), "--server", "127.0.0.1:1"]) == 2
     assert "cannot reach ComfyUI at http://127.0.0.1:1" in capsys.readouterr().err
+
+
+# ---- several servers ------------------------------------------------------------------------------
+def _fake_server(delay_polls: int):
+    """A FakeComfy with its own log and prompts, whose prompts take ``delay_polls`` polls to finish."""
+    cls = type("OneComfy", (FakeComfy,), {"log": [], "prompts": {}, "polls": {}})
+    real_get = FakeComfy.do_GET
+
+    def do_GET(self):
+        pid = self.path.rsplit("/", 1)[-1]
+        if pid in self.prompts and self.polls.get(pid, 0) < delay_polls:
+            self.polls[pid] = self.polls.get(pid, 0) + 1
+            self.log.append(("GET", self.path, None))
+            return self._send(200, {})
+        return real_get(self)
+
+    cls.do_GET = do_GET
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), cls)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return srv, cls
+
+
+def test_rows_go_to_idle_servers_each_once(tmp_path, template):
+    fast, slow = _fake_server(2), _fake_server(25)  # the slow server takes ~10x longer per row
+    try:
+        names = [f"r{i}" for i in range(8)]
+        rows = read_concepts(write(tmp_path, HEADER + "".join(f"{n},dog,cat,,,,,,,,\n" for n in names)))
+        transports = [HttpComfy("127.0.0.1", srv.server_port, poll=0.01) for srv, _ in (fast, slow)]
+        state, lines = tmp_path / "s.json", []
+        res = run_batch(rows, template, transports, state, progress=lines.append)
+        assert [r.status for r in res] == ["done"] * 8
+        ran = {name: [out for out in cls.prompts.values()] for name, (srv, cls) in
+               zip((t.name for t in transports), (fast, slow))}
+        everything = sorted(o for outs in ran.values() for o in outs)
+        assert everything == sorted(f"erasures/{n}" for n in names)  # each row ran once, somewhere
+        fast_name, slow_name = transports[0].name, transports[1].name
+        assert 1 <= len(ran[slow_name]) < len(ran[fast_name])  # both worked; the idle one took more
+        assert {r.server for r in res} == {fast_name, slow_name}
+        assert all(f"erasures/{r.name}" in ran[r.server] for r in res)  # the named server ran the row
+        assert any(line.endswith(f"running on {slow_name}...") for line in lines)
+        saved = json.loads(state.read_text())["rows"]
+        assert {k: v["server"] for k, v in saved.items()} == {r.name: r.server for r in res}
+        table = summary_table(res)
+        assert "| # | row | concept | method | status | server | seconds |" in table
+        assert f"| done | {slow_name} |" in table
+
+        again = run_batch(rows, template, transports, state, progress=lines.append)  # resumable
+        assert [r.status for r in again] == ["skipped"] * 8
+        assert sorted(o for _, cls in (fast, slow) for o in cls.prompts.values()) == everything
+    finally:
+        for srv, _ in (fast, slow):
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_an_unreachable_server_hands_its_rows_to_the_others(tmp_path, template):
+    live, cls = _fake_server(1)
+    try:
+        rows = read_concepts(write(tmp_path, HEADER + "a,dog,cat,,,,,,,,\nb,cat,dog,,,,,,,,\nc,car,bike,,,,,,,,\n"))
+        dead = HttpComfy("127.0.0.1", 1, poll=0.01, request_timeout=1)
+        lines = []
+        res = run_batch(rows, template, [dead, HttpComfy("127.0.0.1", live.server_port, poll=0.01)],
+                        tmp_path / "s.json", progress=lines.append)
+        assert [r.status for r in res] == ["done"] * 3
+        assert sorted(cls.prompts.values()) == ["erasures/a", "erasures/b", "erasures/c"]
+        assert any("127.0.0.1:1 is unreachable" in line and "go to the other servers" in line for line in lines)
+    finally:
+        live.shutdown()
+        live.server_close()
+    alone = run_batch(rows, template, [HttpComfy("127.0.0.1", 1, poll=0.01, request_timeout=1)],
+                      tmp_path / "t.json", progress=lambda s: None)
+    assert [r.status for r in alone] == ["failed"] * 3
+    assert all(r.error.startswith("cannot queue on http://127.0.0.1:1") for r in alone)
+
+
+def test_main_takes_several_servers(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(batch, "HttpComfy", lambda host, port: HttpComfy(host, port, poll=0.01))
+    concepts = write(tmp_path, HEADER + "a,dog,cat,,,,,,,,\nc,car,,esd-u,,,,,,,\n")
+    argv = [str(concepts), "--server", f"127.0.0.1:{server.server_port}", "--server", "127.0.0.1:1",
+            "--state", str(tmp_path / "st.json")]
+    assert main(argv) == 0  # the unreachable one is skipped with a message; the other runs every row
+    captured = capsys.readouterr()
+    assert "cannot reach ComfyUI at http://127.0.0.1:1" in captured.err and "(skipping it)" in captured.err
+    assert f"-> ComfyUI at 127.0.0.1:{server.server_port} via http" in captured.out
 
 
 # ---- comfy-cli transport ----------------------------------------------------------------------------
