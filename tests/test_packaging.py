@@ -82,3 +82,15 @@ def test_io_and_batch_import_without_torch_or_numpy():
     code = ("import sys, bierasing.io, bierasing.batch; "
             "assert not {'torch', 'numpy', 'diffusers'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_requirements_txt_lists_the_package_dependencies():
+    """ComfyUI installs requirements.txt, pip installs pyproject's list: the same packages, no torch."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    reqs = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    name = lambda spec: re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower()  # noqa: E731
+    assert sorted(map(name, filter(None, reqs))) == sorted(map(name, deps))
+    assert "torch" not in map(name, filter(None, reqs))
