@@ -69,21 +69,51 @@ def http_status(url: str) -> int:
 
 
 def write_thumbnails(names, width: int = 512) -> None:
-    """The graph as the frontend draws it, cropped to the canvas and shrunk: example_workflows/<name>.jpg."""
+    """The graph as the frontend draws it, cropped to its drawn extent and shrunk: example_workflows/<name>.jpg."""
     import cv2
+    import numpy as np
 
     for name in names:
-        shot = cv2.imread(str(OUT / f"{name}.png"))
+        shot = cv2.imread(str(OUT / f"{name}.jpg"))
         h, w = shot.shape[:2]
-        crop = shot[int(h * 0.08):int(h * 0.92), int(w * 0.04):]  # drop the menu bars and the side toolbar
+        drawn = np.abs(shot.astype(int) - shot[h // 2, w - 5].astype(int)).sum(2) > 40  # canvas background
+        drawn[:int(h * 0.08)] = drawn[:, :int(w * 0.05)] = False  # menus and the side bar
+        drawn[int(h * 0.72):, int(w * 0.8):] = drawn[int(h * 0.9):] = False  # minimap, stats, zoom bar
+        ys, xs = np.nonzero(drawn)
+        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        crop = shot[max(0, y0 - 12):y1 + 12, max(0, x0 - 12):x1 + 12]
+        ch, cw = crop.shape[:2]
+        if cw * 3 < ch * 4:  # pad to 4:3 with the canvas colour, centred
+            pad = (ch * 4 // 3 - cw) // 2
+            crop = cv2.copyMakeBorder(crop, 0, 0, pad, pad, cv2.BORDER_CONSTANT, value=[int(v) for v in shot[h // 2, w - 5]])
+        else:
+            pad = (cw * 3 // 4 - ch) // 2
+            crop = cv2.copyMakeBorder(crop, pad, pad, 0, 0, cv2.BORDER_CONSTANT, value=[int(v) for v in shot[h // 2, w - 5]])
         small = cv2.resize(crop, (width, round(crop.shape[0] * width / crop.shape[1])), interpolation=cv2.INTER_AREA)
         cv2.imwrite(str(ROOT / "example_workflows" / f"{name}.jpg"), small, [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
+def shot(page, path: Path) -> None:
+    page.screenshot(path=str(path), type="jpeg", quality=80)
+
+
+def close_dialogs(page) -> None:
+    """A fresh frontend opens its template dialog on first load; close whatever dialog is open."""
+    for _ in range(3):
+        if not page.locator(".p-dialog").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(400)
+
+
 def fit_view(page) -> None:
-    page.mouse.click(5, 400)
-    page.keyboard.press(".")  # the frontend's "fit view" shortcut
-    page.wait_for_timeout(600)
+    close_dialogs(page)
+    try:
+        page.evaluate("window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    except Exception:  # noqa: BLE001  older frontends: the "." shortcut
+        page.mouse.click(5, 400)
+        page.keyboard.press(".")
+    page.wait_for_timeout(800)
 
 
 def main() -> int:
@@ -108,14 +138,23 @@ def main() -> int:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         console = []
         page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:300]) if m.type == "error" else None)
+        failed = []
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.goto(f"http://{args.server}/", wait_until="networkidle")
         page.wait_for_function("window.app && window.app.graph", timeout=60000)
+        page.wait_for_timeout(3000)
+        close_dialogs(page)
+        try:  # the minimap would sit in every screenshot
+            page.evaluate("window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false)")
+        except Exception:  # noqa: BLE001  frontends without a minimap setting
+            pass
         report["frontend"] = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || null")
         for name in sorted(names):
             wf = get_json(args.server, f"/api/workflow_templates/{args.pack}/{name}.json")
+            close_dialogs(page)
             res = page.evaluate(CHECK_JS, wf)
             fit_view(page)
-            page.screenshot(path=str(OUT / f"{name}.png"))
+            shot(page, OUT / f"{name}.jpg")
             report["templates"][name] = res
             print(f"{name}: {res['nodes']} nodes, {len(res['problems'])} problems"
                   + "".join(f"\n  {p}" for p in res["problems"]), flush=True)
@@ -128,14 +167,15 @@ def main() -> int:
             page.wait_for_timeout(2500)
             page.get_by_text(args.pack, exact=False).first.click(timeout=5000)
             page.wait_for_timeout(2500)
-            page.screenshot(path=str(OUT / "template_browser.png"))
-            report["template_browser"] = "template_browser.png"
+            shot(page, OUT / "template_browser.jpg")
+            report["template_browser"] = "template_browser.jpg"
             page.keyboard.press("Escape")
         except Exception as e:  # noqa: BLE001  the dialog's layout differs between frontend versions
             report["template_browser"] = f"not captured: {e}"[:300]
         if args.live:
             report["live"] = live_preview(page, args)
         report["console_errors"] = console
+        report["failed_requests"] = failed
         browser.close()
     (OUT / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     bad = sum(len(r["problems"]) for r in report["templates"].values())
@@ -151,16 +191,19 @@ def live_preview(page, args) -> dict:
             node["title"] = "Erase Concept (live preview)"
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
     page.evaluate("""() => { const n = window.app.graph._nodes.find(n => n.type === 'BiErasingErase');
-        for (const w of n.widgets) { if (w.name === 'steps') w.value = 120; if (w.name === 'preview_every') w.value = 20; }
-        n.size = [520, 900]; }""")
-    fit_view(page)
+        for (const w of n.widgets) { if (w.name === 'steps') w.value = 120; if (w.name === 'preview_every') w.value = 20;
+            if (w.name === 'seed') w.value = Date.now() % 100000; }  // a new seed: ComfyUI would serve a cached result
+        n.size = [Math.max(n.size[0], 480), n.size[1] + 520];  // room for the preview under the widgets
+        const c = window.app.canvas; c.ds.scale = 1.0;
+        c.ds.offset = [-n.pos[0] + 80, 900 - n.pos[1] - n.size[1]]; c.setDirty(true, true); }""")
+    close_dialogs(page)
     page.evaluate("window.app.queuePrompt(0, 1)")
     shots = []
     t0 = time.time()
     while time.time() - t0 < 240:
         page.wait_for_timeout(4000)
-        path = OUT / f"live_preview_{len(shots)}.png"
-        page.screenshot(path=str(path))
+        path = OUT / f"live_preview_{len(shots)}.jpg"
+        shot(page, path)
         shots.append(path.name)
         queue = get_json(args.server, "/queue")
         if not queue["queue_running"] and not queue["queue_pending"]:

@@ -468,13 +468,15 @@ def erase_lora_ksampler_tiny(schemas) -> Graph:
     g.note(f"Files: models/checkpoints/{TINY_CKPT} (a tiny random SD1.5-shaped stand-in from\n"
            "'bierasing standins', for plumbing checks only: the images are noise).\n"
            "Writes: models/loras/erasures/tiny_cat.safetensors\n\n"
-           "Erase Concept (esd-x, 4 steps, batch 2, 64 px, no image inputs) -> Save Erasure; the\n"
-           "erased MODEL goes straight into a stock KSampler (2 steps, 64x64) -> Save Image.\n"
+           "Erase Concept (esd-x, 4 steps, batch 2, 64 px, no image inputs; the VAE draws its\n"
+           "live preview) -> Save Erasure; the erased MODEL goes straight into a stock KSampler\n"
+           "(2 steps, 64x64) -> Save Image.\n"
            "Later runs can apply the saved file with the stock LoraLoader (strength 1 on the\n"
            "model, 0 on CLIP) or with Load Erasure.")
     ckpt = g.add("CheckpointLoaderSimple", "Load tiny checkpoint", col=0, ckpt_name=TINY_CKPT)
-    er = g.add("BiErasingErase", "Erase Concept (ESD-x, tiny)", col=1, ui_width=360, model=ckpt["MODEL"], clip=ckpt["CLIP"], concept="cat",
-               safe_concept="dog", method="esd-x", steps=4, batch_size=2, cache_size=2, xt_steps=3, resolution=64)
+    er = g.add("BiErasingErase", "Erase Concept (ESD-x, tiny)", col=1, ui_width=360, model=ckpt["MODEL"],
+               clip=ckpt["CLIP"], vae=ckpt["VAE"], concept="cat", safe_concept="dog", method="esd-x", steps=4,
+               batch_size=2, cache_size=2, xt_steps=3, resolution=64)
     g.add("BiErasingSaveErasure", col=2, lora=er["lora"], report=er["report"], filename="erasures/tiny_cat")
     _sample(g, ckpt, er["model"], "a photo of a cat", "tiny/erased_cat", col=2, steps=2, cfg=5.0, size=64, batch=1)
     return g
