@@ -220,9 +220,15 @@ def test_grid_and_evaluate_nodes(comfy):
     assert json.loads(report)["images"] == 2 and 0.0 <= rate <= 1.0
 
 
-def test_bad_inputs_give_clear_messages(comfy, tmp_path):
+def test_bad_inputs_give_clear_messages(comfy, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no images"):
-        run(comfy, "BiErasingLoadExemplars", folder=str(tmp_path), size=64, max_images=0)
+        run(comfy, "BiErasingLoadExemplars", folder="empty", size=64, max_images=0)
+    with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
+        run(comfy, "BiErasingLoadExemplars", folder=str(tmp_path.parent), size=64, max_images=0)
     imgs = torch.rand(2, 64, 64, 3)
     with pytest.raises(ValueError, match="masks are 32x32 but the images are 64x64"):
         run(comfy, "BiErasingMaskFilter", images=imgs, masks=torch.ones(2, 32, 32), concept="cat", caption="",
@@ -240,6 +246,29 @@ def test_bad_inputs_give_clear_messages(comfy, tmp_path):
         run(comfy, "BiErasingImageAdapterLoader", adapter_name="missing.safetensors", scale=1.0)
     with pytest.raises(ValueError, match="leave|outside"):
         run(comfy, "BiErasingSaveErasure", lora={"lora_unet_x.alpha": torch.tensor(1.0)}, filename="../../evil")
+
+
+def test_erase_inputs_are_checked_when_queued(comfy):
+    """ComfyUI's own prompt validation calls Erase's validate_inputs: a Bi-Erasing prompt without a safe
+    concept is rejected before any node (model loading included) runs."""
+    import asyncio
+
+    import execution
+
+    def prompt(safe, method="bi-erasing"):
+        return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+                "2": {"class_type": "BiErasingErase", "inputs": {
+                    "model": ["1", 0], "clip": ["1", 1], "concept": "nudity", "safe_concept": safe,
+                    "method": method, **{p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs
+                                         if p.default is not None and p.name not in ("concept", "safe_concept", "method")}}},
+                "3": {"class_type": "BiErasingSaveErasure", "inputs": {"lora": ["2", 1], "filename": "x"}}}
+
+    valid, error, _, node_errors = asyncio.run(execution.validate_prompt("p1", prompt(""), None))[:4]
+    assert not valid
+    messages = json.dumps(node_errors)
+    assert "bi-erasing pulls 'nudity' toward a safe alternative: fill safe_concept" in messages
+    assert asyncio.run(execution.validate_prompt("p2", prompt("", "esd-x"), None))[0]
+    assert asyncio.run(execution.validate_prompt("p3", prompt("clothed"), None))[0]
 
 
 def test_cancel_stops_the_erasure_and_leaves_the_model_clean(comfy):
@@ -299,3 +328,24 @@ def test_preserve_prompts_run_through_comfyui_clip(comfy):
     assert info["config"]["preserve"] == "a photo of a horse, a photo of a bird"
     assert info["unet_forward_equivalents_per_sample"] == 9.0  # ESD-x alone is 5; the kept rows add 1 + 3
     assert math.isfinite(info["final_loss"])
+
+
+def test_erase_sends_live_previews_through_comfyuis_progress_hook(comfy, monkeypatch):
+    """The progress hook ComfyUI's server installs (main.py) receives the preview pictures: the curve
+    at the first step, the curve with the original | erased samples on each sample step."""
+    import comfy.utils as comfy_utils
+
+    seen = []
+    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", method="esd-x", steps=4, batch_size=2, cache_size=2,
+                    xt_steps=3, resolution=64, preview_every=2)
+    run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, vae=comfy.vae, **settings)
+    steps = [(v, t) for v, t, _ in seen if t == 4]
+    assert steps[-4:] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    pictures = {v: p for v, t, p in seen if t == 4 and p is not None}
+    assert {1, 2, 4} <= set(pictures)  # the first step (curve), and the sample steps 2 and 4
+    fmt, image, max_size = pictures[2]
+    assert (fmt, max_size) == ("JPEG", 768) and image.mode == "RGB"
+    assert pictures[2][1].height > pictures[1][1].height  # the original | erased row under the curve
