@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from comfy_support import TINY_UNET, comfy_available, load_comfy, pack
+from comfy_support import comfy_available, load_comfy, pack
 from torch import nn
 
+from bierasing.comfy_standins import TINY_UNET
 from bierasing.erase.adapters import TRAINABLE_SETS, attach, select_modules
 from bierasing.unet_names import diffusers_to_ldm, ldm_to_diffusers
 
