@@ -20,13 +20,13 @@ import torch
 
 from .io import _PICKLE_SUFFIXES
 
-SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x pipeline folder",
+SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x or SDXL pipeline folder",
              "a single-file SD1.x .safetensors checkpoint")
 
 
 def model_kind(model: str | os.PathLike | None) -> str:
-    """'world', 'sd1' (diffusers folder) or 'sd1_file' (single file) for what ``model`` names; a clear
-    error for anything else."""
+    """'world', 'sd1' / 'sdxl' (diffusers folders) or 'sd1_file' (single file) for what ``model`` names;
+    a clear error for anything else."""
     if model in (None, "", "shapesworld"):
         return "world"
     path = Path(model).expanduser()
@@ -44,22 +44,21 @@ def model_kind(model: str | os.PathLike | None) -> str:
         check_sd1_single_file(path)  # reads the header only
         return "sd1_file"
     if path.is_dir() and (path / "unet" / "config.json").is_file():
-        _check_sd1_unet(json.loads((path / "unet" / "config.json").read_text()), path)
-        return "sd1"
+        return _unet_kind(json.loads((path / "unet" / "config.json").read_text()), path)
     raise ValueError(f"{model!r} is not a model this command can load; give one of: {', '.join(SUPPORTED)}")
 
 
-def _check_sd1_unet(cfg: dict, path: Path) -> None:
+def _unet_kind(cfg: dict, path: Path) -> str:
     width, extra = cfg.get("cross_attention_dim"), cfg.get("addition_embed_type")
-    if width == 2048 or extra == "text_time":
-        what = "SDXL"
-    elif width == 1024:
-        what = "SD2.x"
-    elif width == 768 and cfg.get("in_channels", 4) == 4 and not extra:
-        return
-    else:
-        what = f"a UNet with {width}-d cross-attention"
-    raise ValueError(f"{path} holds {what}; this version erases from ShapesWorld and SD1.x models only")
+    if extra == "text_time" and cfg.get("in_channels", 4) == 4:
+        if cfg.get("projection_class_embeddings_input_dim") == 2560:  # 1280 pooled + 5 aesthetic-score ids
+            raise ValueError(f"{path} holds the SDXL refiner; erase from the SDXL base model (or a fine-tune "
+                             "of it), then use the refiner as usual")
+        return "sdxl"
+    if width == 768 and cfg.get("in_channels", 4) == 4 and not extra:
+        return "sd1"
+    what = "SD2.x" if width == 1024 else f"a UNet with {width}-d cross-attention"
+    raise ValueError(f"{path} holds {what}; this version erases from ShapesWorld, SD1.x and SDXL models")
 
 
 def default_device() -> str:
@@ -90,6 +89,11 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
 
         return load_sd1_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
                                     resolution=resolution, device=device, config=config)
+    if kind == "sdxl":
+        from .sdxl import SDXLBackbone
+
+        return SDXLBackbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
+                                            image_encoder=image_encoder, resolution=resolution, device=device)
     from .sd15 import SD15Backbone
 
     return SD15Backbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,

@@ -137,3 +137,82 @@ def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> di
         save_safetensors(root / "ip-adapter_sd15.safetensors", ip_adapter_state_dict(proj, unet))
     (root / "model_index.json").write_text(json.dumps(model_index(diffusers.__version__), indent=2) + "\n")
     return {"model": root, "ip_adapter": root / "ip-adapter_sd15.safetensors", "image_encoder": root / "image_encoder"}
+
+
+def sdxl_model_index(diffusers_version: str) -> dict:
+    """``model_index.json`` of a ``StableDiffusionXLPipeline`` of the components :func:`build_sdxl_folder` writes."""
+    return {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def sdxl_unet_config(size: str = "tiny") -> dict:
+    """``UNet2DConditionModel`` kwargs: SDXL base's shapes ("full", 2.57 B parameters) or the same
+    interface with few channels ("tiny": 2 levels, 64-d cross-attention, 32-d pooled text)."""
+    if size == "full":
+        return dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+    return dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                attention_head_dim=(2, 4), cross_attention_dim=64, addition_embed_type="text_time",
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                use_linear_projection=True, norm_num_groups=8)
+
+
+def build_sdxl_folder(path: str | Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny random-weight SDXL stand-in under ``path``: a diffusers ``StableDiffusionXLPipeline``
+    folder (two byte-level CLIP tokenizers, CLIP text encoders of widths 32 + 32 = the UNet's 64-d
+    cross-attention, a 32-d pooled projection, SDXL's added conditions and VAE scale 0.13025), an image
+    encoder folder and ``ip-adapter_sdxl_vit-h.safetensors`` in the IP-Adapter SDXL layout.
+    Returns ``{"model", "ip_adapter", "image_encoder"}``."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+    from .adapter import ImageProjModel, install_decoupled_attention, ip_adapter_state_dict
+    from .io import save_safetensors
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for sub in ("tokenizer", "tokenizer_2"):
+            _byte_vocab(root / sub)
+            tok = CLIPTokenizer(str(root / sub / "vocab.json"), str(root / sub / "merges.txt"), model_max_length=77)
+            tok.save_pretrained(root / sub)
+        ids = {"bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"),
+               "eos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+               "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
+        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, **ids)
+        CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(root / "text_encoder")
+        CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)).save_pretrained(root / "text_encoder_2")
+        unet = UNet2DConditionModel(**sdxl_unet_config("tiny"))
+        unet.save_pretrained(root / "unet")
+        AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                      norm_num_groups=8, sample_size=32, scaling_factor=0.13025).save_pretrained(root / "vae")
+        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, clip_sample=False).save_pretrained(root / "scheduler")
+        vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, image_size=32, patch_size=8, projection_dim=48)
+        CLIPVisionModelWithProjection(vis_cfg).save_pretrained(root / "image_encoder")
+        install_decoupled_attention(unet)
+        for p in (p for n, p in unet.named_parameters() if "processor" in n):
+            torch.nn.init.normal_(p, std=0.02)
+        proj = ImageProjModel(vis_cfg.projection_dim, unet.config.cross_attention_dim, 4)
+        save_safetensors(root / "ip-adapter_sdxl_vit-h.safetensors", ip_adapter_state_dict(proj, unet))
+    (root / "model_index.json").write_text(json.dumps(sdxl_model_index(diffusers.__version__), indent=2) + "\n")
+    return {"model": root, "ip_adapter": root / "ip-adapter_sdxl_vit-h.safetensors",
+            "image_encoder": root / "image_encoder"}
