@@ -39,20 +39,31 @@ from bierasing.adapter import ImageProjModel
 from bierasing.backbone import Backbone
 
 logger = logging.getLogger(__name__)
+POOLED_DIM = 1280  # SDXL's pooled text embedding (OpenCLIP bigG's projection)
 
 
-class NotSD1Error(ValueError):
+class UnsupportedModelError(ValueError):
     pass
 
 
-def check_sd1(model) -> None:
-    """Refuse anything that is not an SD1.x-style UNet (768-d cross-attention, no extra conds)."""
+def model_family(model) -> str:
+    """'sd1' (768-d cross-attention, no extra conditions) or 'sdxl' (2048-d, pooled text + sizes: SDXL
+    base and its fine-tunes and distillations); a message naming what is supported for anything else."""
+    import comfy.model_base
+
     cfg = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
     name = type(model.model.model_config).__name__ if hasattr(model.model, "model_config") else "?"
-    if cfg.get("context_dim") != 768 or cfg.get("adm_in_channels") is not None or "num_res_blocks" not in cfg:
-        raise NotSD1Error(f"this node erases from SD1.x models; the connected MODEL is {name} "
-                          f"(cross-attention width {cfg.get('context_dim')}). Load an SD1.5 checkpoint "
-                          "with Load Checkpoint.")
+    if "num_res_blocks" in cfg and cfg.get("in_channels", 4) == 4:
+        if cfg.get("context_dim") == 768 and cfg.get("adm_in_channels") is None:
+            return "sd1"
+        if cfg.get("context_dim") == 2048 and cfg.get("adm_in_channels") == 2816 \
+                and isinstance(model.model, comfy.model_base.SDXL):
+            return "sdxl"
+    raise UnsupportedModelError(
+        f"this node erases from SD1.x and SDXL models (base and fine-tunes); the connected MODEL is {name} "
+        f"(cross-attention width {cfg.get('context_dim')}, extra conditions {cfg.get('adm_in_channels')}). "
+        "Load an SD1.5 or SDXL checkpoint with Load Checkpoint (the SDXL refiner, SD2.x, SD3 and FLUX are "
+        "not supported yet).")
 
 
 def ldm_to_diffusers_names(model) -> dict[str, str]:
@@ -153,13 +164,14 @@ def plain(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ComfyBackbone(Backbone):
-    """ComfyUI's SD1.x MODEL/CLIP (+ VAE, CLIP_VISION, IP-Adapter weights) behind the library's interface."""
+    """ComfyUI's SD1.x or SDXL MODEL/CLIP (+ VAE, CLIP_VISION, IP-Adapter weights) behind the library's
+    interface."""
 
     prediction_type = "epsilon"  # predict_noise converts whatever ComfyUI's model_sampling predicts
 
     def __init__(self, model, clip, vae=None, clip_vision=None, ip_weights: dict | None = None,
                  ip_scale: float = 1.0, resolution: int = 512):
-        check_sd1(model)
+        self.family = model_family(model)
         if clip is None:
             raise ValueError("no CLIP connected: the erasure needs the model's text encoder")
         # a clone: adapters, the image channel and training copies attach to it, never to ``model``
@@ -187,13 +199,20 @@ class ComfyBackbone(Backbone):
     # ---- conditioning (computed before the UNet is loaded for training, then memoised) ---------
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, 77, D] text tokens; SDXL's carry the pooled embedding as a 78th token
+        (:func:`bierasing.sdxl.pack_pooled`), unpacked again in :meth:`predict_noise`."""
+        from bierasing.sdxl import pack_pooled
+
         out = []
         for p in prompts:
             if p not in self._text_memo:
-                cond = self.clip.encode_from_tokens(self.clip.tokenize(p))
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
                 if cond.shape[1] != 77:
                     raise ValueError(f"the prompt {p[:60]!r} is longer than CLIP's 75 tokens; shorten it")
-                self._text_memo[p] = plain(cond[:1])
+                cond = cond[:1]
+                if self.family == "sdxl":
+                    cond = pack_pooled(cond, pooled[:1].to(cond.dtype))
+                self._text_memo[p] = plain(cond)
             out.append(self._text_memo[p])
         return torch.cat(out).to(self.device)
 
@@ -202,7 +221,7 @@ class ComfyBackbone(Backbone):
         key = id(images)
         if key not in self._image_memo:
             if self.clip_vision is None or self.ip_weights is None:
-                raise ValueError("image exemplars need a CLIP_VISION (ViT-H for IP-Adapter SD1.5) and an image "
+                raise ValueError("image exemplars need a CLIP_VISION (ViT-H for ip-adapter_sd15 and _sdxl_vit-h) and an image "
                                  "adapter (Load Image Adapter) connected to the erase node")
             embeds = self.clip_vision.encode_image(images.permute(0, 2, 3, 1).cpu())["image_embeds"]
             proj = self._projector(embeds.shape[-1])
@@ -215,12 +234,13 @@ class ComfyBackbone(Backbone):
             sd = self.ip_weights
             w = sd.get("image_proj.proj.weight")
             if w is None:
-                raise ValueError("the image adapter has no image_proj.proj.weight: not an IP-Adapter SD1.5 file "
+                raise ValueError("the image adapter has no image_proj.proj.weight: not an IP-Adapter SD1.5/SDXL file "
                                  "(IP-Adapter Plus/FaceID variants are not supported)")
             dim = sd["image_proj.norm.weight"].shape[0]
             if w.shape[1] != embed_dim:
                 raise ValueError(f"the image adapter expects {w.shape[1]}-d image embeddings but the CLIP vision "
-                                 f"model gives {embed_dim}-d; IP-Adapter SD1.5 needs the ViT-H CLIP vision model")
+                                 f"model gives {embed_dim}-d; ip-adapter_sd15 and ip-adapter_sdxl_vit-h need ViT-H (1024-d), "
+                                 "ip-adapter_sdxl needs bigG (1280-d)")
             proj = ImageProjModel(w.shape[1], dim, w.shape[0] // dim)
             proj.load_state_dict({k[len("image_proj."):]: v.float() for k, v in sd.items()
                                   if k.startswith("image_proj.")})
@@ -251,10 +271,18 @@ class ComfyBackbone(Backbone):
         sigma = self.model_sampling.sigma(t.float().cpu()).to(x_t.device)
         s = sigma.view(-1, 1, 1, 1).to(x_t.dtype)
         x = x_t * (1 + s ** 2).sqrt()  # DDPM x_t -> ComfyUI's x0 + sigma * eps
+        extra = {}
+        if self.family == "sdxl":
+            from bierasing.sdxl import unpack_pooled
+
+            text, pooled = unpack_pooled(text, POOLED_DIM)
+            h, w = (s * 8 for s in x_t.shape[-2:])  # uncropped, at the training size (ComfyUI's default)
+            extra["y"] = self.base_model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                                    target_width=w, target_height=h).to(x_t.device, x_t.dtype)
         self.ensure_loaded()
         self.ip_state.tokens = image_tokens
         try:
-            den = self.base_model.apply_model(x, sigma, c_crossattn=text,
+            den = self.base_model.apply_model(x, sigma, c_crossattn=text, **extra,
                                               transformer_options=self.patcher.model_options["transformer_options"])
         finally:
             self.ip_state.tokens = None
@@ -352,7 +380,8 @@ class ComfyBackbone(Backbone):
             nums = sorted({int(k.split(".")[1]) for k in self.ip_weights if k.startswith("ip_adapter.")})
             if len(nums) != len(names):
                 raise ValueError(f"the image adapter has {len(nums)} attn2 layers, this UNet has {len(names)}; "
-                                 "use the IP-Adapter made for this model family (SD1.5: ip-adapter_sd15)")
+                                 "use the IP-Adapter made for this model family (SD1.5: ip-adapter_sd15, SDXL: "
+                                 "ip-adapter_sdxl_vit-h or ip-adapter_sdxl)")
         for n, name in zip(nums, names):
             base = self.unet.get_submodule(name)
             k = v = None

@@ -107,7 +107,8 @@ def load_image_adapter(adapter_name: str, scale: float):
     tensors, _ = load_safetensors(path)
     missing = [k for k in ("image_proj.proj.weight", "image_proj.norm.weight") if k not in tensors]
     if missing or not any(k.startswith("ip_adapter.") for k in tensors):
-        raise ValueError(f"{adapter_name} is not an IP-Adapter SD1.5 file (missing {missing or 'ip_adapter.* tensors'})")
+        raise ValueError(f"{adapter_name} is not an IP-Adapter SD1.5/SDXL file (missing "
+                         f"{missing or 'ip_adapter.* tensors'})")
     return ({"tensors": tensors, "scale": float(scale), "name": adapter_name},)
 
 

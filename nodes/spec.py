@@ -156,8 +156,8 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("filtered_images", "IMAGE", "exemplars with the background replaced by their mean colour"),
                  Port("masks", "MASK", "the cleaned soft masks")]),
     NodeSpec(
-        "ImageAdapterLoader", "Load Image Adapter (IP-Adapter SD1.5)",
-        "Loads IP-Adapter SD1.5 weights (image projector + to_k_ip/to_v_ip) from models/ipadapter for the "
+        "ImageAdapterLoader", "Load Image Adapter (IP-Adapter)",
+        "Loads IP-Adapter SD1.5 or SDXL weights (image projector + to_k_ip/to_v_ip) from models/ipadapter for the "
         "decoupled image cross-attention of both branches. Use with the ViT-H CLIP vision model.",
         inputs=[Port("adapter_name", "COMBO", "file in models/ipadapter (e.g. ip-adapter_sd15.safetensors)",
                      options=("ip-adapter_sd15.safetensors",), files="ipadapter"),
@@ -169,12 +169,12 @@ SPECS: list[NodeSpec] = [
         "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from the concept (text "
         "+ images), pulled toward the safe alternative. Baselines (ESD-x, ESD-u, Co-Erasing) run in the "
         "same engine. Returns the erased MODEL, the LoRA, a loss curve and a JSON report.",
-        inputs=[Port("model", "MODEL", "SD1.x model to erase from"),
+        inputs=[Port("model", "MODEL", "SD1.x or SDXL model to erase from"),
                 Port("clip", "CLIP", "its text encoder"),
                 Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
                 Port("safe_concept", "STRING", "the safe alternative the concept should turn into, e.g. 'clothed'",
                      default="clothed"),
-                Port("clip_vision", "CLIP_VISION", "image encoder of the image adapter (ViT-H for IP-Adapter SD1.5); "
+                Port("clip_vision", "CLIP_VISION", "image encoder of the image adapter (ViT-H for ip-adapter_sd15 / _sdxl_vit-h); "
                      "needed by bi-erasing and co-erasing", optional=True),
                 Port("image_adapter", IMAGE_ADAPTER, "from Load Image Adapter; needed by bi-erasing and co-erasing",
                      optional=True),
@@ -183,7 +183,7 @@ SPECS: list[NodeSpec] = [
                 Port("vae", "VAE", "encodes the concept exemplars for x_t source 'noised' and for the adversarial "
                      "rows' attack (without it the attack uses the x_t cache's samples)", optional=True),
                 *ports_from_config(EraseConfig, skip=("checkpoint_every",)),
-                Port("resolution", "INT", "image size of the x_t trajectories (512 for SD1.5; lower is faster)",
+                Port("resolution", "INT", "image size of the x_t trajectories (SD1.5 512, SDXL 1024; lower is faster)",
                      default=512, min=64, max=1024, step=64),
                 Port("preview_every", "INT", "while training, draw the concept prompt with the original and the "
                      "erased model every this many steps (live preview); 0 shows only the loss curve",

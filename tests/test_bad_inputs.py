@@ -480,7 +480,7 @@ CASES = [
          lambda c, d: c.cli("eval", "--model", "runwayml/stable-diffusion-v1-5", "--concept", "circle",
                             "--threads", "1", world=False), 2,
          r"'runwayml/stable-diffusion-v1-5' does not exist; give 'shapesworld' or a path to a ShapesWorld "
-         r"model folder, a diffusers SD1.x pipeline folder"),
+         r"model folder, a diffusers SD1.x or SDXL pipeline folder"),
 
     # training
     Case("loss-turns-nan", "library Eraser.run (node:BiErasingErase)",
