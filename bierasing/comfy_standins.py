@@ -40,6 +40,19 @@ TINY_UNET = {
 }
 
 
+#: the smallest SDXL-family UNet ComfyUI detects (as Segmind Vega, an SDXL distillation: SDXL's model
+#: class, conditioning and CLIP): 320 channels, 2048-d context, 2816-d added conditions, linear
+#: projections, transformer depth [0, 0, 1, 1, 2, 2]; the channel multipliers shrink to 1
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "channel_mult": [1, 1, 1],
+    "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 2048,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
 def import_comfyui(comfyui: str | os.PathLike) -> None:
     """Make ``comfyui``'s packages importable (a ComfyUI checkout: the folder holding main.py)."""
     root = Path(comfyui).expanduser().resolve()
@@ -94,16 +107,39 @@ def checkpoint_tensors(seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
     return {k: v.contiguous() for k, v in out.items()}, n_attn2
 
 
-def ip_adapter_tensors(n_attn2: int, seed: int = 0, inner_dim: int = 320) -> dict[str, torch.Tensor]:
-    """IP-Adapter SD1.5 layout: image_proj (4 tokens of 768 from a 1024-d ViT-H embedding) and
-    ip_adapter.{1,3,5,...}.to_{k,v}_ip for each attn2 in order."""
+def sdxl_checkpoint_tensors(seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+    """A single-file SDXL-family checkpoint (:data:`TINY_SDXL_UNET`, full-size CLIP-L + bigG as ComfyUI
+    builds them, TAESD) in fp16, and its number of attn2 layers."""
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = comfy.supported_models.Segmind_Vega(dict(TINY_SDXL_UNET))
+    model = cfg.get_model({})
+    unet_sd = model.diffusion_model.state_dict()
+    clip_sd = comfy.sdxl_clip.SDXLClipModel(dtype=torch.float32).state_dict()
+    vae_sd = comfy.taesd.taesd.TAESD().state_dict()
+    for sd in (unet_sd, clip_sd, vae_sd):
+        randomize(sd, gen)
+    out = dict(cfg.process_unet_state_dict_for_saving(unet_sd))
+    out.update(cfg.process_clip_state_dict_for_saving(clip_sd))
+    out.update(cfg.process_vae_state_dict_for_saving(vae_sd))
+    n_attn2 = sum(1 for n, _ in model.diffusion_model.named_modules() if n.endswith("attn2"))
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in out.items()}, n_attn2
+
+
+def ip_adapter_tensors(n_attn2: int, seed: int = 0, inner_dim: int = 320, context_dim: int = 768,
+                       embed_dim: int = 1024) -> dict[str, torch.Tensor]:
+    """IP-Adapter layout (SD1.5: 768-d context; SDXL: 2048-d): image_proj (4 tokens from an ``embed_dim``
+    image embedding, 1024 = ViT-H) and ip_adapter.{1,3,5,...}.to_{k,v}_ip for each attn2 in order."""
     gen = torch.Generator().manual_seed(seed + 1)
-    ip = {"image_proj.proj.weight": torch.randn(4 * 768, 1024, generator=gen) * 0.02,
-          "image_proj.proj.bias": torch.zeros(4 * 768),
-          "image_proj.norm.weight": torch.ones(768), "image_proj.norm.bias": torch.zeros(768)}
+    ip = {"image_proj.proj.weight": torch.randn(4 * context_dim, embed_dim, generator=gen) * 0.02,
+          "image_proj.proj.bias": torch.zeros(4 * context_dim),
+          "image_proj.norm.weight": torch.ones(context_dim), "image_proj.norm.bias": torch.zeros(context_dim)}
     for i in range(n_attn2):
         for part in ("to_k_ip", "to_v_ip"):
-            ip[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.randn(inner_dim, 768, generator=gen) * 0.02
+            ip[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.randn(inner_dim, context_dim, generator=gen) * 0.02
     return ip
 
 

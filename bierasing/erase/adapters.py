@@ -25,9 +25,10 @@ from torch import nn
 TRAINABLE_SETS = {
     "attn2": "cross-attention projections to_q/to_k/to_v/to_out.0 of every attn2 (ESD-x)",
     "attn2_kv": "only attn2.to_k and attn2.to_v (what UCE edits)",
-    "no_attn2": "every Linear/Conv2d except attn2, the time embedding and conv_out (ESD-u)",
-    "full": "every Linear/Conv2d of the UNet",
+    "no_attn2": "every Linear/Conv2d except attn2, the time embeddings and conv_out (ESD-u)",
+    "full": "every Linear/Conv2d of the UNet but SDXL's added-condition embedding",
 }
+_ADDED_COND = ("add_embedding", "class_embedding")
 _ATTN2 = re.compile(r"attn2\.(to_q|to_k|to_v|to_out\.0)$")
 _ATTN2_KV = re.compile(r"attn2\.(to_k|to_v)$")
 
@@ -52,6 +53,8 @@ def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | N
         if ".base" in own:
             continue
         name = names.get(own, own) if names else own
+        if name.startswith(_ADDED_COND):
+            continue  # SDXL's label_emb: ComfyUI and diffusers name it differently, so no LoRA key fits both
         if trainable == "attn2":
             keep = bool(_ATTN2.search(name))
         elif trainable == "attn2_kv":
