@@ -207,3 +207,45 @@ def test_erase_save_loraloader_ksampler_on_sdxl(xl, method, caplog):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)  # the file is the erased MODEL
     assert not torch.equal(outs[1], before)
     assert torch.equal(_fingerprint(xl), before)  # the input MODEL is untouched
+
+
+def test_an_sdxl_erasure_saved_in_comfyui_loads_in_diffusers(xl, tmp_path):
+    """The file Save Erasure writes for SDXL: StableDiffusionXLPipeline.load_lora_weights takes every key
+    (no missing or unexpected ones), and the diffusers UNet then predicts what ComfyUI's erased MODEL does."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
+    from diffusers import StableDiffusionXLPipeline
+    from test_diffusers_lora import captured_warnings
+
+    from bierasing.standins import build_sdxl_folder
+
+    settings = {p.name: p.default for p in xl.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", method="esd-x", steps=3, batch_size=2, cache_size=2,
+                    xt_steps=3, resolution=64, preview_every=0, lr=1e-2)
+    erased, lora, _, report = run(xl, "BiErasingErase", model=xl.model, clip=xl.clip, **settings)
+    name = run(xl, "BiErasingSaveErasure", lora=lora, filename="erasures/xl_for_diffusers", report=report)[0]
+    path = xl.root / "loras" / name
+
+    small = build_sdxl_folder(tmp_path / "parts")["model"]  # tokenizers, text encoders, VAE, scheduler
+    parts = StableDiffusionXLPipeline.from_pretrained(small)
+    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+                                     tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2,
+                                     unet=_diffusers_twin(xl), scheduler=parts.scheduler)
+    with captured_warnings() as messages:
+        pipe.load_lora_weights(str(path))
+    assert [m for m in messages if "No LoRA keys associated to CLIPText" not in m] == []
+
+    glue = xl.glue
+    cb = glue.ComfyBackbone(erased, xl.clip, resolution=64)
+    with torch.inference_mode(False):
+        text = cb.encode_text(["a photo of a cat", ""])
+        db = _diffusers_backbone(pipe.unet, {})
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 700])
+        with glue.unet_session(cb, train=False):
+            ec = cb.predict_noise(x, t, text)
+        with torch.no_grad():
+            ed = db.predict_noise(x, t, text)
+            plain = _diffusers_backbone(_diffusers_twin(xl), {}).predict_noise(x, t, text)
+    print(f"\nComfyUI erased vs diffusers + LoRA rel. max diff {rel(ec, ed):.2e}; the erasure's own effect "
+          f"{rel(ed, plain):.2e}")
+    assert rel(ec, ed) < 1e-4 and rel(ed, plain) > 1e-3
