@@ -241,7 +241,8 @@ def _cmd_standins(args) -> int:
         removed = comfy_standins.remove_standins(args.comfyui)
         print(f"removed {len(removed)} stand-in files")
         return 0
-    written = comfy_standins.write_standins(args.comfyui, seed=args.seed, vision=not args.no_vision)
+    written = comfy_standins.write_standins(args.comfyui, seed=args.seed, vision=not args.no_vision,
+                                            sdxl=not args.no_sdxl)
     print(f"wrote {len(written)} stand-in files (random weights: the images are noise); "
           "remove them with: bierasing standins --remove --comfyui " + args.comfyui)
     return 0
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--comfyui", required=True, help="the ComfyUI folder (the one holding main.py)")
     st.add_argument("--no-vision", action="store_true",
                     help="skip the 1.3 GB ViT-H stand-in (templates with Load CLIP Vision then need a real one)")
+    st.add_argument("--no-sdxl", action="store_true",
+                    help="skip the SDXL stand-ins (1.6 GB; the *_sdxl templates then need a real SDXL checkpoint)")
     st.add_argument("--remove", action="store_true", help="delete the stand-ins written before (only those)")
     st.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     st.set_defaults(func=_cmd_standins)

@@ -9,6 +9,9 @@ Writes, only where no file of that name exists (never over a user's file):
   models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors: a full-size ViT-H/14 (632 M, fp16,
       1.3 GB; ComfyUI picks the vision config from the layer count, so it cannot be smaller)
   models/ipadapter/ip-adapter_sd15.safetensors: IP-Adapter SD1.5 tensors for that UNet
+  models/checkpoints/sd_xl_base_1.0.safetensors: the smallest SDXL-family UNet ComfyUI detects
+      (:data:`TINY_SDXL_UNET`) + full-size CLIP-L and bigG + TAESD, fp16 (1.6 GB); --no-sdxl skips it
+  models/ipadapter/ip-adapter_sdxl_vit-h.safetensors: IP-Adapter SDXL (ViT-H) tensors for that UNet
   input/exemplars/dog/: four exemplar images with masks
 Every file carries the metadata ``bierasing_standin``; ``--remove`` deletes exactly those files.
 ComfyUI's own classes build the tensors, so this module imports ComfyUI, and only when called.
@@ -26,8 +29,10 @@ import torch
 STANDIN_KEY = "bierasing_standin"
 STANDIN_TAG = {STANDIN_KEY: "random weights for trying workflows; not a model"}
 CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "tiny_sd15.safetensors")
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IP_ADAPTER = "ip-adapter_sd15.safetensors"
+SDXL_IP_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
 EXEMPLARS = Path("exemplars") / "dog"
 
 #: the smallest UNet config ComfyUI's model detection still calls SD15
@@ -196,13 +201,14 @@ def planned_files(comfyui: str | os.PathLike) -> list[Path]:
     models = root / "models"
     files = [models / "checkpoints" / n for n in CHECKPOINTS]
     files += [models / "clip_vision" / VISION, models / "ipadapter" / IP_ADAPTER]
+    files += [models / "checkpoints" / SDXL_CHECKPOINT, models / "ipadapter" / SDXL_IP_ADAPTER]
     folder = root / "input" / EXEMPLARS
     for name, _, _ in exemplar_pictures():
         files += [folder / f"{name}.png", folder / f"{name}_mask.png"]
     return files
 
 
-def write_standins(comfyui: str | os.PathLike, seed: int = 0, vision: bool = True,
+def write_standins(comfyui: str | os.PathLike, seed: int = 0, vision: bool = True, sdxl: bool = True,
                    log=print) -> list[Path]:
     """Write the stand-ins that are missing; returns the files written. Existing files are kept."""
     import cv2
@@ -217,6 +223,8 @@ def write_standins(comfyui: str | os.PathLike, seed: int = 0, vision: bool = Tru
             log(f"kept {p} (exists{', a stand-in' if is_standin(p) else ''})")
     if not vision:
         todo = [p for p in todo if p.name != VISION]
+    if not sdxl:
+        todo = [p for p in todo if p.name not in (SDXL_CHECKPOINT, SDXL_IP_ADAPTER)]
     names = {p.name for p in todo}
     n_attn2 = None
     if names & set(CHECKPOINTS) or IP_ADAPTER in names:
@@ -226,7 +234,20 @@ def write_standins(comfyui: str | os.PathLike, seed: int = 0, vision: bool = Tru
                 save_safetensors(p, ckpt, STANDIN_TAG)
                 written.append(p)
         del ckpt
+    if {SDXL_CHECKPOINT, SDXL_IP_ADAPTER} & names:
+        log("building an SDXL-family stand-in with full-size CLIP-L and bigG (1.6 GB, about a minute)...")
+        ckpt, n_attn2_xl = sdxl_checkpoint_tensors(seed)
+        for p in todo:
+            if p.name == SDXL_CHECKPOINT:
+                save_safetensors(p, ckpt, STANDIN_TAG)
+                written.append(p)
+            elif p.name == SDXL_IP_ADAPTER:
+                save_safetensors(p, ip_adapter_tensors(n_attn2_xl, seed, 320, 2048, 1024), STANDIN_TAG)
+                written.append(p)
+        del ckpt
     for p in todo:
+        if p.name in (SDXL_CHECKPOINT, SDXL_IP_ADAPTER):
+            continue
         if p.name == IP_ADAPTER:
             save_safetensors(p, ip_adapter_tensors(n_attn2, seed), STANDIN_TAG)
         elif p.name == VISION:

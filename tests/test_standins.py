@@ -13,7 +13,8 @@ def test_planned_files_are_the_names_the_templates_use(tmp_path):
     files = {p.relative_to(tmp_path).as_posix() for p in st.planned_files(tmp_path)}
     assert {"models/checkpoints/v1-5-pruned-emaonly.safetensors", "models/checkpoints/tiny_sd15.safetensors",
             "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
-            "models/ipadapter/ip-adapter_sd15.safetensors"} <= files
+            "models/ipadapter/ip-adapter_sd15.safetensors", "models/checkpoints/sd_xl_base_1.0.safetensors",
+            "models/ipadapter/ip-adapter_sdxl_vit-h.safetensors"} <= files
     assert sum(f.startswith("input/exemplars/dog/") for f in files) == 8  # 4 images + 4 masks
 
 

@@ -143,7 +143,8 @@ def test_every_template_runs_on_a_fresh_install(name):
 
     wf = _load(name, api=True)
     assert not _api_nodes(wf, "LoraLoader") and not _api_nodes(wf, "BiErasingLoadErasure")
-    provided = {"ckpt_name": set(st.CHECKPOINTS), "clip_name": {st.VISION}, "adapter_name": {st.IP_ADAPTER},
+    provided = {"ckpt_name": {*st.CHECKPOINTS, st.SDXL_CHECKPOINT}, "clip_name": {st.VISION},
+                "adapter_name": {st.IP_ADAPTER, st.SDXL_IP_ADAPTER},
                 "folder": {st.EXEMPLARS.as_posix()}}
     for nid, node in wf.items():
         for key, value in node["inputs"].items():

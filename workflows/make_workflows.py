@@ -40,6 +40,8 @@ CKPT = "v1-5-pruned-emaonly.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IP_ADAPTER = "ip-adapter_sd15.safetensors"
 TINY_CKPT = "tiny_sd15.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SDXL_IP_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
 # single source: package data of bierasing (found after a plain pip install); the copy is generated
 BATCH_TEMPLATE = ROOT / "bierasing" / "templates" / "erase_template_api.json"
 BATCH_TEMPLATE_COPY = HERE / "batch" / "erase_template_api.json"
@@ -49,6 +51,14 @@ MODELS_NOTE = (
     f"  checkpoints/{CKPT}\n"
     f"  clip_vision/{CLIP_VISION}  (ViT-H image encoder of IP-Adapter SD1.5)\n"
     f"  ipadapter/{IP_ADAPTER}  (create the ipadapter folder if missing)\n"
+)
+
+SDXL_MODELS_NOTE = (
+    "Files (ComfyUI/models/...):\n"
+    f"  checkpoints/{SDXL_CKPT}  (or any SDXL fine-tune)\n"
+    f"  clip_vision/{CLIP_VISION}  (ViT-H image encoder of IP-Adapter SDXL vit-h)\n"
+    f"  ipadapter/{SDXL_IP_ADAPTER}  (create the ipadapter folder if missing)\n"
+    "SDXL works at 1024 px: the exemplars, the erasure's x_t trajectories and the samples use it.\n"
 )
 
 COL_W = 420          # column pitch in canvas units
@@ -232,18 +242,19 @@ class Graph:
 # the workflows
 
 
-def _base(g: Graph, clip_vision: bool = True):
-    ckpt = g.add("CheckpointLoaderSimple", "Load Checkpoint (SD1.5)", col=0, ckpt_name=CKPT)
+def _base(g: Graph, clip_vision: bool = True, sdxl: bool = False):
+    ckpt = g.add("CheckpointLoaderSimple", "Load Checkpoint (SDXL)" if sdxl else "Load Checkpoint (SD1.5)", col=0,
+                 ckpt_name=SDXL_CKPT if sdxl else CKPT)
     if not clip_vision:
         return ckpt, None, None
     cv = g.add("CLIPVisionLoader", "Load CLIP Vision (ViT-H)", col=0, clip_name=CLIP_VISION)
-    ad = g.add("BiErasingImageAdapterLoader", col=0, adapter_name=IP_ADAPTER)
+    ad = g.add("BiErasingImageAdapterLoader", col=0, adapter_name=SDXL_IP_ADAPTER if sdxl else IP_ADAPTER)
     return ckpt, cv, ad
 
 
-def _generate(g: Graph, ckpt: Node, title: str, prompt: str, col: int = 1, count: int = 8, seed: int = 0):
+def _generate(g: Graph, ckpt: Node, title: str, prompt: str, col: int = 1, count: int = 8, seed: int = 0, **kw):
     return g.add("BiErasingGenerateExemplars", title, col=col, model=ckpt["MODEL"], clip=ckpt["CLIP"],
-                 vae=ckpt["VAE"], prompt=prompt, count=count, seed=seed)
+                 vae=ckpt["VAE"], prompt=prompt, count=count, seed=seed, **kw)
 
 
 def _nudity_exemplars(g, ckpt):
@@ -482,8 +493,58 @@ def erase_lora_ksampler_tiny(schemas) -> Graph:
     return g
 
 
+def erase_nudity_sdxl(schemas) -> Graph:
+    g = Graph("erase_nudity_sdxl", "Bi-Erasing of nudity from an SDXL model (safe: clothed): generated, "
+              "automatically masked exemplars at 1024 px; saves the erasure, samples the erased model, grid", schemas)
+    g.note(SDXL_MODELS_NOTE + "Writes: models/loras/erasures/nudity_bierasing_sdxl.safetensors\n\n"
+           "The same graph as erase_nudity_sd15 with SDXL's files and sizes: 8 nude and 8 clothed\n"
+           "exemplars drawn by the checkpoint, masked from its cross-attention to 'person', Erase\n"
+           "Concept (Bi-Erasing, IP-Adapter SDXL image branch), Save Erasure (loads in the stock\n"
+           "LoraLoader and in diffusers' StableDiffusionXLPipeline), the erased MODEL in a stock\n"
+           "KSampler and a before/after grid. Training is the slow part; lower 'steps' for a try.")
+    ckpt, cv, ad = _base(g, sdxl=True)
+    gn = _generate(g, ckpt, "Concept exemplars (nude)", "a photo of a nude person", resolution=1024)
+    gp = _generate(g, ckpt, "Safe exemplars (clothed)", "a photo of a clothed person", resolution=1024)
+    mn = _auto_mask(g, ckpt, gn["images"], "Mask concept exemplars", "person", "a photo of a nude person")
+    mp = _auto_mask(g, ckpt, gp["images"], "Mask safe exemplars", "person", "a photo of a clothed person")
+    er = _erase(g, ckpt, cv, ad, mn["filtered_images"], mp["filtered_images"], concept="nudity",
+                safe_concept="clothed", method="bi-erasing", resolution=1024)
+    g.add("BiErasingSaveErasure", col=4, lora=er["lora"], report=er["report"],
+          filename="erasures/nudity_bierasing_sdxl")
+    g.add("PreviewImage", "Loss curve", col=4, images=er["loss_curve"])
+    grid = _grid(g, ckpt, er["model"], NUDITY_PROMPTS, col=4, resolution=1024)
+    g.add("SaveImage", "Save grid", col=5, images=grid["grid"], filename_prefix="bierasing/nudity_grid_sdxl")
+    _sample(g, ckpt, er["model"], "a photo of a nude person", "bierasing/nudity_erased_sdxl", col=5, size=1024, batch=2)
+    return g
+
+
+def erase_artist_style_sdxl(schemas) -> Graph:
+    g = Graph("erase_artist_style_sdxl", "Bi-Erasing of the Van Gogh style from an SDXL model (safe: a "
+              "painting): generated exemplars used whole; saves the erasure, grid vs. other artists", schemas)
+    g.note(SDXL_MODELS_NOTE + "Writes: models/loras/erasures/vangogh_bierasing_sdxl.safetensors\n\n"
+           "The same graph as erase_artist_style_sd15 with SDXL's files and sizes: 8 Van Gogh\n"
+           "paintings and 8 plain paintings drawn by the checkpoint go to Erase Concept unmasked\n"
+           "(a style covers the whole picture); the grid checks Van Gogh prompts (should change)\n"
+           "and other artists (should stay).")
+    ckpt, cv, ad = _base(g, sdxl=True)
+    gn = _generate(g, ckpt, "Concept exemplars (Van Gogh)", "a painting in the style of Van Gogh", resolution=1024)
+    gp = _generate(g, ckpt, "Safe exemplars (a painting)", "a painting", resolution=1024)
+    er = _erase(g, ckpt, cv, ad, gn["images"], gp["images"], col=2, concept="Van Gogh",
+                safe_concept="a painting", method="bi-erasing", resolution=1024)
+    g.add("BiErasingSaveErasure", col=3, lora=er["lora"], report=er["report"],
+          filename="erasures/vangogh_bierasing_sdxl")
+    g.add("PreviewImage", "Loss curve", col=3, images=er["loss_curve"])
+    grid = _grid(g, ckpt, er["model"], [
+        "a painting in the style of Van Gogh", "The Starry Night by Vincent van Gogh",
+        "a painting in the style of Claude Monet", "a woodblock print in the style of Hokusai"], col=3,
+        resolution=1024)
+    g.add("SaveImage", "Save grid", col=4, images=grid["grid"], filename_prefix="bierasing/vangogh_grid_sdxl")
+    return g
+
+
 WORKFLOWS = [erase_nudity_sd15, erase_artist_style_sd15, erase_object_sd15, compare_methods_sd15,
-             evaluate_erasure_sd15, attack_erasure_sd15, erase_lora_ksampler_tiny]
+             evaluate_erasure_sd15, attack_erasure_sd15, erase_lora_ksampler_tiny, erase_nudity_sdxl,
+             erase_artist_style_sdxl]
 
 
 # ---------------------------------------------------------------------------------------------
