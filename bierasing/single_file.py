@@ -72,8 +72,13 @@ def check_sd1_single_file(path: str | os.PathLike) -> None:
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     problem = _sd1_problem(shapes)
+    if problem and "SDXL checkpoint" in problem:
+        raise ValueError(f"{path} {problem}; single-file SDXL checkpoints are not read yet: give the model's "
+                         "diffusers folder (e.g. saved with StableDiffusionXLPipeline.save_pretrained), or "
+                         "erase in ComfyUI, which loads the single file")
     if problem:
-        raise ValueError(f"{path} {problem}; this version erases from ShapesWorld and SD1.x models only")
+        raise ValueError(f"{path} {problem}; as a single file this version reads SD1.x checkpoints only "
+                         "(SDXL as a diffusers folder)")
 
 
 def is_sd1_single_file(path: str | os.PathLike) -> bool:

@@ -109,7 +109,8 @@ def test_non_sd1_refused(tmp_path, tiny):
         p = _fake(tmp_path / f"{what.replace(' ', '_')}.safetensors", tensors)
         with pytest.raises(ValueError, match=what.replace(".", r"\.")):
             sf.check_sd1_single_file(p)
-        with pytest.raises(ValueError, match="SD1.x models only"):
+        expected = "give the model's diffusers folder" if what == "SDXL" else "reads SD1.x checkpoints only"
+        with pytest.raises(ValueError, match=expected):
             sf.load_sd1_single_file(p, config=tiny["config"])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
