@@ -2,6 +2,7 @@
 
     python bench/memory_sd15.py                                  # writes bench/results/memory_sd15.{json,md}
     python bench/memory_sd15.py --modes engine-auto --latent 32  # one more row, the others kept
+    python bench/memory_sd15.py --family sdxl --modes engine-auto --latent 16   # SDXL: memory_sdxl.{json,md}
 
 Two ways, each in its own process so peak RSS belongs to it alone:
   * engine:   one UNet (fp32, 859.5 M parameters) + rank-4 LoRA on attn2 + IP-Adapter K/V; the
@@ -44,7 +45,7 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
-def one(mode: str, latent: int = 8) -> dict:
+def one(mode: str, latent: int = 8, family: str = "sd15") -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -53,17 +54,28 @@ def one(mode: str, latent: int = 8) -> dict:
     from bierasing.erase import Concept, EraseConfig
     from bierasing.erase.engine import Eraser
     from bierasing.erase.released import released_bi_erasing
+    from bierasing.sdxl import SDXLBackbone, pack_pooled
+    from bierasing.standins import sdxl_unet_config
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.x's UNet
+    sdxl = family == "sdxl"
+    # diffusers' defaults are SD1.x's UNet
+    unet = UNet2DConditionModel(**sdxl_unet_config("full")) if sdxl else UNet2DConditionModel(cross_attention_dim=768)
+    width = unet.config.cross_attention_dim
     install_decoupled_attention(unet)
     unet.eval().requires_grad_(False)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     g = torch.Generator().manual_seed(0)
-    text = {p: torch.randn(1, 77, 768, generator=g) for p in ("", "nudity", "clothed")}
+    text = {p: torch.randn(1, 77, width, generator=g) for p in ("", "nudity", "clothed")}
+    if sdxl:  # the pooled embedding rides as a last token (bierasing.sdxl.pack_pooled)
+        text = {p: pack_pooled(t, torch.randn(1, 1280, generator=g)) for p, t in text.items()}
 
     class RandomConditioned(Backbone):
+        pooled_dim = 1280
+        if sdxl:
+            model_output = SDXLBackbone.model_output
+
         def __init__(self):
             self.unet, self.alphas_cumprod = unet, sched.alphas_cumprod.float()
             self.prediction_type, self.sample_shape = "epsilon", (4, latent, latent)
@@ -72,7 +84,7 @@ def one(mode: str, latent: int = 8) -> dict:
             return torch.cat([text[p] for p in prompts])
 
         def encode_images(self, images):
-            return torch.randn(images.shape[0], 4, 768, generator=torch.Generator().manual_seed(1))
+            return torch.randn(images.shape[0], 4, width, generator=torch.Generator().manual_seed(1))
 
         can_encode_images = False  # no VAE: the adversarial attack uses the x_t cache's samples
 
@@ -97,7 +109,7 @@ def one(mode: str, latent: int = 8) -> dict:
     else:
         out = released_bi_erasing(bb, concept, steps=1, lr=1e-5, ddim_steps=2)
         trained, copies = out["trained_parameters"], 2
-    return {"mode": mode, "unet_parameters": params, "unet_fp32_mb": round(params * 4 / 2**20, 1),
+    return {"family": family, "mode": mode, "unet_parameters": params, "unet_fp32_mb": round(params * 4 / 2**20, 1),
             "unet_copies": copies, "trained_parameters": trained, "resolution": 8 * latent, "latent": latent,
             "rss_after_load_mb": round(base_rss, 1), "peak_rss_mb": round(rss_mb(), 1),
             "peak_increase_over_loaded_model_mb": round(rss_mb() - max(base_rss, 0.0), 1),
@@ -106,21 +118,22 @@ def one(mode: str, latent: int = 8) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     p.add_argument("--modes", default="engine,engine-auto,released")
     p.add_argument("--latent", type=int, default=8, help="latent side (8 = 64 px images, 64 = SD1.5's 512 px)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
-        mode, latent = args.single.split(":")
-        print(json.dumps(one(mode, int(latent))))
+        mode, latent, family = args.single.split(":")
+        print(json.dumps(one(mode, int(latent), family)))
         return 0
     from bierasing.io import atomic_write_text
 
-    path = RESULTS / "memory_sd15.json"
+    path = RESULTS / f"memory_{args.family}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     for mode in args.modes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--single", f"{mode}:{args.latent}"], capture_output=True,
-                             text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, __file__, "--single", f"{mode}:{args.latent}:{args.family}"],
+                             capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,8 +142,9 @@ def main() -> int:
         print(row, flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(rows, indent=2))
-    lines = ["# One training step on a full-size random SD1.5 UNet (CPU fp32, batch 1)", "",
-             "Latent 8 = 64x64 images, 64 = SD1.5's 512 px. engine: micro_batch 0 (every row of the step in one "
+    name = {"sd15": "SD1.5", "sdxl": "SDXL"}[args.family]
+    lines = [f"# One training step on a full-size random {name} UNet (CPU fp32, batch 1)", "",
+             "Latent 8 = 64x64 images, 64 = SD1.5's 512 px, 128 = SDXL's 1024 px. engine: micro_batch 0 (every row of the step in one "
              "call; the only way before micro_batch existed); engine-auto: the default (one row per call here); "
              "released: two UNets, Adam over all UNet weights.", "",
              "| way | latent | UNet copies | trained params | RSS with model loaded (MB) | peak RSS (MB) | peak increase (MB) | step s |",
@@ -147,7 +161,7 @@ def main() -> int:
                   "at any larger latent, which only adds activations):"]
         lines += [f"- {x['mode']} at latent {x.get('latent', 8)}: {x['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
                   for x in rows if x["mode"] != "released"]
-    atomic_write_text(RESULTS / "memory_sd15.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"memory_{args.family}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
