@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-vision", action="store_true",
                     help="skip the 1.3 GB ViT-H stand-in (templates with Load CLIP Vision then need a real one)")
     st.add_argument("--no-sdxl", action="store_true",
-                    help="skip the SDXL stand-ins (1.6 GB; the *_sdxl templates then need a real SDXL checkpoint)")
+                    help="skip the SDXL stand-ins (1.9 GB; the *_sdxl templates then need a real SDXL checkpoint)")
     st.add_argument("--remove", action="store_true", help="delete the stand-ins written before (only those)")
     st.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     st.set_defaults(func=_cmd_standins)

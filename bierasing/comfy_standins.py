@@ -10,7 +10,7 @@ Writes, only where no file of that name exists (never over a user's file):
       1.3 GB; ComfyUI picks the vision config from the layer count, so it cannot be smaller)
   models/ipadapter/ip-adapter_sd15.safetensors: IP-Adapter SD1.5 tensors for that UNet
   models/checkpoints/sd_xl_base_1.0.safetensors: the smallest SDXL-family UNet ComfyUI detects
-      (:data:`TINY_SDXL_UNET`) + full-size CLIP-L and bigG + TAESD, fp16 (1.6 GB); --no-sdxl skips it
+      (:data:`TINY_SDXL_UNET`) + full-size CLIP-L and bigG + TAESD, fp16 (1.9 GB); --no-sdxl skips it
   models/ipadapter/ip-adapter_sdxl_vit-h.safetensors: IP-Adapter SDXL (ViT-H) tensors for that UNet
   input/exemplars/dog/: four exemplar images with masks
 Every file carries the metadata ``bierasing_standin``; ``--remove`` deletes exactly those files.
@@ -235,7 +235,7 @@ def write_standins(comfyui: str | os.PathLike, seed: int = 0, vision: bool = Tru
                 written.append(p)
         del ckpt
     if {SDXL_CHECKPOINT, SDXL_IP_ADAPTER} & names:
-        log("building an SDXL-family stand-in with full-size CLIP-L and bigG (1.6 GB, about a minute)...")
+        log("building an SDXL-family stand-in with full-size CLIP-L and bigG (1.9 GB, about a minute)...")
         ckpt, n_attn2_xl = sdxl_checkpoint_tensors(seed)
         for p in todo:
             if p.name == SDXL_CHECKPOINT:
