@@ -109,7 +109,7 @@ def _load_backbone(args, method: str | None = None):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to act on
-    resolution = getattr(args, "resolution", None) or (1024 if kind == "sdxl" else 512)
+    resolution = getattr(args, "resolution", None) or (1024 if kind in ("sdxl", "sdxl_file") else 512)
     return load_backbone(args.model, ip, enc, resolution=resolution,
                          device=getattr(args, "device", None), config=getattr(args, "model_config", None))
 
@@ -117,10 +117,10 @@ def _load_backbone(args, method: str | None = None):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shapesworld",
                    help="'shapesworld' (shipped), a ShapesWorld model folder, a diffusers SD1.x or SDXL pipeline "
-                        "folder, or a single-file SD1.x .safetensors checkpoint")
+                        "folder, or a single-file SD1.x or SDXL .safetensors checkpoint")
     p.add_argument("--model-config", default=None,
-                   help="diffusers config folder for a single-file checkpoint whose sizes differ from SD1.5's "
-                        "(default: the SD1.5 config shipped with the package)")
+                   help="diffusers config folder for a single-file checkpoint whose sizes differ from SD1.5's or "
+                        "SDXL base's (default: those configs, shipped with the package)")
     p.add_argument("--ip-adapter", default=None,
                    help="image branch of a real model (bi-erasing, co-erasing): ip-adapter_sd15 or "
                         "ip-adapter_sdxl(_vit-h) .safetensors")

@@ -21,12 +21,12 @@ import torch
 from .io import _PICKLE_SUFFIXES
 
 SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x or SDXL pipeline folder",
-             "a single-file SD1.x .safetensors checkpoint")
+             "a single-file SD1.x or SDXL .safetensors checkpoint")
 
 
 def model_kind(model: str | os.PathLike | None) -> str:
-    """'world', 'sd1' / 'sdxl' (diffusers folders) or 'sd1_file' (single file) for what ``model`` names;
-    a clear error for anything else."""
+    """'world', 'sd1' / 'sdxl' (diffusers folders) or 'sd1_file' / 'sdxl_file' (single files) for what
+    ``model`` names; a clear error for anything else."""
     if model in (None, "", "shapesworld"):
         return "world"
     path = Path(model).expanduser()
@@ -40,12 +40,27 @@ def model_kind(model: str | os.PathLike | None) -> str:
         return "world"
     if path.is_file() and path.suffix.lower() == ".safetensors":
         from .single_file import check_sd1_single_file
+        from .single_file_xl import is_sdxl_single_file
 
-        check_sd1_single_file(path)  # reads the header only
+        if is_sdxl_single_file(path):  # these read the header only
+            return "sdxl_file"
+        _refuse_refiner(path)
+        check_sd1_single_file(path)
         return "sd1_file"
     if path.is_dir() and (path / "unet" / "config.json").is_file():
         return _unet_kind(json.loads((path / "unet" / "config.json").read_text()), path)
     raise ValueError(f"{model!r} is not a model this command can load; give one of: {', '.join(SUPPORTED)}")
+
+
+def _refuse_refiner(path: Path) -> None:
+    from .single_file_xl import sdxl_problem
+
+    try:
+        problem = sdxl_problem(path)
+    except Exception:  # noqa: BLE001  an unreadable file: check_sd1_single_file says so
+        return
+    if problem and "refiner" in problem:
+        raise ValueError(f"{path} {problem}")
 
 
 def _unet_kind(cfg: dict, path: Path) -> str:
@@ -89,6 +104,11 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
 
         return load_sd1_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
                                     resolution=resolution, device=device, config=config)
+    if kind == "sdxl_file":
+        from .single_file_xl import load_sdxl_single_file
+
+        return load_sdxl_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
+                                     resolution=resolution, device=device, config=config)
     if kind == "sdxl":
         from .sdxl import SDXLBackbone
 

@@ -72,13 +72,9 @@ def check_sd1_single_file(path: str | os.PathLike) -> None:
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     problem = _sd1_problem(shapes)
-    if problem and "SDXL checkpoint" in problem:
-        raise ValueError(f"{path} {problem}; single-file SDXL checkpoints are not read yet: give the model's "
-                         "diffusers folder (e.g. saved with StableDiffusionXLPipeline.save_pretrained), or "
-                         "erase in ComfyUI, which loads the single file")
     if problem:
-        raise ValueError(f"{path} {problem}; as a single file this version reads SD1.x checkpoints only "
-                         "(SDXL as a diffusers folder)")
+        raise ValueError(f"{path} {problem}; as a single file this version reads SD1.x and SDXL base "
+                         "checkpoints")
 
 
 def is_sd1_single_file(path: str | os.PathLike) -> bool:
@@ -151,8 +147,9 @@ def clip_vocab(bpe_path: str | os.PathLike = CLIP_BPE) -> tuple[dict[str, int], 
     return vocab, merges
 
 
-def clip_tokenizer(bpe_path: str | os.PathLike = CLIP_BPE, model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` equal to SD1.x's (OpenAI CLIP ViT-L/14's), built offline."""
+def clip_tokenizer(bpe_path: str | os.PathLike = CLIP_BPE, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A ``transformers.CLIPTokenizer`` equal to SD1.x's (OpenAI CLIP ViT-L/14's), built offline;
+    SDXL's second tokenizer is the same with ``pad_token="!"``."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab(bpe_path)
@@ -160,7 +157,7 @@ def clip_tokenizer(bpe_path: str | os.PathLike = CLIP_BPE, model_max_length: int
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                            model_max_length=model_max_length)
+                            model_max_length=model_max_length, pad_token=pad_token)
     return tok
 
 
