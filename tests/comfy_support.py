@@ -117,3 +117,46 @@ def small_clip_vision(config: Path, seed: int = 0):
     randomize(sd, torch.Generator().manual_seed(seed))
     cv.model.load_state_dict(sd)
     return cv
+
+
+def first_step_both_ways(glue, model, clip, diffusers_backbone) -> dict:
+    """One esd-x training step through ComfyUI (``glue.ComfyBackbone``) and through the diffusers twin
+    built by ``diffusers_backbone(texts)`` from the same start: x_t cache difference, both losses,
+    gradient difference, and the share of LoRA weights equal to 1e-6 after the step."""
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.engine import Eraser
+    from bierasing.erase.export import erasure_tensors
+
+    cfg = EraseConfig(method="esd-x", steps=2, batch_size=2, rank=4, xt_source="cache", cache_size=2,
+                      xt_steps=3, lr=1e-3, seed=0)
+    concepts = [Concept("cat", "dog")]
+    cb = glue.ComfyBackbone(model, clip, resolution=64)
+    grads = lambda ad: {n: torch.cat([la.down.grad.flatten(), la.up.grad.flatten()])  # noqa: E731
+                        for n, la in ad.layers.items()}
+    with torch.inference_mode(False):
+        texts = dict(zip(["", "cat", "dog"], cb.encode_text(["", "cat", "dog"]).split(1)))
+        db = diffusers_backbone(texts)
+        names = glue.ldm_to_diffusers_names(model)
+        with glue.unet_session(cb, train=True):
+            ec, ed = Eraser(cb, concepts, cfg), Eraser(db, concepts, cfg)
+            ec.prepare()
+            ed.prepare()
+            # LoRA "down" init is seeded in module order, which differs between LDM and diffusers
+            # layouts: start both from the same weights
+            by_dif = {names[n]: layer for n, layer in ec.adapters.layers.items()}
+            with torch.no_grad():
+                for n, layer in ed.adapters.layers.items():
+                    layer.down.copy_(by_dif[n].down)
+            a, b = ec.cache.states[0], ed.cache.states[0]
+            cache_diff = float((a - b).abs().max() / b.abs().max())
+            rc, rd = ec.training_step(), ed.training_step()
+            gc = {names[n]: g for n, g in grads(ec.adapters).items()}
+            tc = erasure_tensors(ec.adapters, names)
+            ec.adapters.remove(cb.unet)
+        gd, td = grads(ed.adapters), erasure_tensors(ed.adapters)
+        ed.adapters.remove(db.unet)
+    assert set(tc) == set(td) and set(gc) == set(gd)
+    diffs = torch.cat([(tc[k] - td[k]).abs().flatten() for k in tc])
+    return {"cache_diff": cache_diff, "loss_comfy": rc["loss"], "loss_diffusers": rd["loss"], "layers": len(gd),
+            "grad_rel": max(float((gc[n] - gd[n]).abs().max() / gd[n].abs().max()) for n in gd),
+            "same_weights": float((diffs < 1e-6).float().mean())}

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_support import build_standins, comfy_available, load_comfy, pack, small_clip_vision
+from comfy_support import (build_standins, comfy_available, first_step_both_ways, load_comfy, pack,
+                          small_clip_vision)
 
 WHY = comfy_available()
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
@@ -122,50 +123,14 @@ def test_comfy_and_diffusers_paths_agree(comfy):
 
 
 def test_first_training_step_agrees(comfy):
-    from bierasing.erase import Concept, EraseConfig
-    from bierasing.erase.engine import Eraser
-    from bierasing.erase.export import erasure_tensors
-
-    glue = comfy.glue
-    cfg = EraseConfig(method="esd-x", steps=2, batch_size=2, rank=4, xt_source="cache", cache_size=2,
-                      xt_steps=3, lr=1e-3, seed=0)
-    concepts = [Concept("cat", "dog")]
-    cb = glue.ComfyBackbone(comfy.model, comfy.clip, resolution=64)
-    with torch.inference_mode(False):
-        texts = dict(zip(["", "cat", "dog"], cb.encode_text(["", "cat", "dog"]).split(1)))
-        db = _diffusers_backbone(_diffusers_twin(comfy), texts)
-        names = glue.ldm_to_diffusers_names(comfy.model)
-        with glue.unet_session(cb, train=True):
-            ec, ed = Eraser(cb, concepts, cfg), Eraser(db, concepts, cfg)
-            ec.prepare()
-            ed.prepare()
-            # LoRA "down" init is seeded in module order, which differs between LDM and diffusers
-            # layouts: start both from the same weights
-            by_dif = {names[n]: layer for n, layer in ec.adapters.layers.items()}
-            with torch.no_grad():
-                for n, layer in ed.adapters.layers.items():
-                    layer.down.copy_(by_dif[n].down)
-            a, b = ec.cache.states[0], ed.cache.states[0]
-            cache_diff = float((a - b).abs().max() / b.abs().max())
-            rc, rd = ec.training_step(), ed.training_step()
-            gc = {names[n]: torch.cat([layer.down.grad.flatten(), layer.up.grad.flatten()])
-                  for n, layer in ec.adapters.layers.items()}
-            tc = erasure_tensors(ec.adapters, names)
-            ec.adapters.remove(cb.unet)
-        gd = {n: torch.cat([layer.down.grad.flatten(), layer.up.grad.flatten()])
-              for n, layer in ed.adapters.layers.items()}
-        td = erasure_tensors(ed.adapters)
-        ed.adapters.remove(db.unet)
-    assert set(tc) == set(td)
-    grad_rel = max(float((gc[n] - gd[n]).abs().max() / gd[n].abs().max()) for n in gd)
-    diffs = torch.cat([(tc[k] - td[k]).abs().flatten() for k in tc])
-    same = float((diffs < 1e-6).float().mean())
-    print(f"\nx_t cache rel. diff {cache_diff:.2e}; step-1 loss comfy {rc['loss']} vs diffusers {rd['loss']}; "
-          f"gradient rel. max diff {grad_rel:.2e}; LoRA weights equal to 1e-6 after step 1: {same:.4%} "
-          f"(Adam's first step is lr * sign(grad): near-zero gradients may flip)")
-    assert cache_diff < 1e-3
-    assert abs(rc["loss"] - rd["loss"]) <= 1e-4 * abs(rd["loss"]) + 1e-9
-    assert grad_rel < 1e-3 and same > 0.99
+    r = first_step_both_ways(comfy.glue, comfy.model, comfy.clip,
+                             lambda texts: _diffusers_backbone(_diffusers_twin(comfy), texts))
+    print(f"\nx_t cache rel. diff {r['cache_diff']:.2e}; step-1 loss comfy {r['loss_comfy']} vs diffusers "
+          f"{r['loss_diffusers']}; gradient rel. max diff {r['grad_rel']:.2e}; LoRA weights equal to 1e-6 after "
+          f"step 1: {r['same_weights']:.4%} (Adam's first step is lr * sign(grad): near-zero gradients may flip)")
+    assert r["cache_diff"] < 1e-3
+    assert abs(r["loss_comfy"] - r["loss_diffusers"]) <= 1e-4 * abs(r["loss_diffusers"]) + 1e-9
+    assert r["grad_rel"] < 1e-3 and r["same_weights"] > 0.99
 
 
 def test_erase_save_loraloader_ksampler(comfy, caplog):
