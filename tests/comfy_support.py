@@ -160,3 +160,23 @@ def first_step_both_ways(glue, model, clip, diffusers_backbone) -> dict:
     return {"cache_diff": cache_diff, "loss_comfy": rc["loss"], "loss_diffusers": rd["loss"], "layers": len(gd),
             "grad_rel": max(float((gc[n] - gd[n]).abs().max() / gd[n].abs().max()) for n in gd),
             "same_weights": float((diffs < 1e-6).float().mean())}
+
+
+def given_backbone(base, unet, texts: dict, **attrs):
+    """A ``base`` backbone (SD15Backbone, SDXLBackbone) around a diffusers ``unet`` whose text
+    conditioning is looked up in ``texts`` (computed by ComfyUI's CLIP), SD's DDPM schedule, 8x8 latents."""
+    from diffusers import DDPMScheduler
+
+    class Given(base):
+        def __init__(self):
+            self.unet = unet
+            sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+            self.alphas_cumprod = sched.alphas_cumprod.float()
+            self.prediction_type = "epsilon"
+            self.sample_shape = (4, 8, 8)
+            self.__dict__.update(attrs)
+
+        def encode_text(self, prompts):
+            return torch.cat([texts[p] for p in prompts])
+
+    return Given()

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_support import (build_standins, comfy_available, first_step_both_ways, load_comfy, pack,
-                          small_clip_vision)
+from comfy_support import (build_standins, comfy_available, first_step_both_ways, given_backbone, load_comfy,
+                          pack, small_clip_vision)
 
 WHY = comfy_available()
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
@@ -74,22 +74,9 @@ def _diffusers_twin(env):
 
 
 def _diffusers_backbone(unet, texts: dict):
-    from diffusers import DDPMScheduler
-
     from bierasing.sd15 import SD15Backbone
 
-    class Given(SD15Backbone):
-        def __init__(self):
-            self.unet = unet
-            sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-            self.alphas_cumprod = sched.alphas_cumprod.float()
-            self.prediction_type = "epsilon"
-            self.sample_shape = (4, 8, 8)
-
-        def encode_text(self, prompts):
-            return torch.cat([texts[p] for p in prompts])
-
-    return Given()
+    return given_backbone(SD15Backbone, unet, texts)
 
 
 def test_comfy_and_diffusers_paths_agree(comfy):
