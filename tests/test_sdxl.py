@@ -127,3 +127,17 @@ def test_sdxl_lora_loads_in_diffusers_and_computes_what_bierasing_computes(stand
     ours_bb = SDXLBackbone.from_pretrained(standin["model"], resolution=64)
     load_erasure(ours_bb.unet, bi_lora)
     torch.testing.assert_close(out(ours_bb.unet), theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_automatic_masks_on_sdxl(bb):
+    """Masks from the model's cross-attention to a word work on SDXL as on SD1.x (the packed pooled token
+    never reaches the attention: only the 77 context tokens do)."""
+    from bierasing.erase.attention_mask import attention_masks
+
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        m = attention_masks(bb, imgs, "a photo of a dog", "dog")
+    assert m.shape == (2, 64, 64) and float(m.min()) >= 0 and float(m.max()) <= 1
+    assert float(m.std()) > 0  # a map, not a constant
+    widths = {p.to_k_ip.in_features for p in bb.attention_recorders()}
+    assert widths == {64} and len(bb.attention_recorders()) == len(bb.attn2_modules()) == 8  # every attn2
