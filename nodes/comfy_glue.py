@@ -217,6 +217,20 @@ class ComfyBackbone(Backbone):
         return torch.cat(out).to(self.device)
 
     @torch.no_grad()
+    def conditioning(self, text: torch.Tensor, prompt: str) -> list:
+        """A ComfyUI CONDITIONING of a text tensor in :meth:`encode_text`'s form (SDXL's is unpacked into
+        context and ``pooled_output``; SD1.x keeps CLIP's pooled output of ``prompt``, as CLIPTextEncode)."""
+        if self.family == "sdxl":
+            from bierasing.sdxl import unpack_pooled
+
+            context, pooled = unpack_pooled(text, POOLED_DIM)
+        else:
+            context = text
+            pooled = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)[1]
+        extra = {"pooled_output": plain(pooled)} if pooled is not None else {}
+        return [[plain(context), extra]]
+
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         key = id(images)
         if key not in self._image_memo:

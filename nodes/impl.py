@@ -302,12 +302,10 @@ def attack(model, clip, vae, concept_images, prompt: str, **settings):
         x = glue.plain(imgs)
         base = bb.encode_text([prompt])
         x0 = bb.to_x(x)
-        _, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
     progress = glue.Progress(cfg.steps)
     with glue.unet_session(bb, train=True):
         result = attack_conditioning(bb, x0, base, **cfg.to_kwargs(), should_stop=glue.interrupted,
                                      callback=progress)
     glue.raise_if_interrupted()
-    extra = {"pooled_output": glue.plain(pooled)} if pooled is not None else {}
     report = {"prompt": prompt, "images": int(imgs.shape[0]), **result.info()}
-    return ([[result.cond(), dict(extra)]], [[result.base, dict(extra)]], json.dumps(report, indent=1))
+    return bb.conditioning(result.cond(), prompt), bb.conditioning(result.base, prompt), json.dumps(report, indent=1)

@@ -210,3 +210,22 @@ def test_an_sdxl_erasure_saved_in_comfyui_loads_in_diffusers(xl, tmp_path):
     print(f"\nComfyUI erased vs diffusers + LoRA rel. max diff {rel(ec, ed):.2e}; the erasure's own effect "
           f"{rel(ed, plain):.2e}")
     assert rel(ec, ed) < 1e-4 and rel(ed, plain) > 1e-3
+
+
+def test_attack_node_on_sdxl_gives_conditioning_a_ksampler_takes(xl):
+    (imgs,) = run(xl, "BiErasingGenerateExemplars", model=xl.model, clip=xl.clip, vae=xl.vae, prompt="a cat",
+                  negative="", count=2, seed=0, steps=2, cfg=5.0, resolution=64)
+    settings = {p.name: p.default for p in xl.spec.BY_ID["BiErasingAttack"].inputs if p.default is not None}
+    settings.update(prompt="a photo of a cat", steps=3, batch_size=2)
+    cond, start, report = run(xl, "BiErasingAttack", model=xl.model, clip=xl.clip, vae=xl.vae,
+                              concept_images=imgs, **settings)
+    with torch.inference_mode():
+        plain = xl.nodes.CLIPTextEncode().encode(xl.clip, "a photo of a cat")[0]
+        neg = xl.nodes.CLIPTextEncode().encode(xl.clip, "")[0]
+        lat = {"samples": torch.zeros(1, 4, 8, 8)}
+        out = xl.nodes.common_ksampler(xl.model, 0, 2, 5.0, "euler", "normal", cond, neg, lat)[0]["samples"]
+    assert cond[0][0].shape == plain[0][0].shape == (1, 77, 2048)  # the pooled token is not a context token
+    assert cond[0][1]["pooled_output"].shape == (1, 1280)
+    torch.testing.assert_close(start[0][0], plain[0][0])
+    torch.testing.assert_close(start[0][1]["pooled_output"], plain[0][1]["pooled_output"])
+    assert json.loads(report)["steps_done"] == 3 and torch.isfinite(out).all()
