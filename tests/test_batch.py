@@ -631,3 +631,20 @@ def test_import_does_not_pull_torch_or_comfyui():
     code = ("import sys, bierasing.batch; "
             "assert not {'torch', 'comfy', 'nodes'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_shipped_sdxl_template(tmp_path):
+    xl = load_template("sdxl")
+    by_type = {n["class_type"]: n["inputs"] for n in xl.values()}
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    assert by_type["BiErasingImageAdapterLoader"]["adapter_name"] == "ip-adapter_sdxl_vit-h.safetensors"
+    assert by_type["BiErasingErase"]["resolution"] == 1024 and by_type["BiErasingGenerateExemplars"]["resolution"] == 1024
+    sd15 = load_template("sd15")
+    assert {k: n["class_type"] for k, n in xl.items()} == {k: n["class_type"] for k, n in sd15.items()}
+    concepts = write(tmp_path, HEADER + "a,dog,cat,,,,,,,,\n")
+    out = tmp_path / "prompts"
+    assert main([str(concepts), "--template", "sdxl", "--dry-run", "--prompts-dir", str(out)]) == 0
+    prompt = json.loads((out / "a.json").read_text())
+    assert {n["inputs"].get("ckpt_name") for n in prompt.values()} >= {"sd_xl_base_1.0.safetensors"}
+    with pytest.raises(ValueError, match="give --template sd15, sdxl or a PATH"):
+        load_template("sd3")

@@ -31,7 +31,8 @@ def test_default_template_is_package_data():
     resource = importlib.resources.files("bierasing") / "templates" / "erase_template_api.json"
     assert resource.read_bytes() == batch.DEFAULT_TEMPLATE.read_bytes()
     batch.load_template(batch.DEFAULT_TEMPLATE)  # a valid prompt with the nodes a row fills in
-    assert batch.build_parser().parse_args(["c.csv"]).template == str(batch.DEFAULT_TEMPLATE)
+    assert batch.build_parser().parse_args(["c.csv"]).template == "sd15"
+    assert batch.TEMPLATES["sd15"] == batch.DEFAULT_TEMPLATE and batch.TEMPLATES["sdxl"].parent == pkg / "templates"
 
 
 def test_workflows_copy_is_identical_and_generated():

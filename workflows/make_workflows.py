@@ -45,6 +45,9 @@ SDXL_IP_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
 # single source: package data of bierasing (found after a plain pip install); the copy is generated
 BATCH_TEMPLATE = ROOT / "bierasing" / "templates" / "erase_template_api.json"
 BATCH_TEMPLATE_COPY = HERE / "batch" / "erase_template_api.json"
+# generated from the SD1.5 template: SDXL's files and 1024 px
+BATCH_TEMPLATE_SDXL = ROOT / "bierasing" / "templates" / "erase_template_sdxl_api.json"
+BATCH_TEMPLATE_SDXL_COPY = HERE / "batch" / "erase_template_sdxl_api.json"
 
 MODELS_NOTE = (
     "Files (ComfyUI/models/...):\n"
@@ -589,7 +592,26 @@ def render(schemas: dict | None = None) -> dict[Path, str]:
     if problems:
         raise ValueError(f"{BATCH_TEMPLATE.relative_to(ROOT)} is not a valid prompt:\n  " + "\n  ".join(problems))
     files[BATCH_TEMPLATE_COPY] = text  # a byte-for-byte copy of the package's template
+    xl = sdxl_batch_template(json.loads(text))
+    problems = validate(xl, schemas)
+    if problems:
+        raise ValueError("the SDXL batch template is not a valid prompt:\n  " + "\n  ".join(problems))
+    files[BATCH_TEMPLATE_SDXL] = files[BATCH_TEMPLATE_SDXL_COPY] = json.dumps(xl, indent=2) + "\n"
     return files
+
+
+def sdxl_batch_template(sd15: dict) -> dict:
+    """The batch template for SDXL: the SD1.5 one with SDXL's checkpoint and IP-Adapter and 1024 px."""
+    xl = json.loads(json.dumps(sd15))
+    for node in xl.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = SDXL_CKPT
+        elif node["class_type"] == "BiErasingImageAdapterLoader":
+            inputs["adapter_name"] = SDXL_IP_ADAPTER
+        elif node["class_type"] in ("BiErasingGenerateExemplars", "BiErasingErase") and "resolution" in inputs:
+            inputs["resolution"] = 1024
+    return xl
 
 
 def check(files: dict[Path, str]) -> list[str]:
@@ -599,7 +621,8 @@ def check(files: dict[Path, str]) -> list[str]:
             diffs.append(f"missing: {path.relative_to(ROOT)}")
         elif path.read_text() != text:
             diffs.append(f"differs: {path.relative_to(ROOT)}")
-    for path in sorted([*EXAMPLES.glob("*.json"), *HERE.glob("*.json"), *(HERE / "api").glob("*.json")]):
+    for path in sorted([*EXAMPLES.glob("*.json"), *HERE.glob("*.json"), *(HERE / "api").glob("*.json"),
+                        *(HERE / "batch").glob("*.json")]):
         if path not in files:
             diffs.append(f"not generated (stale?): {path.relative_to(ROOT)}")
     return diffs
