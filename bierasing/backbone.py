@@ -7,8 +7,10 @@ Conventions:
   * images are float BCHW RGB in [0, 1];
   * ``x`` is the diffusion variable (VAE latents for SD, pixels in [-1, 1] for ShapesWorld);
   * ``t`` is a LongTensor of DDPM timesteps in [0, num_train_timesteps);
-  * predictions are always returned as noise (epsilon), whatever the model was trained to predict,
-    so guidance targets (ESD, CFG) are written once for every model.
+  * predictions are always returned as noise (epsilon), whatever the model was trained to predict
+    (epsilon, v or flow velocity), so guidance targets (ESD, CFG) are written once for every model;
+  * a rectified-flow model is seen through its equivalent variance-preserving schedule
+    (:mod:`bierasing.flux`), where a DDIM step is its own Euler step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Backbone(abc.ABC):
     unet: nn.Module
     #: alphas_cumprod of the training noise schedule, shape [num_train_timesteps]
     alphas_cumprod: torch.Tensor
-    #: "epsilon" or "v_prediction": what ``unet`` itself outputs
+    #: "epsilon", "v_prediction" or "flow" (velocity): what ``unet`` (the denoiser) itself outputs
     prediction_type: str = "epsilon"
     #: clip x0 to [-1, 1] while sampling (pixel-space models)
     clip_sample: bool = False
@@ -130,13 +132,26 @@ class Backbone(abc.ABC):
         SD1.5 the user names what to preserve, so the default is nothing."""
         return [], [[] for _ in pairs]
 
+    def sampling_timesteps(self, steps: int) -> torch.Tensor:
+        """The descending timestep grid of a ``steps``-step sampler (DDIM "leading" spacing; a flow
+        model starts at the top timestep)."""
+        from .sampling import ddim_timesteps
+
+        return ddim_timesteps(self.num_train_timesteps, steps)
+
+    def trainable_rules(self) -> dict | None:
+        """Trainable-set rules (set name -> regex on module names) for a denoiser that is not a
+        diffusers UNet (None: the UNet rules of :mod:`bierasing.erase.adapters`)."""
+        return None
+
     def attach_adapters(self, trainable: str, rank: int, generator: torch.Generator | None = None):
         """Trainable adapters on the UNet's ``trainable`` set (:class:`bierasing.erase.adapters.AdapterSet`).
         A diffusers UNet gets its modules wrapped in place (``AdapterSet.remove`` undoes it); ComfyUI's
         MODEL attaches them to a clone through weight wrappers instead."""
         from .erase.adapters import attach
 
-        return attach(self.unet, trainable, rank, generator=generator, names=self.module_name_map())
+        return attach(self.unet, trainable, rank, generator=generator, names=self.module_name_map(),
+                      rules=self.trainable_rules())
 
     def module_name_map(self) -> dict[str, str] | None:
         """Module names of ``self.unet`` -> diffusers names, for trainable-set selection (None: the

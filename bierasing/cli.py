@@ -56,7 +56,7 @@ def _cmd_world_train(args) -> int:
                                             "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
                                             "ip_stop_at", "precision", "ip_lr")
              if getattr(args, k) is not None}
-    tcfg = TrainConfig(seed=args.seed, **given)
+    tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     if args.init_from and not args.start_stage:
         raise ValueError("--init-from needs --start-stage (the stage to begin at)")
     out = Path(args.out)
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = wsub.add_parser("train", help="train ShapesWorld from scratch (resumable)")
     t.add_argument("--out", default="runs/world", help="output folder; re-running resumes from its checkpoint")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", default="unet", choices=("unet", "flow"),
+                   help="unet: SD1.5 + IP-Adapter in miniature (the shipped 'shapesworld'); flow: a FLUX-layout "
+                        "rectified-flow transformer + Redux ('shapesworld-flow'). --unet-* and --ip-* set "
+                        "the denoiser and image-branch stages of either")
     for name in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps", "ip_steps", "checkpoint_every"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help="default: TrainConfig in bierasing/world/train.py")
@@ -280,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-branch loss (default: TrainConfig; its help says what each measured)")
     t.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="UNet and image-branch forward passes (default: TrainConfig; bf16 = torch.autocast)")
-    t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip"),
-                   help="begin at this stage, taking the earlier stages' weights from --init-from "
-                        "(e.g. ip_warm retrains only the image branch)")
+    t.add_argument("--start-stage", default=None, choices=("unet", "vision", "ip_warm", "ip", "flow", "redux"),
+                   help="begin at this stage, taking the earlier stages' weights from --init-from (e.g. "
+                        "ip_warm, or redux for --arch flow, retrains only the image branch)")
     t.add_argument("--init-from", default=None,
                    help="model folder for --start-stage (default: the shipped ShapesWorld weights)")
     t.add_argument("--eval-samples", type=int, default=16, help="samples per prompt for the model card")
@@ -292,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_world_train)
 
     e = wsub.add_parser("eval", help="measure a ShapesWorld model with the detector")
-    e.add_argument("--model", default=None, help="model folder (default: the shipped weights)")
+    e.add_argument("--model", default=None,
+                   help="'shapesworld' (default), 'shapesworld-flow' or a model folder")
     e.add_argument("--samples", type=int, default=16, help="samples per prompt (>= 16 for the quality bar)")
     e.add_argument("--steps", type=int, default=20, help="DDIM steps")
     e.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")

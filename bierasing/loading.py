@@ -1,7 +1,8 @@
 """Load a model for erasure from what a user has on disk: the one place that knows which model
 families exist (the engine, job and scorer see only the :class:`Backbone`).
 
-    load_backbone("shapesworld")                          # the shipped toy world
+    load_backbone("shapesworld")                          # the shipped toy world (UNet)
+    load_backbone("shapesworld-flow")                     # the shipped flow world (FLUX layout)
     load_backbone("runs/world/model")                     # a ShapesWorld folder (world.json)
     load_backbone("sd15/", ip_adapter="ip-adapter_sd15.safetensors", image_encoder="image_encoder/")
 
@@ -20,14 +21,14 @@ import torch
 
 from .io import _PICKLE_SUFFIXES
 
-SUPPORTED = ("'shapesworld'", "a ShapesWorld model folder", "a diffusers SD1.x or SDXL pipeline folder",
+SUPPORTED = ("'shapesworld' or 'shapesworld-flow'", "a ShapesWorld model folder", "a diffusers SD1.x or SDXL pipeline folder",
              "a single-file SD1.x or SDXL .safetensors checkpoint")
 
 
 def model_kind(model: str | os.PathLike | None) -> str:
     """'world', 'sd1' / 'sdxl' (diffusers folders) or 'sd1_file' / 'sdxl_file' (single files) for what
     ``model`` names; a clear error for anything else."""
-    if model in (None, "", "shapesworld"):
+    if model in (None, "", "shapesworld", "shapesworld-flow"):
         return "world"
     path = Path(model).expanduser()
     if path.suffix.lower() in _PICKLE_SUFFIXES:
@@ -92,8 +93,7 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
             raise ValueError("ShapesWorld brings its own image branch; drop --ip-adapter / --image-encoder")
         from .world.models import ShapesWorldBackbone
 
-        path = None if model in (None, "", "shapesworld") else Path(model).expanduser()
-        return ShapesWorldBackbone.load(path, device=device)
+        return ShapesWorldBackbone.load(model or None, device=device)
     for name, p, want in (("--ip-adapter", ip_adapter, "file"), ("--image-encoder", image_encoder, "dir")):
         if p is not None and not (Path(p).is_file() if want == "file" else Path(p).is_dir()):
             raise ValueError(f"{name} {p}: no such {'file' if want == 'file' else 'folder'}")

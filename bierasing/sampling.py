@@ -59,7 +59,7 @@ def denoise(backbone: Backbone, x: torch.Tensor, cond: torch.Tensor, uncond: tor
             stop_after: int | None = None,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run DDIM from pure noise ``x``; ``stop_after=k`` returns x after k of the ``steps`` updates."""
-    ts = ddim_timesteps(backbone.num_train_timesteps, steps).tolist()
+    ts = backbone.sampling_timesteps(steps).tolist()
     n = len(ts) if stop_after is None else stop_after
     for i in range(n):
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)

@@ -25,3 +25,16 @@ def tiny_world():
     m = build_models(cfg, tok)
     return ShapesWorldBackbone(tok, m["text_encoder"], m["image_encoder"], m["unet"], m["scheduler"],
                                m["image_proj"], cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_world():
+    """A random, very small ShapesWorld-Flow pipeline (FLUX-layout transformer) for plumbing tests."""
+    from bierasing.world.flow import FlowWorldBackbone, FlowWorldConfig, build_flow_models
+    from bierasing.world.models import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = FlowWorldConfig(heads=2, head_dim=16, double_blocks=1, single_blocks=1, redux_hidden=32)
+    tok = build_tokenizer(cfg.max_text_len)
+    m = build_flow_models(cfg, tok)
+    return FlowWorldBackbone(tok, m["text_encoder"], m["image_encoder"], m["transformer"], m["redux"], cfg).eval()

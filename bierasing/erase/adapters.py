@@ -25,16 +25,18 @@ from torch import nn
 TRAINABLE_SETS = {
     "attn2": "cross-attention projections to_q/to_k/to_v/to_out.0 of every attn2 (ESD-x)",
     "attn2_kv": "only attn2.to_k and attn2.to_v (what UCE edits)",
+    "attn": "every attention projection: attn1 and attn2 (a transformer: the joint attention of every block)",
     "no_attn2": "every Linear/Conv2d except attn2, the time embeddings and conv_out (ESD-u)",
     "full": "every Linear/Conv2d of the UNet but SDXL's added-condition embedding",
 }
 _ADDED_COND = ("add_embedding", "class_embedding")
 _ATTN2 = re.compile(r"attn2\.(to_q|to_k|to_v|to_out\.0)$")
 _ATTN2_KV = re.compile(r"attn2\.(to_k|to_v)$")
+_ATTN = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 
 
-def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | None = None
-                   ) -> dict[str, nn.Module]:
+def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | None = None,
+                   rules: Mapping[str, re.Pattern] | None = None) -> dict[str, nn.Module]:
     """Linear/Conv2d modules of ``unet`` in a trainable set, keyed by ``unet``'s own module names in
     ``unet.named_modules()`` order; the image branch is never included.
 
@@ -42,7 +44,8 @@ def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | N
     module names to diffusers module names (no ``.weight`` suffix), e.g. ComfyUI's LDM
     ``time_embed.0`` -> ``time_embedding.linear_1``; each rule is applied to the mapped name. A
     module the map does not name (no diffusers counterpart) is judged by its own name. Without
-    ``names`` the own names are taken to be diffusers names.
+    ``names`` the own names are taken to be diffusers names. ``rules`` (set name -> regex searched in
+    the name) replaces the UNet rules for another denoiser, e.g. a FLUX transformer.
     """
     if trainable not in TRAINABLE_SETS:
         raise ValueError(f"unknown trainable set {trainable!r}; choose one of {', '.join(TRAINABLE_SETS)}")
@@ -55,10 +58,14 @@ def select_modules(unet: nn.Module, trainable: str, names: Mapping[str, str] | N
         name = names.get(own, own) if names else own
         if name.startswith(_ADDED_COND):
             continue  # SDXL's label_emb: ComfyUI and diffusers name it differently, so no LoRA key fits both
-        if trainable == "attn2":
+        if rules is not None:
+            keep = bool(rules[trainable].search(name))
+        elif trainable == "attn2":
             keep = bool(_ATTN2.search(name))
         elif trainable == "attn2_kv":
             keep = bool(_ATTN2_KV.search(name))
+        elif trainable == "attn":
+            keep = bool(_ATTN.search(name))
         elif trainable == "no_attn2":
             keep = "attn2" not in name and not name.startswith(("time_embedding", "conv_out"))
         else:
@@ -195,7 +202,8 @@ class AdapterSet:
 
 
 def attach(unet: nn.Module, trainable: str = "attn2", rank: int = 4, alpha: float | None = None,
-           generator: torch.Generator | None = None, names: Mapping[str, str] | None = None) -> AdapterSet:
+           generator: torch.Generator | None = None, names: Mapping[str, str] | None = None,
+           rules: Mapping[str, re.Pattern] | None = None) -> AdapterSet:
     """Wrap the modules of a trainable set in adapters; the UNet's own weights stay frozen.
 
     ``names``: the unet's module names -> diffusers names, as in :func:`select_modules`; the
@@ -204,7 +212,7 @@ def attach(unet: nn.Module, trainable: str = "attn2", rank: int = 4, alpha: floa
         raise ValueError(f"rank must be >= 0 (0 = full weight delta), got {rank}")
     unet.requires_grad_(False)
     layers = {}
-    for name, m in select_modules(unet, trainable, names).items():
+    for name, m in select_modules(unet, trainable, names, rules).items():
         layer = AdaptedLayer(m, rank, alpha if alpha is not None else float(rank), generator)
         _set_submodule(unet, name, layer)
         layers[name] = layer

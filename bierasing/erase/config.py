@@ -62,8 +62,9 @@ class EraseConfig:
     micro_batch: int = _f(AUTO_INT, "UNet rows per call (gradients summed: the same update, less memory). "
                           "0 = all rows at once; -1 = auto: all at once on small UNets, 1 on SD-size ones. "
                           "Lower it when a step runs out of memory", min=-1, max=256)
-    trainable: str = _f("attn2", "UNet layers to train: attn2 = cross-attention (ESD-x; default), attn2_kv = "
-                        "its keys and values only, no_attn2 = everything else (ESD-u), full = every layer",
+    trainable: str = _f("attn2", "layers to train: attn2 = what reads the text (UNet cross-attention, ESD-x; a FLUX "
+                        "transformer's text-side attention projections; default), attn2_kv = their keys and "
+                        "values, attn = all attention, no_attn2 = the rest (ESD-u), full = every layer",
                         choices=tuple(TRAINABLE_SETS))
     rank: int = _f(4, "LoRA rank; 0 trains full weight deltas of the chosen layers (larger file)", min=0,
                    max=1024)

@@ -18,7 +18,6 @@ import torch
 from .. import __version__, io
 from .. import methods as registry
 from ..backbone import Backbone
-from ..sampling import ddim_timesteps
 from . import xt as xt_sources
 from .adapters import AdapterSet
 from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
@@ -240,7 +239,7 @@ class Eraser:
                 self.keep_cache = xt_sources.TrajectoryCache(bb, list(self.c_keep), self.uncond, size,
                                                              cfg.xt_steps, cfg.xt_guidance, self.gen)
             self.xt_forward_rows += self.keep_cache.forwards
-        self.t_grid = ddim_timesteps(bb.num_train_timesteps, cfg.xt_steps)
+        self.t_grid = bb.sampling_timesteps(cfg.xt_steps)
         self.adv_delta: list[torch.Tensor | None] = [None] * len(self.concepts)
         self.adv_log: list[dict] = []
         if cfg.adversarial > 0:  # attack on the exemplars, or on the cache's samples where they cannot be encoded

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backbone import Backbone
-from ..sampling import ddim_step, ddim_timesteps, guided_eps
+from ..sampling import ddim_step, guided_eps
 
 
 class TrajectoryCache:
@@ -21,7 +21,7 @@ class TrajectoryCache:
 
     def __init__(self, backbone: Backbone, conds: list[torch.Tensor], uncond: torch.Tensor, size: int,
                  steps: int, guidance: float, generator: torch.Generator, chunk: int = 64):
-        self.ts = ddim_timesteps(backbone.num_train_timesteps, steps)
+        self.ts = backbone.sampling_timesteps(steps)
         self.states = []  # per concept: [size, steps, *sample_shape]
         self.forwards = 0
         for cond in conds:
@@ -52,7 +52,7 @@ class TrajectoryCache:
 def partial_ddim(backbone: Backbone, cond: torch.Tensor, uncond: torch.Tensor, batch: int, steps: int,
                  guidance: float, generator: torch.Generator):
     """ESD's x_t: DDIM from fresh noise down to a random step k of ``steps``, frozen model."""
-    ts = ddim_timesteps(backbone.num_train_timesteps, steps)
+    ts = backbone.sampling_timesteps(steps)
     k = int(torch.randint(0, steps, (1,), generator=generator))
     x = torch.randn((batch, *backbone.sample_shape), generator=generator).to(backbone.device)
     c, u = cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1)

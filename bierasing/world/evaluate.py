@@ -200,9 +200,9 @@ def _world_grid(path, imgs, dets, prompts, summary) -> None:
 def write_model_card(model: str | Path | None, report: dict) -> Path:
     """(Re)write model_card.md and the measured numbers in world.json of a model folder."""
     from ..io import atomic_write_text
-    from .models import WEIGHTS_DIR
+    from .models import world_folder
 
-    folder = Path(model) if model is not None else WEIGHTS_DIR
+    folder = world_folder(model)
     meta = json.loads((folder / "world.json").read_text())
     meta["quality"] = report["summary"]
     meta["quality_per_shape"] = report["per_shape"]
@@ -222,8 +222,9 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         f"{step}: " + " ".join(f"{k} {v:.2f}" for k, v in q.items()) for step, q in rows)
         for st, rows in meta.get("probes", {}).items() if rows]
     lines = [
-        "# ShapesWorld model card", "",
-        "A tiny text-to-image diffusion stack that mirrors SD1.5 + IP-Adapter, trained from scratch",
+        "# ShapesWorld model card" if meta.get("arch", "unet") == "unet" else "# ShapesWorld-Flow model card", "",
+        "A tiny text-to-image diffusion stack that mirrors "
+        + ("SD1.5 + IP-Adapter" if meta.get("arch", "unet") == "unet" else "FLUX + Redux") + ", trained from scratch",
         "on procedural images by `bierasing world train`. It exists so that concept erasure can be",
         "trained and *measured* on a 2-core CPU with nothing to download.", "",
         "## Data",
@@ -236,18 +237,7 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         f"{cfg['max_text_len']} tokens (word-level tokenizer)",
         f"- image encoder: CLIPVisionModelWithProjection, width {cfg['vision_width']}, patch 4, "
         f"joint embedding {cfg['embed_dim']}",
-        f"- UNet2DConditionModel, pixel space, channels {tuple(cfg['unet_channels'])}, cross-attention at 8x8 + mid, "
-        f"{cfg['prediction_type']}, DDPM {cfg['num_train_timesteps']} steps ({cfg['beta_schedule']})",
-        f"- image branch: projector to {cfg['ip_tokens']} tokens + to_k_ip/to_v_ip in every attn2 (ip-adapter_sd15 key layout)",
-        f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "",
-        "## Training (this machine: 2 CPU cores, torch threads 2)",
-        f"- seed {tr.get('seed')}; contrastive {tr.get('clip_steps')} steps x {tr.get('clip_batch')}; "
-        f"UNet {trained('unet', 'unet_steps')} steps x {tr.get('unet_batch')} (AdamW lr {tr.get('lr')}, cosine, EMA {tr.get('ema')}, "
-        f"caption dropout {tr.get('caption_dropout')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}); "
-        f"image encoder {tr.get('vision_steps')} steps x {tr.get('clip_batch')}; image branch: projector warm start "
-        f"{tr.get('ip_warm_steps', 0)} steps, then {trained('ip', 'ip_steps')} steps x {tr.get('ip_batch')} "
-        f"({tr.get('ip_objective', 'denoise')}, lr {tr.get('ip_lr', tr.get('lr'))}); "
-        f"forward passes {tr.get('precision', 'fp32')}",
+        *_denoiser_lines(meta.get("arch", "unet"), cfg, tr, trained, size),
         "- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
         + f"; total {sum(secs.values()) / 60:.1f} min", *probe_lines, "",
         f"## Measured quality (DDIM {q['sampler']['steps']} steps, CFG {q['sampler']['guidance']}, "
@@ -270,6 +260,36 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
     path = folder / "model_card.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _denoiser_lines(arch: str, cfg: dict, tr: dict, trained, size: int) -> list[str]:
+    """Model-card lines on the denoiser, its image branch and the recipe, by world architecture."""
+    common = (f"caption dropout {tr.get('caption_dropout')}); image encoder {tr.get('vision_steps')} steps x "
+              f"{tr.get('clip_batch')}; ")
+    head = f"- seed {tr.get('seed')}; contrastive {tr.get('clip_steps')} steps x {tr.get('clip_batch')}; "
+    if arch == "flow":
+        return [
+            f"- FluxTransformer2DModel, pixel space, {cfg['patch']}x{cfg['patch']} patches, {cfg['double_blocks']} "
+            f"double-stream + {cfg['single_blocks']} single-stream blocks, {cfg['heads']} heads x {cfg['head_dim']}, "
+            f"RoPE, pooled text vector; rectified flow, sigma shift {cfg['shift']}",
+            f"- image branch: Redux (redux_up {cfg['vision_width']}->{cfg['redux_hidden']}, redux_down -> "
+            f"{cfg['text_width']}) over every image-encoder hidden state, appended to the text tokens",
+            f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "", "## Training (this machine: 2 CPU cores, torch threads 2)",
+            head + f"transformer {trained('flow', 'unet_steps')} steps x {tr.get('unet_batch')} (flow matching, "
+            f"logit-normal sigma ({tr.get('flow_t_mean')}, {tr.get('flow_t_std')}), AdamW lr {tr.get('lr')}, "
+            f"cosine, EMA {tr.get('ema')}, " + common + f"Redux {trained('redux', 'ip_steps')} steps x "
+            f"{tr.get('ip_batch')} (distill, lr {tr.get('ip_lr')}, empty prompt {tr.get('ip_empty_prompt')}); "
+            f"forward passes {tr.get('precision', 'fp32')}"]
+    return [
+        f"- UNet2DConditionModel, pixel space, channels {tuple(cfg['unet_channels'])}, cross-attention at 8x8 + mid, "
+        f"{cfg['prediction_type']}, DDPM {cfg['num_train_timesteps']} steps ({cfg['beta_schedule']})",
+        f"- image branch: projector to {cfg['ip_tokens']} tokens + to_k_ip/to_v_ip in every attn2 (ip-adapter_sd15 key layout)",
+        f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "", "## Training (this machine: 2 CPU cores, torch threads 2)",
+        head + f"UNet {trained('unet', 'unet_steps')} steps x {tr.get('unet_batch')} (AdamW lr {tr.get('lr')}, cosine, "
+        f"EMA {tr.get('ema')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}, " + common + "image branch: projector warm "
+        f"start {tr.get('ip_warm_steps', 0)} steps, then {trained('ip', 'ip_steps')} steps x {tr.get('ip_batch')} "
+        f"({tr.get('ip_objective', 'denoise')}, lr {tr.get('ip_lr', tr.get('lr'))}); "
+        f"forward passes {tr.get('precision', 'fp32')}"]
 
 
 # ---- erasure ---------------------------------------------------------------------------------

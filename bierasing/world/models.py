@@ -70,9 +70,8 @@ def build_tokenizer(max_len: int):
                                    pad_token=PAD, unk_token=UNK, model_max_length=max_len)
 
 
-def build_models(cfg: WorldConfig, tokenizer) -> dict:
-    """Fresh (random) text encoder, image encoder, UNet with decoupled attention, projector."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def build_encoders(cfg, tokenizer) -> dict:
+    """Fresh (random) CLIP-like text and image encoders of a world config (either architecture)."""
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
@@ -86,6 +85,14 @@ def build_models(cfg: WorldConfig, tokenizer) -> dict:
         hidden_size=cfg.vision_width, intermediate_size=2 * cfg.vision_width,
         num_hidden_layers=cfg.vision_layers, num_attention_heads=4, image_size=data.IMAGE_SIZE,
         patch_size=4, projection_dim=cfg.embed_dim))
+    return {"text_encoder": text, "image_encoder": vision}
+
+
+def build_models(cfg: WorldConfig, tokenizer) -> dict:
+    """Fresh (random) text encoder, image encoder, UNet with decoupled attention, projector."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    enc = build_encoders(cfg, tokenizer)
     n = len(cfg.unet_channels)
     unet = UNet2DConditionModel(
         sample_size=data.IMAGE_SIZE, in_channels=3, out_channels=3,
@@ -100,8 +107,7 @@ def build_models(cfg: WorldConfig, tokenizer) -> dict:
                               beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type,
                               clip_sample=True)
     image_proj = ImageProjModel(cfg.embed_dim, cfg.text_width, cfg.ip_tokens)
-    return {"text_encoder": text, "image_encoder": vision, "unet": unet, "scheduler": scheduler,
-            "image_proj": image_proj}
+    return {**enc, "unet": unet, "scheduler": scheduler, "image_proj": image_proj}
 
 
 class ShapesWorldBackbone(Backbone):
@@ -173,16 +179,18 @@ class ShapesWorldBackbone(Backbone):
 
         return suggest(pairs, n_contexts)
 
+    def networks(self) -> tuple:
+        """The trained networks (what ``eval`` freezes and ``load`` moves to a device)."""
+        return self.text_encoder, self.image_encoder, self.unet, self.image_proj
+
     def eval(self) -> "ShapesWorldBackbone":
-        for m in (self.text_encoder, self.image_encoder, self.unet, self.image_proj):
+        for m in self.networks():
             m.eval().requires_grad_(False)
         return self
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Write the pipeline folder atomically (a temp folder renamed into place)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
@@ -191,14 +199,8 @@ class ShapesWorldBackbone(Backbone):
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         self.text_encoder.save_pretrained(tmp / "text_encoder")
         self.image_encoder.save_pretrained(tmp / "image_encoder")
-        unet_sd = {k: v for k, v in self.unet.state_dict().items() if "processor." not in k}
-        self.unet.save_config(tmp / "unet")
-        save_file({k: v.contiguous() for k, v in unet_sd.items()},
-                  str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
-        self.scheduler.save_config(tmp / "scheduler")
-        ip = {k: v.detach().contiguous() for k, v in ip_adapter_state_dict(self.image_proj, self.unet).items()}
-        save_file(ip, str(tmp / "ip_adapter.safetensors"))
-        meta = {"config": asdict(self.config), **(extra or {})}
+        self._save_denoiser(tmp)
+        meta = {"arch": self.arch, "config": asdict(self.config), **(extra or {})}
         (tmp / "world.json").write_text(json.dumps(meta, indent=2))
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
@@ -209,31 +211,67 @@ class ShapesWorldBackbone(Backbone):
         if old.exists():
             _rmtree(old)
 
+    #: world.json "arch" of this kind of world (absent in folders written before flow worlds)
+    arch = "unet"
+
+    def _save_denoiser(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        unet_sd = {k: v for k, v in self.unet.state_dict().items() if "processor." not in k}
+        self.unet.save_config(folder / "unet")
+        save_file({k: v.contiguous() for k, v in unet_sd.items()},
+                  str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+        self.scheduler.save_config(folder / "scheduler")
+        ip = {k: v.detach().contiguous() for k, v in ip_adapter_state_dict(self.image_proj, self.unet).items()}
+        save_file(ip, str(folder / "ip_adapter.safetensors"))
+
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "ShapesWorldBackbone":
-        """Load a ShapesWorld pipeline folder (default: the weights shipped with the package)."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from safetensors.torch import load_file
-        from transformers import (CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
-                                  PreTrainedTokenizerFast)
+        """Load a ShapesWorld model folder of either architecture (default: the shipped UNet world;
+        'shapesworld-flow' names the shipped flow world)."""
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, PreTrainedTokenizerFast
 
-        path = Path(path) if path is not None else WEIGHTS_DIR
+        path = world_folder(path)
         if not (path / "world.json").is_file():
             raise FileNotFoundError(f"{path} is not a ShapesWorld model folder (no world.json); "
                                     "train one with `bierasing world train`")
-        cfg = WorldConfig.from_json(json.loads((path / "world.json").read_text())["config"])
+        meta = json.loads((path / "world.json").read_text())
+        kind = ShapesWorldBackbone
+        if meta.get("arch", "unet") == "flow":
+            from .flow import FlowWorldBackbone as kind
+        elif meta.get("arch", "unet") != "unet":
+            raise ValueError(f"{path}: unknown world architecture {meta['arch']!r}; a newer bierasing wrote it")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
         text = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder")
         vision = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder")
+        bb = kind._load_denoiser(path, meta["config"], tokenizer, text, vision)
+        for m in bb.networks():
+            m.to(device)
+        return bb.eval()
+
+    @classmethod
+    def _load_denoiser(cls, path: Path, config: dict, tokenizer, text, vision) -> "ShapesWorldBackbone":
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        cfg = WorldConfig.from_json(config)
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         install_decoupled_attention(unet)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         image_proj = ImageProjModel(cfg.embed_dim, cfg.text_width, cfg.ip_tokens)
         load_ip_adapter_state_dict(load_file(str(path / "ip_adapter.safetensors")), image_proj, unet)
-        bb = cls(tokenizer, text, vision, unet, scheduler, image_proj, cfg)
-        for m in (text, vision, unet, image_proj):
-            m.to(device)
-        return bb.eval()
+        return cls(tokenizer, text, vision, unet, scheduler, image_proj, cfg)
+
+
+#: names of the shipped worlds for ``--model``
+SHIPPED = {"shapesworld": WEIGHTS_DIR, "shapesworld-flow": WEIGHTS_DIR.with_name("weights_flow")}
+
+
+def world_folder(model: str | os.PathLike | None) -> Path:
+    """The folder of a world: a shipped name (``SHIPPED``; None = 'shapesworld') or a path."""
+    if model is None:
+        return WEIGHTS_DIR
+    return SHIPPED.get(str(model), Path(model).expanduser())
 
 
 def _rmtree(p: Path) -> None:

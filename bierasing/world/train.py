@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from .. import io
 from . import data
-from .models import WEIGHTS_DIR, ShapesWorldBackbone, WorldConfig, build_models, build_tokenizer
+from .models import ShapesWorldBackbone, WorldConfig, build_encoders, build_models, build_tokenizer, world_folder
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,16 @@ class TrainingInterrupted(RuntimeError):
     """Raised when ``should_stop`` asked to stop; the checkpoint written just before resumes it."""
 
 
+ARCHS = ("unet", "flow")
+
+
 @dataclass
 class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random choice in training"})
+    arch: str = field(default="unet", metadata={
+        "help": "'unet' (SD1.5 + IP-Adapter in miniature) or 'flow' (a FLUX-layout rectified-flow "
+                "transformer + Redux, bierasing.world.flow); the unet_* and ip_* settings drive the "
+                "denoiser and image-branch stages of either"})
     clip_steps: int = 400
     clip_batch: int = 128
     unet_steps: int = 5500
@@ -140,9 +147,15 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata={
         "help": "forward passes of the UNet and image-branch steps: 'fp32', or 'bf16' (torch.autocast; "
                 "weights, optimiser and loss stay fp32; probes and evaluation always run fp32)"})
+    flow_t_mean: float = field(default=0.0, metadata={
+        "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw); a higher "
+                "mean trains more at high noise"})
+    flow_t_std: float = field(default=1.0, metadata={"help": "flow world: spread of the logit-normal sigma draw"})
     checkpoint_every: int = 250
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("ip_t_power", "unet_t_power"):
@@ -193,6 +206,16 @@ def _consistency(mentions: list[data.Concepts], truths: list[data.Concepts]) -> 
 class WorldTrainer:
     """Owns the models, optimizers and RNGs of one training run; ``run`` does what is left."""
 
+    STAGES = STAGES
+    #: stages whose learning rate is ``ip_lr``; stages that may run under bf16 autocast
+    IMAGE_STAGES = ("ip_warm", "ip")
+    AUTOCAST_STAGES = _AUTOCAST_STAGES
+    #: stages with detector probes
+    PROBED = ("unet", "ip")
+    #: ``start_from``: the networks each starting stage takes from the given model
+    KEEP = {"clip": (), "unet": ("text", "vision"), "vision": ("text", "unet"),
+            "ip_warm": ("text", "vision", "unet"), "ip": ("text", "vision", "unet")}
+
     def __init__(self, out: Path, tcfg: TrainConfig, wcfg: WorldConfig,
                  progress: bool = True, log: Callable[[str], None] = logger.info,
                  should_stop: Callable[[], bool] | None = None):
@@ -201,26 +224,30 @@ class WorldTrainer:
         self.tokenizer = build_tokenizer(wcfg.max_text_len)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(tcfg.seed)
-            m = build_models(wcfg, self.tokenizer)
+            self.bb = self._build_backbone()
             torch.manual_seed(tcfg.seed + 1)  # the image-branch CLIP pair: its own seeded init
-            pair = build_models(wcfg, self.tokenizer)
+            pair = build_models(wcfg, self.tokenizer) if self.tcfg.arch == "unet" else \
+                build_encoders(wcfg, self.tokenizer)
         self.aux_text, self.vision_init = pair["text_encoder"], pair["image_encoder"].state_dict()
         self.vision_logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.bb = ShapesWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"],
-                                      m["unet"], m["scheduler"], m["image_proj"], wcfg)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.np_rng = np.random.default_rng(tcfg.seed)
         self.gen = torch.Generator().manual_seed(tcfg.seed)
         self.ema = None
         self.stage, self.step = STAGES[0], 0
-        self.history: dict[str, list] = {s: [] for s in STAGES}
-        self.seconds: dict[str, float] = {s: 0.0 for s in STAGES}
-        self.probes: dict[str, list] = {"unet": [], "ip": []}  # [step, {metric: value}]
+        self.history: dict[str, list] = {s: [] for s in self.STAGES}
+        self.seconds: dict[str, float] = {s: 0.0 for s in self.STAGES}
+        self.probes: dict[str, list] = {s: [] for s in self.PROBED}  # [step, {metric: value}]
         self.stopped_at: dict[str, int] = {}  # stages a probe ended early, and at which step
         self.opt = None
         self._pending_optim = None  # (tensors, meta) of a resumed optimizer, until its stage builds it
         self._word_pos: dict[str, list[int]] = {}
         self.init_from: dict | None = None  # set when the run starts at a later stage of a model
+
+    def _build_backbone(self) -> ShapesWorldBackbone:
+        m = build_models(self.wcfg, self.tokenizer)
+        return ShapesWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"],
+                                   m["unet"], m["scheduler"], m["image_proj"], self.wcfg)
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -271,7 +298,7 @@ class WorldTrainer:
         self.init_from = meta.get("init_from")
         self.probes = meta.get("probes", self.probes)
         self.stopped_at = meta.get("stopped_at", {})
-        for st in STAGES:  # checkpoints written before a stage existed
+        for st in self.STAGES:  # checkpoints written before a stage existed
             self.history.setdefault(st, [])
             self.seconds.setdefault(st, 0.0)
         self._pending_optim = (tensors, meta.get("optim"))
@@ -285,13 +312,12 @@ class WorldTrainer:
 
         The stages from ``stage`` on start fresh (their own seeded initialisation, as in a run
         from scratch), e.g. ``stage="ip_warm"`` retrains the image branch of a shipped world."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if stage not in self.STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(self.STAGES)}")
         src = ShapesWorldBackbone.load(model)
-        if src.config != self.wcfg:
-            raise ValueError(f"{model} was built with another model config than this run")
-        keep = {"clip": (), "unet": ("text", "vision"), "vision": ("text", "unet"),
-                "ip_warm": ("text", "vision", "unet"), "ip": ("text", "vision", "unet")}[stage]
+        if src.config != self.wcfg or src.arch != self.bb.arch:
+            raise ValueError(f"{model} was built with another model config or architecture than this run")
+        keep = self.KEEP[stage]
         mods = {"text": (src.text_encoder, self.bb.text_encoder), "vision": (src.image_encoder, self.bb.image_encoder),
                 "unet": (src.unet, self.bb.unet)}
         for name in keep:
@@ -299,8 +325,8 @@ class WorldTrainer:
             sd = {k: v for k, v in theirs.state_dict().items() if "processor." not in k}
             missing, unexpected = ours.load_state_dict(sd, strict=False)
             assert not unexpected and all("processor." in k for k in missing), (missing, unexpected)
-        src_meta = json.loads((Path(model) if model is not None else WEIGHTS_DIR).joinpath("world.json").read_text())
-        for st in STAGES[:STAGES.index(stage)]:  # the reused stages keep their recorded cost
+        src_meta = json.loads(world_folder(model).joinpath("world.json").read_text())
+        for st in self.STAGES[:self.STAGES.index(stage)]:  # the reused stages keep their recorded cost
             self.seconds[st] = src_meta.get("seconds", {}).get(st, 0.0)
             self.history[st] = src_meta.get("loss_history", {}).get(st, [])
         if stage == "ip":  # skip the warm start, but keep IP-Adapter's K/V initialisation
@@ -315,7 +341,7 @@ class WorldTrainer:
         if not self.try_resume() and start_stage is not None:
             self.start_from(init_from, start_stage)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stage in STAGES[STAGES.index(self.stage):]:
+        for stage in self.STAGES[self.STAGES.index(self.stage):]:
             if stage != self.stage:
                 self.stage, self.step, self.opt, self._pending_optim = stage, 0, None, None
             getattr(self, f"_stage_{stage}")()
@@ -332,14 +358,14 @@ class WorldTrainer:
         if self.stage in self.stopped_at:
             return
 
-        lr = self.tcfg.ip_lr if self.stage in ("ip_warm", "ip") else self.tcfg.lr
+        lr = self.tcfg.ip_lr if self.stage in self.IMAGE_STAGES else self.tcfg.lr
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         if self._pending_optim and self._pending_optim[1] is not None:
             io.optimizer_from_tensors(self.opt, *self._pending_optim)
         self._pending_optim = None
         bar = tqdm(total=total, initial=self.step, desc=f"world/{self.stage}",
                    disable=not self.progress, dynamic_ncols=True)
-        amp = self.tcfg.precision == "bf16" and self.stage in _AUTOCAST_STAGES
+        amp = self.tcfg.precision == "bf16" and self.stage in self.AUTOCAST_STAGES
         t0 = time.time()
         while self.step < total:
             for g in self.opt.param_groups:
@@ -443,7 +469,11 @@ class WorldTrainer:
             self.bb.image_encoder.load_state_dict(self.vision_init)
         self._contrastive(self.aux_text, self.bb.image_encoder, self.vision_logit_scale, self.tcfg.vision_steps)
 
+    def _denoiser_loss(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self._denoising_loss(images, text, t_power=self.tcfg.unet_t_power)
+
     def _stage_unet(self) -> None:
+        """The denoiser on its own loss (``_denoiser_loss``), EMA weights kept, probed."""
         bb = self.bb
         bb.text_encoder.eval().requires_grad_(False)
         bb.image_encoder.eval().requires_grad_(False)
@@ -462,7 +492,7 @@ class WorldTrainer:
             caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
             with torch.no_grad():
                 text = bb.encode_text(caps)
-            return self._denoising_loss(images, text, t_power=self.tcfg.unet_t_power)
+            return self._denoiser_loss(images, text)
 
         def ema_update():
             d = self.tcfg.ema
@@ -673,8 +703,15 @@ def train_world(out: str | Path, tcfg: TrainConfig | None = None, wcfg: WorldCon
 
     ``start_stage`` (with ``init_from``, a model folder or None for the shipped weights) skips
     the stages before it and takes their weights from that model."""
-    tcfg, wcfg = tcfg or TrainConfig(), wcfg or WorldConfig()
-    trainer = WorldTrainer(Path(out), tcfg, wcfg, progress, log, should_stop)
+    tcfg = tcfg or TrainConfig()
+    if tcfg.arch == "flow":
+        from .flow import FlowWorldConfig
+        from .flow_train import FlowWorldTrainer as trainer_cls
+
+        wcfg = wcfg or FlowWorldConfig()
+    else:
+        trainer_cls, wcfg = WorldTrainer, wcfg or WorldConfig()
+    trainer = trainer_cls(Path(out), tcfg, wcfg, progress, log, should_stop)
     bb = trainer.run(init_from, start_stage).eval()
     meta = {"train": asdict(tcfg), "seconds": trainer.seconds, "loss_history": trainer.history,
             "probes": trainer.probes, "stopped_at": trainer.stopped_at,

@@ -1,0 +1,213 @@
+"""ShapesWorld-Flow: the same world as a rectified-flow transformer in the FLUX layout.
+
+    weights_flow/
+      tokenizer/, text_encoder/, image_encoder/   as the UNet world (CLIP-like, trained contrastively)
+      transformer/                                FluxTransformer2DModel: double-stream then
+                                                  single-stream blocks, RoPE, pooled text vector;
+                                                  pixel space, 4x4 patches (64 image tokens)
+      redux.safetensors                           redux_up / redux_down (flux1-redux-dev key layout)
+      world.json, model_card.md
+
+Text conditioning is the text encoder's token sequence (FLUX: T5) plus its pooled vector (FLUX:
+CLIP-L's ``pooler_output``; here the projected ``text_embeds``, the same width). The image branch is Redux: every hidden state of the
+image encoder goes through ``redux_down(silu(redux_up(h)))`` into the text-token space and is
+appended after the text tokens. The backbone packs the pooled vector as one extra text token (as
+the SDXL backbone does) so the engine keeps one tensor per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import flux
+from . import data
+from .models import ShapesWorldBackbone
+
+
+@dataclass
+class FlowWorldConfig:
+    """Sizes of the flow world (the defaults are the shipped model)."""
+
+    max_text_len: int = field(default=16, metadata={"help": "text tokens incl. BOS/EOS/padding"})
+    text_width: int = field(default=64, metadata={"help": "text encoder width = joint_attention_dim"})
+    text_layers: int = 2
+    vision_width: int = 64
+    vision_layers: int = 2
+    embed_dim: int = 64
+    patch: int = field(default=4, metadata={"help": "pixels per side of one image token"})
+    heads: int = 4
+    head_dim: int = 32
+    double_blocks: int = 2
+    single_blocks: int = 4
+    redux_hidden: int = field(default=256, metadata={"help": "width of Redux's up projection"})
+    num_train_timesteps: int = 1000
+    shift: float = field(default=1.0, metadata={"help": "time shift of the sigma schedule (FLUX: 1.15-3)"})
+
+    def __post_init__(self):
+        if self.embed_dim != self.text_width:
+            raise ValueError("the pooled text vector travels as one more text token: embed_dim must equal "
+                             f"text_width, got {self.embed_dim} and {self.text_width}")
+        if 32 % self.patch or self.head_dim != sum(rope_axes(self.head_dim)):
+            raise ValueError(f"patch must divide the 32-px image (got {self.patch})")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FlowWorldConfig":
+        return cls(**d)
+
+
+class ReduxProjector(nn.Module):
+    """FLUX Redux's image embedder: image-encoder hidden states -> text-space tokens."""
+
+    def __init__(self, vision_width: int, hidden: int, text_width: int):
+        super().__init__()
+        self.redux_up = nn.Linear(vision_width, hidden)
+        self.redux_down = nn.Linear(hidden, text_width)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.redux_down(F.silu(self.redux_up(states)))
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE split of a head (FLUX: 16/56/56 of 128): a quarter-ish for the text axis, rest by row/col."""
+    a = (head_dim // 8) * 2
+    b = ((head_dim - a) // 4) * 2
+    return a, b, head_dim - a - b
+
+
+def build_flow_models(cfg: FlowWorldConfig, tokenizer) -> dict:
+    """Fresh (random) encoders, transformer and Redux projector."""
+    from diffusers import FluxTransformer2DModel
+
+    from .models import build_encoders
+
+    enc = build_encoders(cfg, tokenizer)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=3 * cfg.patch ** 2, num_layers=cfg.double_blocks,
+        num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.text_width, pooled_projection_dim=cfg.embed_dim, guidance_embeds=False,
+        axes_dims_rope=rope_axes(cfg.head_dim))
+    redux = ReduxProjector(cfg.vision_width, cfg.redux_hidden, cfg.text_width)
+    return {**enc, "transformer": transformer, "redux": redux}
+
+
+class FlowWorldBackbone(ShapesWorldBackbone):
+    """The flow world behind the Backbone interface, in the engine's variance-preserving terms
+    (``bierasing.flux``: x_t here is x_s / c, predictions convert from velocity to epsilon)."""
+
+    arch = "flow"
+    prediction_type = "flow"
+
+    def __init__(self, tokenizer, text_encoder, image_encoder, transformer, redux, config: FlowWorldConfig):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.unet = transformer  # the denoiser, under the name the engine uses for every model
+        self.image_proj = redux
+        self.scheduler = None
+        self.config = config
+        self.sigmas = flux.flow_sigmas(config.num_train_timesteps, config.shift)
+        self.alphas_cumprod = flux.alphas_cumprod_of(self.sigmas)
+        self.sample_shape = (3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+        side = data.IMAGE_SIZE // config.patch
+        self._img_ids = flux.image_ids(side, side)
+        self._recorders = flux.install_attention_recorders(transformer)
+
+    def networks(self) -> tuple:
+        return self.text_encoder, self.image_encoder, self.unet, self.image_proj
+
+    # ---- conditioning ------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token states [B, L, D] with the pooled vector appended as token L+1."""
+        out = self.text_encoder(input_ids=self.tokenize(prompts))
+        return torch.cat([out.last_hidden_state, out.text_embeds[:, None]], 1)
+
+    def hidden_states_of_images(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.to(self.device) * 2 - 1
+        return self.image_encoder(pixel_values=pixels).last_hidden_state
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Redux tokens [B, 1 + patches, D]: one per image-encoder hidden state."""
+        return self.image_proj(self.hidden_states_of_images(images))
+
+    # ---- the denoiser ------------------------------------------------------------------------
+    def sampling_timesteps(self, steps: int) -> torch.Tensor:
+        """Euler from pure noise: the grid starts at the top timestep ("trailing" spacing)."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampling steps must be in 1..{T}, got {steps}")
+        return torch.linspace(T - 1, 0, steps + 1)[:-1].round().long()
+
+    def velocity(self, x_flow: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                 image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's velocity prediction on the flow state x_s (images of x's shape)."""
+        p = self.config.patch
+        dt = next(self.unet.parameters()).dtype
+        tokens, pooled = text[:, :-1], text[:, -1]
+        if image_tokens is not None:
+            tokens = torch.cat([tokens, image_tokens.to(tokens.dtype)], 1)
+        txt_ids = torch.zeros(tokens.shape[1], 3, device=x_flow.device)
+        out = self.unet(hidden_states=flux.pack(x_flow, p).to(dt), encoder_hidden_states=tokens.to(dt),
+                        pooled_projections=pooled.to(dt), timestep=sigma.to(dt),
+                        img_ids=self._img_ids.to(x_flow.device), txt_ids=txt_ids).sample
+        c, h, w = x_flow.shape[1:]
+        return flux.unpack(out, p, c, h, w).to(x_flow.dtype)
+
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity at the flow state of ``x_t``. Rows whose image tokens are all zero run without
+        image tokens: appended Redux tokens are never a no-op (zeros still take attention), and the
+        engine marks an image-less row in a mixed batch with zeros."""
+        sigma = self.sigmas.to(x_t.device)[t]
+        x_flow = x_t * flux.vp_to_flow_scale(self.sigmas).to(x_t.device)[t].view(-1, 1, 1, 1)
+        if image_tokens is None:
+            return self.velocity(x_flow, sigma, text)
+        has = image_tokens.flatten(1).abs().amax(1) > 0
+        if has.all():
+            return self.velocity(x_flow, sigma, text, image_tokens)
+        if not has.any():
+            return self.velocity(x_flow, sigma, text)
+        a, b = has.nonzero().flatten(), (~has).nonzero().flatten()
+        out = torch.cat([self.velocity(x_flow[a], sigma[a], text[a], image_tokens[a]),
+                         self.velocity(x_flow[b], sigma[b], text[b])])
+        return out[torch.cat([a, b]).argsort()]
+
+    def output_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        view = (-1, 1, 1, 1)
+        sigma = self.sigmas.to(x_t.device)[t].view(view).to(x_t.dtype)
+        c = flux.vp_to_flow_scale(self.sigmas).to(x_t.device)[t].view(view).to(x_t.dtype)
+        return flux.velocity_to_eps(out, c * x_t, sigma)
+
+    def trainable_rules(self):
+        return flux.TRAINABLE_RULES
+
+    def attn2_modules(self) -> dict[str, nn.Module]:
+        """The joint attention of the double-stream blocks: where image tokens read the text."""
+        return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(self.unet.transformer_blocks)}
+
+    def attention_recorders(self) -> list:
+        return self._recorders
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _save_denoiser(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.unet.save_pretrained(folder / "transformer", safe_serialization=True)
+        save_file({k: v.detach().contiguous() for k, v in self.image_proj.state_dict().items()},
+                  str(folder / "redux.safetensors"))
+
+    @classmethod
+    def _load_denoiser(cls, path: Path, config: dict, tokenizer, text, vision) -> "FlowWorldBackbone":
+        from diffusers import FluxTransformer2DModel
+        from safetensors.torch import load_file
+
+        cfg = FlowWorldConfig.from_json(config)
+        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer")
+        redux = ReduxProjector(cfg.vision_width, cfg.redux_hidden, cfg.text_width)
+        redux.load_state_dict(load_file(str(path / "redux.safetensors")))
+        return cls(tokenizer, text, vision, transformer, redux, cfg)
