@@ -2,6 +2,7 @@
 
     python bench/erasure_bench.py                   # everything, results in bench/results/
     python bench/erasure_bench.py --targets circle --runs bi-erasing,esd-x --ablations bi-no-positive
+    python bench/erasure_bench.py --model shapesworld-flow    # the flow world: results in erasure_flow.*
 
 Each (target, run) executes in its own process (so peak RSS belongs to that run alone) and is
 appended to bench/results/erasure.json as soon as it finishes; a re-run skips finished rows.
@@ -57,6 +58,8 @@ RUNS = {
                                         "_auto_mask": "attention"}),  # before auto masks
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
+    # EraseAnything's loss: ESD negative guidance on the text-side projections, velocity MSE (flow models)
+    "esd-velocity": ("engine", {"method": "esd-x", "loss_weighting": "velocity"}),
     "esd-u": ("engine", {"method": "esd-u"}),
     "co-erasing": ("engine", {"method": "co-erasing"}),
     "uce": ("uce", {}),
@@ -108,7 +111,7 @@ RUNS = {
     "bi-keep-map-0.3-300": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                        "steps": 300}),
 }
-TEXT_ONLY = ("esd-x", "esd-u", "uce")  # runs that never use the image branch
+TEXT_ONLY = ("esd-x", "esd-u", "uce", "esd-velocity")  # runs that never use the image branch
 MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
@@ -116,6 +119,15 @@ MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", 
 # 2026-11-25; before, the first five); cross, green and gray are a held-out check no setting was chosen on
 BENCH_TARGETS = ("circle", "star", "triangle", "red", "blue", "yellow", "white", "black")
 RELEASED = ("released", "released-1500")
+# the flow world's table: the default, the paper's objective, ESD in both loss spaces, Co-Erasing (UCE and the
+# released code edit a UNet's cross-attention and are not defined on a joint-attention transformer)
+FLOW_MAIN = ["bi-default", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
+MODEL = "shapesworld"  # --model: which shipped world the rows measure
+
+
+def stem() -> str:
+    """File stem of the results: erasure (the UNet world) or erasure_flow."""
+    return "erasure" if MODEL == "shapesworld" else "erasure_" + MODEL.split("-")[-1]
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
 
@@ -124,9 +136,11 @@ def image_branch_id() -> str:
     comparable when measured with the same one."""
     import hashlib
 
-    from bierasing.world.models import WEIGHTS_DIR
+    from bierasing.world.models import world_folder
 
-    return hashlib.sha256((WEIGHTS_DIR / "ip_adapter.safetensors").read_bytes()).hexdigest()[:12]
+    folder = world_folder(MODEL)
+    branch = folder / "ip_adapter.safetensors" if (folder / "ip_adapter.safetensors").exists() else folder / "redux.safetensors"
+    return hashlib.sha256(branch.read_bytes()).hexdigest()[:12]
 
 
 def stale(row: dict, current: str) -> bool:
@@ -148,7 +162,7 @@ def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
 
 def _erasure_path(target: str, run: str) -> Path:
     """Where a row's erasure is kept for later attacks (not committed; rerun the bench to rebuild)."""
-    folder = ROOT / "runs" / "bench_erasures"
+    folder = ROOT / "runs" / ("bench_erasures" if MODEL == "shapesworld" else f"bench_erasures_{stem()}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{target}__{run}.safetensors"
 
@@ -168,7 +182,7 @@ def single(spec: dict) -> dict:
     target, run = spec["target"], spec["run"]
     kind, settings = RUNS[run][0], dict(RUNS[run][1])
     safe = data.DEFAULT_SAFE[target]
-    bb = ShapesWorldBackbone.load()
+    bb = ShapesWorldBackbone.load(MODEL)
     # "auto" (the default since 2026-11-25) = attention masks, none for the style targets (backgrounds)
     mask = settings.pop("_auto_mask", "auto")
     quiet = lambda m: None  # noqa: E731
@@ -232,7 +246,7 @@ def _baseline(samples: int, targets: list[str]) -> dict:
     from bierasing.world.evaluate import measure_erasure
     from bierasing.world.models import ShapesWorldBackbone
 
-    bb = ShapesWorldBackbone.load()
+    bb = ShapesWorldBackbone.load(MODEL)
     out = {}
     for t in targets:
         ev, syn = measure_erasure(bb, t, samples), measure_erasure(bb, t, samples, synonym=1, target_only=True)
@@ -247,8 +261,9 @@ def write_reports(results: dict) -> None:
     held_out = [r for r in results["rows"] if r["target"] not in BENCH_TARGETS]
     rows = [r for r in results["rows"] if r["target"] in BENCH_TARGETS]
     branch = image_branch_id()
-    atomic_write_text(RESULTS / "erasure.json", json.dumps(results, indent=2))
-    lines = ["# Erasure benchmark (ShapesWorld)", "",
+    atomic_write_text(RESULTS / f"{stem()}.json", json.dumps(results, indent=2))
+    world = "ShapesWorld" if MODEL == "shapesworld" else "ShapesWorld-Flow, FLUX-layout transformer + Redux"
+    lines = [f"# Erasure benchmark ({world})", "",
              f"Machine: 2 CPU cores, torch threads 2. {results['samples_per_prompt']} samples per prompt, "
              "DDIM 20 steps, CFG 1.5, detector-scored. ACC_e lower is better, ACC_p and H higher. "
              "`syn ACC_e`: target named by synonyms never used in erasure training. "
@@ -258,7 +273,8 @@ def write_reports(results: dict) -> None:
         for t, b in results["baseline"].items():
             lines.append(f"| {t} | {b['acc_e']:.3f} | {b['acc_p']:.3f} | {b['h']:.3f} | {b['acc_e_synonyms']:.3f} |")
         lines.append("")
-    for title, names in (("Methods", MAIN), ("Ablations (Bi-Erasing)", ["bi-erasing"] + ABLATIONS)):
+    main_runs = MAIN if MODEL == "shapesworld" else FLOW_MAIN
+    for title, names in (("Methods", main_runs), ("Ablations (Bi-Erasing)", ["bi-erasing"] + ABLATIONS)):
         sel = [r for r in rows if r["run"] in names]
         if not sel:
             continue
@@ -293,8 +309,8 @@ def write_reports(results: dict) -> None:
     lines += _cost_table(rows, branch)
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
-    lines.append("![H by method](erasure.png)")
-    atomic_write_text(RESULTS / "erasure.md", "\n".join(lines) + "\n")
+    lines.append(f"![H by method]({stem()}.png)")
+    atomic_write_text(RESULTS / f"{stem()}.md", "\n".join(lines) + "\n")
     _plot(rows)
 
 
@@ -352,23 +368,30 @@ def _plot(rows: list[dict]) -> None:
         cv2.putText(img, n, (6, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(img, f"{v:.3f}", (left + int(v * (W - left - 80)) + 6, y + 16), cv2.FONT_HERSHEY_SIMPLEX,
                     0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    save_png(RESULTS / "erasure.png", img)
+    save_png(RESULTS / f"{stem()}.png", img)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    global MODEL
+    p.add_argument("--model", default="shapesworld", choices=("shapesworld", "shapesworld-flow"),
+                   help="the shipped world the rows measure (results: erasure.* or erasure_flow.*)")
     p.add_argument("--targets", default=",".join(BENCH_TARGETS))
-    p.add_argument("--runs", default=",".join(MAIN))
+    p.add_argument("--runs", default=None, help="comma-separated run names (default: the world's main table)")
     p.add_argument("--ablations", default="", help="ablation runs on the first target: comma-separated names or 'all'")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    MODEL = args.model
     if args.single:
-        print(json.dumps(single(json.loads(args.single))))
+        spec = json.loads(args.single)
+        MODEL = spec.get("model", MODEL)
+        print(json.dumps(single(spec)))
         return 0
+    runs = args.runs or ",".join(MAIN if MODEL == "shapesworld" else FLOW_MAIN)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "erasure.json"
-    results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    path = RESULTS / f"{stem()}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"rows": [], "model": MODEL}
     if results.get("samples_per_prompt", args.samples) != args.samples:
         raise SystemExit(f"{path} was made with {results['samples_per_prompt']} samples per prompt; "
                          "use the same --samples or move the file away")
@@ -377,7 +400,7 @@ def main() -> int:
     if "baseline" not in results or set(targets) - set(results["baseline"]):
         results["baseline"] = {**results.get("baseline", {}), **_baseline(args.samples, targets)}
         write_reports(results)
-    jobs = [(t, r) for t in targets for r in args.runs.split(",")]
+    jobs = [(t, r) for t in targets for r in runs.split(",")]
     if args.ablations:
         names = ABLATIONS if args.ablations == "all" else args.ablations.split(",")
         unknown = set(names) - set(ABLATIONS)
@@ -390,7 +413,7 @@ def main() -> int:
             continue
         print(f"[bench] {r} on {t} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--single",
-                               json.dumps({"target": t, "run": r, "samples": args.samples})],
+                               json.dumps({"target": t, "run": r, "samples": args.samples, "model": MODEL})],
                               capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -181,3 +181,16 @@ def test_attention_masks_from_the_joint_attention(tiny_flow_world):
     masks = attention_masks(bb, images, "a red circle", "circle")
     assert masks.shape == (2, 32, 32) and masks.min() == 0 and masks.max() == 1
     assert all(p.attention_store is None for p in bb.attention_recorders())
+
+
+def test_velocity_weighting_turns_noise_mse_into_velocity_mse(tiny_flow_world):
+    from bierasing.erase.objectives import mse, velocity_weights
+
+    bb = tiny_flow_world
+    x, t, text = _state(bb)
+    g = torch.Generator().manual_seed(8)
+    v_a, v_b = torch.randn(2, *x.shape, generator=g)
+    w = velocity_weights(bb.alphas_cumprod, t)
+    assert torch.allclose(w, 1 / (1 - bb.sigmas[t]) ** 2, rtol=1e-4)
+    eps_mse = mse(bb.output_to_eps(v_a, x, t), bb.output_to_eps(v_b, x, t), w)
+    assert torch.allclose(eps_mse, mse(v_a, v_b), rtol=1e-4)

@@ -96,8 +96,8 @@ class EraseConfig:
     stage_threshold: float = _f(0.8, "share of steps in the guide stage of guide-then-erase", min=0.0, max=1.0)
     loss_weighting: str = _f("auto", "how each x_t's error counts: uniform = plain noise MSE (the paper); x0 = "
                              "the error in the predicted image, so noisy steps (colour, layout) count too; "
-                             "auto = x0 for bi-erasing, uniform for the baselines",
-                             choices=("auto", "uniform", "x0"))
+                             "velocity = flow-matching velocity MSE (EraseAnything); auto = x0 for bi-erasing, "
+                             "uniform for the baselines", choices=("auto", "uniform", "x0", "velocity"))
     loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
                                 max=1000.0)
     neg_anchor: float = _f(AUTO, "share a of the safe prediction in the negative branch's anchor: 0 = the "

@@ -22,7 +22,8 @@ from . import xt as xt_sources
 from .adapters import AdapterSet
 from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
 from .export import save_erasure
-from .objectives import LossWeights, branch_weights, erasure_loss, loss_targets, timestep_weights
+from .objectives import (LossWeights, branch_weights, erasure_loss, loss_targets, timestep_weights,
+                         velocity_weights)
 
 
 class ErasureInterrupted(RuntimeError):
@@ -280,6 +281,8 @@ class Eraser:
     def _t_weight(self, t: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.loss_weighting == "uniform":
             return None
+        if self.cfg.loss_weighting == "velocity":
+            return velocity_weights(self.bb.alphas_cumprod, t)
         return timestep_weights(self.bb.alphas_cumprod, t, self.t_grid, self.cfg.loss_weight_cap)
 
     def _tokens(self, table, ci: int, B: int):

@@ -46,6 +46,15 @@ def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, grid: torch.
     return w / (1.0 / a[grid.cpu()]).clamp(max=cap).mean()
 
 
+def velocity_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity weighting of an epsilon loss: 1 / (1 - s)^2, s the noise level of the rectified flow
+    with the same alpha_bar (docs/flow.md): epsilon MSE times this is the flow-matching velocity
+    MSE (EraseAnything's loss on FLUX). Neither capped nor rescaled: it is the velocity error itself."""
+    a = alphas_cumprod.float()[t.cpu()]
+    one_minus_s = a.sqrt() / (a.sqrt() + (1 - a).sqrt())  # sqrt(a) = (1 - s) / c, sqrt(1 - a) = s / c
+    return 1.0 / one_minus_s ** 2
+
+
 def branch_weights(schedule: str, progress: float, neg_weight: float, pos_weight: float,
                    stage_threshold: float) -> tuple[float, float]:
     """(lambda-, lambda+) at ``progress`` in [0, 1) of the run.
