@@ -34,7 +34,9 @@ def tiny_flow_world():
     from bierasing.world.models import build_tokenizer
 
     torch.manual_seed(0)
-    cfg = FlowWorldConfig(heads=2, head_dim=16, double_blocks=1, single_blocks=1, redux_hidden=32)
+    cfg = FlowWorldConfig(heads=2, head_dim=16, double_blocks=1, single_blocks=1, redux_hidden=32,
+                          ae_channels=(8, 16, 16))
     tok = build_tokenizer(cfg.max_text_len)
     m = build_flow_models(cfg, tok)
-    return FlowWorldBackbone(tok, m["text_encoder"], m["image_encoder"], m["transformer"], m["redux"], cfg).eval()
+    return FlowWorldBackbone(tok, m["text_encoder"], m["image_encoder"], m["vae"], m["transformer"], m["redux"],
+                             cfg).eval()

@@ -13,7 +13,7 @@ from bierasing.sampling import ddim_step, sample
 
 def _state(bb, seed=0, n=3):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
+    x = torch.randn(n, *bb.sample_shape, generator=g)
     t = torch.tensor([5, 480, 990])[:n]
     with torch.no_grad():
         text = bb.encode_text(["a red circle", "a blue star", ""][:n])
@@ -34,7 +34,7 @@ def test_pack_is_fluxs_layout_and_unpack_inverts_it():
 def test_flow_state_is_a_rescaled_vp_state_with_the_same_noise(tiny_flow_world):
     bb = tiny_flow_world
     g = torch.Generator().manual_seed(1)
-    x0, n = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    x0, n = torch.randn(2, *bb.sample_shape, generator=g), torch.randn(2, *bb.sample_shape, generator=g)
     t = torch.tensor([100, 900])
     s = bb.sigmas[t].view(-1, 1, 1, 1)
     c = flux.vp_to_flow_scale(bb.sigmas)[t].view(-1, 1, 1, 1)
@@ -55,11 +55,7 @@ def test_a_ddim_step_is_an_euler_step_of_the_flow(tiny_flow_world):
         eps = bb.output_to_eps(v, x, tt)
     s, s_prev = bb.sigmas[t], bb.sigmas[t_prev]
     c, c_prev = (flux.vp_to_flow_scale(bb.sigmas)[i] for i in (t, t_prev))
-    bb.clip_sample = False
-    try:
-        ddim = ddim_step(bb, x, eps, t, t_prev) * c_prev
-    finally:
-        bb.clip_sample = True
+    ddim = ddim_step(bb, x, eps, t, t_prev) * c_prev  # latents: no x0 clipping
     euler = c * x + (s_prev - s) * v
     assert torch.allclose(ddim, euler, atol=1e-4)
 
@@ -109,7 +105,7 @@ def test_sampling_is_deterministic_and_starts_at_pure_noise(tiny_flow_world):
     assert ts.tolist() == [999, 749, 500, 250]
     a = sample(bb, ["a red circle", "a blue star"], [0, 1], steps=3)
     b = sample(bb, ["a blue star"], [1], steps=3)
-    assert a.shape == (2, 3, 32, 32) and torch.allclose(a[1], b[0], atol=1e-5)
+    assert a.shape == (2, 3, 32, 32) and torch.allclose(a[1], b[0], atol=1e-4)
     with pytest.raises(ValueError, match="sampling steps"):
         bb.sampling_timesteps(0)
 
@@ -178,7 +174,7 @@ def test_attention_masks_from_the_joint_attention(tiny_flow_world):
                 blk.attn.set_processor(p)
     assert torch.equal(recorded, stock)  # the recorder leaves the forward as diffusers computes it
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    masks = attention_masks(bb, images, "a red circle", "circle")
+    masks = attention_masks(bb, images, "a red circle", "circle")  # 4x4 token maps, resized
     assert masks.shape == (2, 32, 32) and masks.min() == 0 and masks.max() == 1
     assert all(p.attention_store is None for p in bb.attention_recorders())
 

@@ -9,13 +9,14 @@ from bierasing.world.flow_train import FlowWorldTrainer
 from bierasing.world.models import ShapesWorldBackbone
 from bierasing.world.train import TrainConfig, TrainingInterrupted, train_world
 
-TINY = FlowWorldConfig(heads=2, head_dim=16, double_blocks=1, single_blocks=1, redux_hidden=32)
+TINY = FlowWorldConfig(heads=2, head_dim=16, double_blocks=1, single_blocks=1, redux_hidden=32,
+                       ae_channels=(8, 16, 16))
 QUIET = dict(progress=False, log=lambda m: None)
 
 
 def _cfg(**kw):
     base = dict(arch="flow", seed=3, clip_steps=3, clip_batch=8, unet_steps=4, unet_batch=4, vision_steps=2,
-                ip_steps=3, ip_batch=4, warmup=2, checkpoint_every=100, probe_every=0)
+                ip_steps=3, ip_batch=4, vae_steps=2, warmup=2, checkpoint_every=100, probe_every=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -23,12 +24,12 @@ def _cfg(**kw):
 def _state(bb):
     out = {}
     for name, mod in (("flow", bb.unet), ("text", bb.text_encoder), ("vision", bb.image_encoder),
-                      ("redux", bb.image_proj)):
+                      ("redux", bb.image_proj), ("vae", bb.vae)):
         out.update({f"{name}.{k}": v.clone() for k, v in mod.state_dict().items()})
     return out
 
 
-@pytest.mark.parametrize("stop_stage,stop_step", [("flow", 2), ("redux", 1)])
+@pytest.mark.parametrize("stop_stage,stop_step", [("vae", 1), ("flow", 2), ("redux", 1)])
 def test_interrupted_and_resumed_flow_training_equals_uninterrupted(tmp_path, stop_stage, stop_step):
     full = train_world(tmp_path / "full", _cfg(), TINY, **QUIET)
     trainer = FlowWorldTrainer(tmp_path / "cut", _cfg(), TINY, **QUIET)
@@ -49,7 +50,7 @@ def test_same_seed_same_flow_world_other_seed_other(tmp_path):
 
 
 def test_flow_stage_lowers_the_velocity_loss_and_the_folder_loads_as_a_flow_world(tmp_path):
-    trainer = FlowWorldTrainer(tmp_path, _cfg(unet_steps=80, ip_steps=40), TINY, **QUIET)
+    trainer = FlowWorldTrainer(tmp_path, _cfg(unet_steps=200, ip_steps=20), TINY, **QUIET)
     trainer.run()
     flow = trainer.history["flow"]
     images = trainer._batch(64)[0]
@@ -79,8 +80,8 @@ def test_the_flow_loss_is_velocity_regression(tmp_path):
     trainer.gen.manual_seed(5)
     x, v = trainer._flow_state(images, sigma)
     trainer.gen.manual_seed(5)
-    noise = torch.randn(images.shape, generator=trainer.gen)
-    x0 = images * 2 - 1
+    noise = torch.randn((4, *trainer.bb.sample_shape), generator=trainer.gen)
+    x0 = trainer.bb.to_x(images)
     assert torch.allclose(x[0], x0[0]) and torch.allclose(x[3], noise[3])
     assert torch.allclose(v, noise - x0)
 

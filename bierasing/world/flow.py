@@ -2,9 +2,11 @@
 
     weights_flow/
       tokenizer/, text_encoder/, image_encoder/   as the UNet world (CLIP-like, trained contrastively)
+      vae/                                        AutoencoderKL: 32x32 RGB <-> 4x8x8 latents,
+                                                  scaling and shift factors as FLUX's VAE has them
       transformer/                                FluxTransformer2DModel: double-stream then
                                                   single-stream blocks, RoPE, pooled text vector;
-                                                  pixel space, 4x4 patches (64 image tokens)
+                                                  latents packed 2x2 as FLUX packs them (16 tokens)
       redux.safetensors                           redux_up / redux_down (flux1-redux-dev key layout)
       world.json, model_card.md
 
@@ -40,25 +42,34 @@ class FlowWorldConfig:
     vision_width: int = 64
     vision_layers: int = 2
     embed_dim: int = 64
-    patch: int = field(default=4, metadata={"help": "pixels per side of one image token"})
+    ae_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={
+        "help": "autoencoder widths; each level after the first halves the side (32 px -> 8)"})
+    latent_channels: int = 4
+    patch: int = field(default=2, metadata={"help": "latent pixels per side of one image token (FLUX: 2)"})
     heads: int = 4
     head_dim: int = 32
     double_blocks: int = 2
     single_blocks: int = 4
     redux_hidden: int = field(default=256, metadata={"help": "width of Redux's up projection"})
     num_train_timesteps: int = 1000
-    shift: float = field(default=1.0, metadata={"help": "time shift of the sigma schedule (FLUX: 1.15-3)"})
+    shift: float = field(default=3.0, metadata={
+        "help": "time shift of the sigma schedule, for training and sampling (SD3: 3; FLUX: 1.15-3 by "
+                "resolution); > 1 spends more of both at high noise, where a shape is decided"})
 
     def __post_init__(self):
         if self.embed_dim != self.text_width:
             raise ValueError("the pooled text vector travels as one more text token: embed_dim must equal "
                              f"text_width, got {self.embed_dim} and {self.text_width}")
-        if 32 % self.patch or self.head_dim != sum(rope_axes(self.head_dim)):
-            raise ValueError(f"patch must divide the 32-px image (got {self.patch})")
+        if self.latent_side % self.patch:
+            raise ValueError(f"patch must divide the {self.latent_side}-px latent (got {self.patch})")
+
+    @property
+    def latent_side(self) -> int:
+        return data.IMAGE_SIZE // 2 ** (len(self.ae_channels) - 1)
 
     @classmethod
     def from_json(cls, d: dict) -> "FlowWorldConfig":
-        return cls(**d)
+        return cls(**{**d, "ae_channels": tuple(d["ae_channels"])})
 
 
 class ReduxProjector(nn.Module):
@@ -81,19 +92,25 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def build_flow_models(cfg: FlowWorldConfig, tokenizer) -> dict:
-    """Fresh (random) encoders, transformer and Redux projector."""
-    from diffusers import FluxTransformer2DModel
+    """Fresh (random) encoders, autoencoder, transformer and Redux projector."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from .models import build_encoders
 
     enc = build_encoders(cfg, tokenizer)
+    n = len(cfg.ae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.ae_channels,
+                        layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=8,
+                        sample_size=data.IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0,
+                        mid_block_add_attention=False)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=3 * cfg.patch ** 2, num_layers=cfg.double_blocks,
+        patch_size=1, in_channels=cfg.latent_channels * cfg.patch ** 2, num_layers=cfg.double_blocks,
         num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
         joint_attention_dim=cfg.text_width, pooled_projection_dim=cfg.embed_dim, guidance_embeds=False,
         axes_dims_rope=rope_axes(cfg.head_dim))
     redux = ReduxProjector(cfg.vision_width, cfg.redux_hidden, cfg.text_width)
-    return {**enc, "transformer": transformer, "redux": redux}
+    return {**enc, "vae": vae, "transformer": transformer, "redux": redux}
 
 
 class FlowWorldBackbone(ShapesWorldBackbone):
@@ -102,8 +119,10 @@ class FlowWorldBackbone(ShapesWorldBackbone):
 
     arch = "flow"
     prediction_type = "flow"
+    clip_sample = False  # latents are not bounded
 
-    def __init__(self, tokenizer, text_encoder, image_encoder, transformer, redux, config: FlowWorldConfig):
+    def __init__(self, tokenizer, text_encoder, image_encoder, vae, transformer, redux, config: FlowWorldConfig):
+        self.vae = vae
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
@@ -113,13 +132,25 @@ class FlowWorldBackbone(ShapesWorldBackbone):
         self.config = config
         self.sigmas = flux.flow_sigmas(config.num_train_timesteps, config.shift)
         self.alphas_cumprod = flux.alphas_cumprod_of(self.sigmas)
-        self.sample_shape = (3, data.IMAGE_SIZE, data.IMAGE_SIZE)
-        side = data.IMAGE_SIZE // config.patch
+        side = config.latent_side
+        self.sample_shape = (config.latent_channels, side, side)
+        side //= config.patch
         self._img_ids = flux.image_ids(side, side)
         self._recorders = flux.install_attention_recorders(transformer)
 
     def networks(self) -> tuple:
-        return self.text_encoder, self.image_encoder, self.unet, self.image_proj
+        return self.text_encoder, self.image_encoder, self.vae, self.unet, self.image_proj
+
+    # ---- latents -----------------------------------------------------------------------------
+    def to_x(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> latents, normalised by the VAE's shift and scaling factors (as FLUX does)."""
+        c = self.vae.config
+        z = self.vae.encode(images.to(self.device) * 2 - 1).latent_dist.mean
+        return (z - c.shift_factor) * c.scaling_factor
+
+    def from_x(self, x0: torch.Tensor) -> torch.Tensor:
+        c = self.vae.config
+        return ((self.vae.decode(x0 / c.scaling_factor + c.shift_factor).sample + 1) / 2).clamp(0, 1)
 
     # ---- conditioning ------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -197,17 +228,19 @@ class FlowWorldBackbone(ShapesWorldBackbone):
     def _save_denoiser(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
         self.unet.save_pretrained(folder / "transformer", safe_serialization=True)
         save_file({k: v.detach().contiguous() for k, v in self.image_proj.state_dict().items()},
                   str(folder / "redux.safetensors"))
 
     @classmethod
     def _load_denoiser(cls, path: Path, config: dict, tokenizer, text, vision) -> "FlowWorldBackbone":
-        from diffusers import FluxTransformer2DModel
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
         from safetensors.torch import load_file
 
         cfg = FlowWorldConfig.from_json(config)
+        vae = AutoencoderKL.from_pretrained(path / "vae")
         transformer = FluxTransformer2DModel.from_pretrained(path / "transformer")
         redux = ReduxProjector(cfg.vision_width, cfg.redux_hidden, cfg.text_width)
         redux.load_state_dict(load_file(str(path / "redux.safetensors")))
-        return cls(tokenizer, text, vision, transformer, redux, cfg)
+        return cls(tokenizer, text, vision, vae, transformer, redux, cfg)

@@ -4,8 +4,13 @@ FLUX-layout transformer.
 Stages (seeded and resumable like the UNet world's, see :mod:`bierasing.world.train`):
   1. clip   - the same contrastive text and image encoders;
   2. flow   - rectified flow matching: x_s = (1 - s) x0 + s n, the transformer regresses the
-              velocity n - x0, s drawn logit-normal (SD3); 10% caption dropout for CFG; EMA weights;
-              detector probes end the stage early (``unet_steps``, ``unet_stop_at``);
+              velocity n - x0, s drawn logit-normal (SD3) and time-shifted by the world's ``shift``
+              (as its sampler is); 10% caption dropout for CFG; EMA weights; detector probes end the
+              stage early (``unet_steps``, ``unet_stop_at``). With shift 1 (logit-normal around
+              s = 0.5) a first run drew blobs of the right colour and no shape at all (probes: shape
+              0.00 at steps 1000-4000): a 32-px shape is decided at s ~ 0.85-0.97, where a 4x4 patch
+              of a flat colour region still has per-token SNR ~ 0.5-3, and that draw trains there
+              in ~5% of steps. The default shift 3 (SD3's; FLUX-dev uses ~3 at 1024 px) moves it there;
   3. vision - the image branch's own CLIP pair, as in the UNet world;
   4. redux  - only the Redux projector trains (BFL trained Redux on a frozen FLUX): the student
               (caption or empty prompt + Redux tokens of a *different* render of the same concepts)
@@ -15,42 +20,74 @@ Stages (seeded and resumable like the UNet world's, see :mod:`bierasing.world.tr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import flux
 from . import data
 from .flow import FlowWorldBackbone, build_flow_models
 from .train import WorldTrainer
 
 
 class FlowWorldTrainer(WorldTrainer):
-    STAGES = ("clip", "flow", "vision", "redux")
+    STAGES = ("clip", "vae", "flow", "vision", "redux")
     IMAGE_STAGES = ("redux",)
     AUTOCAST_STAGES = ("flow", "redux")
     PROBED = ("flow", "redux")
-    KEEP = {"clip": (), "flow": ("text", "vision"), "vision": ("text", "unet"),
-            "redux": ("text", "vision", "unet")}
+    KEEP = {"clip": (), "vae": ("text", "vision"), "flow": ("text", "vision", "vae"),
+            "vision": ("text", "vae", "unet"), "redux": ("text", "vision", "vae", "unet")}
 
     def _build_backbone(self) -> FlowWorldBackbone:
         m = build_flow_models(self.wcfg, self.tokenizer)
-        return FlowWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"], m["transformer"],
-                                 m["redux"], self.wcfg)
+        return FlowWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"], m["vae"],
+                                 m["transformer"], m["redux"], self.wcfg)
+
+    @staticmethod
+    def _modules_of(bb) -> dict:
+        return {**WorldTrainer._modules_of(bb), "vae": bb.vae}
+
+    def _stage_vae(self) -> None:
+        """The autoencoder: reconstruction MSE plus a small KL term (as latent-diffusion VAEs)."""
+        vae = self.bb.vae.train().requires_grad_(True)
+
+        def step():
+            images = self._batch(self.tcfg.unet_batch)[0] * 2 - 1
+            post = vae.encode(images).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=self.gen)
+            return F.mse_loss(vae.decode(z).sample, images) + 1e-6 * post.kl().mean()
+
+        self._loop(self.tcfg.vae_steps, list(vae.parameters()), step)
+        vae.eval().requires_grad_(False)
+
+    def _set_latent_scale(self) -> None:
+        """FLUX-style shift and scaling factors (latents ~ zero mean, unit variance), from 512 fixed
+        renders: the same numbers whether the run was resumed or not."""
+        vae = self.bb.vae.eval().requires_grad_(False)
+        imgs, _, _, _ = data.sample_batch(512, np.random.default_rng(self.tcfg.seed + 2))
+        with torch.no_grad():
+            z = vae.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255 * 2 - 1).latent_dist.mean
+        vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1 / z.std().item())
 
     def _flow_state(self, images: torch.Tensor, sigma: torch.Tensor):
-        x0 = self.bb.to_x(images)
+        with torch.no_grad():
+            x0 = self.bb.to_x(images)
         noise = torch.randn(x0.shape, generator=self.gen)
         s = sigma.view(-1, 1, 1, 1)
         return (1 - s) * x0 + s * noise, noise - x0
 
     def _denoiser_loss(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         z = torch.randn(images.shape[0], generator=self.gen)
-        sigma = torch.sigmoid(self.tcfg.flow_t_mean + self.tcfg.flow_t_std * z)
+        sigma = flux.shift_sigmas(torch.sigmoid(self.tcfg.flow_t_mean + self.tcfg.flow_t_std * z), self.wcfg.shift)
         x, v = self._flow_state(images, sigma)
         return F.mse_loss(self.bb.velocity(x, sigma, text).float(), v)
 
-    _stage_flow = WorldTrainer._stage_unet
+    def _stage_flow(self) -> None:
+        self._set_latent_scale()
+        self._stage_unet()
 
     def _stage_redux(self) -> None:
+        self._set_latent_scale()
         bb = self.bb
         bb.unet.eval().requires_grad_(False)
         redux = bb.image_proj.train().requires_grad_(True)
@@ -58,10 +95,7 @@ class FlowWorldTrainer(WorldTrainer):
 
         def step():
             n = self.tcfg.ip_batch
-            images, caps, truths, _ = self._batch(n)
-            refs = self._exemplars(truths)
-            empty = torch.rand(n, generator=g) < self.tcfg.ip_empty_prompt
-            caps = ["" if e else c for c, e in zip(caps, empty.tolist())]
+            images, caps, truths, refs, _ = self._image_branch_batch(n)
             with torch.no_grad():
                 text = bb.encode_text(caps)
                 full = bb.encode_text([data.prompt(c.shape, c.color, c.background) for c in truths])
