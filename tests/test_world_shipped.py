@@ -98,3 +98,21 @@ def test_cli_erase_smoke_writes_lora_grid_and_report(tmp_path):
     # the trajectory cache is built and reported before the progress bar starts, so its first
     # step's rate is the training rate, not the setup (which showed a 4 h ETA on step 1)
     assert re.search(r"prepared in \d+ s \(\d+ UNet rows of sampling\)", r.stdout + r.stderr), r.stderr[-2000:]
+
+
+def test_shipped_flow_world_is_small_safetensors_and_loads_as_a_flux_layout_model():
+    from bierasing.world.models import SHIPPED, ShapesWorldBackbone
+
+    folder = SHIPPED["shapesworld-flow"]
+    weights = list(folder.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} >= {"transformer", "vae", "text_encoder", "image_encoder"}
+    assert sum(f.stat().st_size for f in weights) < 20 * 2**20
+    assert not [f for f in folder.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    meta = json.loads((folder / "world.json").read_text())
+    assert meta["arch"] == "flow" and meta["quality"]["samples_per_prompt"] >= 16
+    bb = ShapesWorldBackbone.load("shapesworld-flow")
+    assert type(bb.unet).__name__ == "FluxTransformer2DModel" and bb.prediction_type == "flow"
+    prompts = [data.prompt(s, c) for s, c in zip(data.SHAPES, data.COLORS)]
+    imgs = generate(bb, prompts, 4, seed=100)
+    color = np.mean([[d.color == c for d in detect_batch(row)] for row, c in zip(imgs, data.COLORS)])
+    assert color >= 0.8, color

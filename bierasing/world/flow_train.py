@@ -3,19 +3,23 @@ FLUX-layout transformer.
 
 Stages (seeded and resumable like the UNet world's, see :mod:`bierasing.world.train`):
   1. clip   - the same contrastive text and image encoders;
-  2. flow   - rectified flow matching: x_s = (1 - s) x0 + s n, the transformer regresses the
-              velocity n - x0, s drawn logit-normal (SD3) and time-shifted by the world's ``shift``
-              (as its sampler is); 10% caption dropout for CFG; EMA weights; detector probes end the
-              stage early (``unet_steps``, ``unet_stop_at``). With shift 1 (logit-normal around
-              s = 0.5) a first run drew blobs of the right colour and no shape at all (probes: shape
-              0.00 at steps 1000-4000): a 32-px shape is decided at s ~ 0.85-0.97, where a 4x4 patch
-              of a flat colour region still has per-token SNR ~ 0.5-3, and that draw trains there
-              in ~5% of steps. The default shift 3 (SD3's; FLUX-dev uses ~3 at 1024 px) moves it there;
-  3. vision - the image branch's own CLIP pair, as in the UNet world;
-  4. redux  - only the Redux projector trains (BFL trained Redux on a frozen FLUX): the student
+  2. vae    - an AutoencoderKL, 32x32 RGB <-> 4x8x8 latents (reconstruction MSE + a small KL term);
+              its shift and scaling factors are then set from 512 fixed renders (as FLUX's VAE has);
+  3. flow   - rectified flow matching on the latents: x_s = (1 - s) x0 + s n, the transformer
+              regresses the velocity n - x0, s drawn logit-normal (SD3) and time-shifted by the
+              world's ``shift`` (as its sampler is); 10% caption dropout for CFG; EMA weights;
+              detector probes end the stage early (``unet_steps``, ``unet_stop_at``);
+  4. vision - the image branch's own CLIP pair, as in the UNet world;
+  5. redux  - only the Redux projector trains (BFL trained Redux on a frozen FLUX): the student
               (caption or empty prompt + Redux tokens of a *different* render of the same concepts)
               regresses onto the frozen text-only transformer given the exemplar's full caption,
               s drawn towards high noise (``ip_t_power``), ``ip_steps`` at ``ip_lr``.
+
+Two pixel-space attempts came first (4x4-pixel patches, 64 image tokens, same transformer): they
+drew blobs of the right colour and no shape at all (detector probes: shape 0.00 at every 1000
+steps to 4000 with shift 1 and to 7000 with shift 3; shift 3 lifted background from 0.53-0.67 to
+0.97-1.00). Each token had to paint a 4x4x3 patch with a linear head, so edges came out at patch
+granularity; a convolutional decoder from an 8x8 latent draws them, as FLUX's VAE does.
 """
 
 from __future__ import annotations
