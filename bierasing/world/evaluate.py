@@ -253,7 +253,8 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         f"| samples the detector calls 'none' | {q['none_rate']:.3f} | - |", "",
         "Per shape: " + ", ".join(f"{k} {v:.2f}" for k, v in report["per_shape"].items()),
         "", "Per colour: " + ", ".join(f"{k} {v:.2f}" for k, v in report["per_color"].items()), "",
-        "Re-measure: `bierasing world eval --json`.", "",
+        "Re-measure: `bierasing world eval --json" + ("`." if meta.get("arch", "unet") == "unet"
+                                                   else " --model shapesworld-flow`."), "",
     ]
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
@@ -268,15 +269,19 @@ def _denoiser_lines(arch: str, cfg: dict, tr: dict, trained, size: int) -> list[
               f"{tr.get('clip_batch')}; ")
     head = f"- seed {tr.get('seed')}; contrastive {tr.get('clip_steps')} steps x {tr.get('clip_batch')}; "
     if arch == "flow":
+        side = data.IMAGE_SIZE // 2 ** (len(cfg["ae_channels"]) - 1)
         return [
-            f"- FluxTransformer2DModel, pixel space, {cfg['patch']}x{cfg['patch']} patches, {cfg['double_blocks']} "
+            f"- AutoencoderKL {tuple(cfg['ae_channels'])}: 32x32 RGB <-> {cfg['latent_channels']}x{side}x{side} "
+            "latents, FLUX-style shift and scaling factors",
+            f"- FluxTransformer2DModel over the latents packed {cfg['patch']}x{cfg['patch']}, {cfg['double_blocks']} "
             f"double-stream + {cfg['single_blocks']} single-stream blocks, {cfg['heads']} heads x {cfg['head_dim']}, "
             f"RoPE, pooled text vector; rectified flow, sigma shift {cfg['shift']}",
             f"- image branch: Redux (redux_up {cfg['vision_width']}->{cfg['redux_hidden']}, redux_down -> "
             f"{cfg['text_width']}) over every image-encoder hidden state, appended to the text tokens",
             f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "", "## Training (this machine: 2 CPU cores, torch threads 2)",
-            head + f"transformer {trained('flow', 'unet_steps')} steps x {tr.get('unet_batch')} (flow matching, "
-            f"logit-normal sigma ({tr.get('flow_t_mean')}, {tr.get('flow_t_std')}), AdamW lr {tr.get('lr')}, "
+            head + f"autoencoder {tr.get('vae_steps')} steps x {tr.get('unet_batch')}; transformer "
+            f"{trained('flow', 'unet_steps')} steps x {tr.get('unet_batch')} (flow matching, "
+            f"logit-normal sigma ({tr.get('flow_t_mean')}, {tr.get('flow_t_std')}) shifted by {cfg['shift']}, AdamW lr {tr.get('lr')}, "
             f"cosine, EMA {tr.get('ema')}, " + common + f"Redux {trained('redux', 'ip_steps')} steps x "
             f"{tr.get('ip_batch')} (distill, lr {tr.get('ip_lr')}, empty prompt {tr.get('ip_empty_prompt')}); "
             f"forward passes {tr.get('precision', 'fp32')}"]
