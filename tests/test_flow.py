@@ -89,14 +89,15 @@ def test_redux_tokens_steer_and_zero_rows_run_without_them(tiny_flow_world):
 def test_trainable_sets_on_a_flux_transformer(tiny_flow_world):
     unet, rules = tiny_flow_world.unet, tiny_flow_world.trainable_rules()
     picked = {s: set(select_modules(unet, s, rules=rules)) for s in rules}
+    pooled = {"time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2"}
     assert picked["attn2"] == {f"transformer_blocks.0.attn.{p}" for p in
-                               ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+                               ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")} | pooled
     assert picked["attn2_kv"] == {"transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj"}
-    assert picked["attn2"] < picked["attn"] and "single_transformer_blocks.0.attn.to_q" in picked["attn"]
+    assert picked["attn2"] - pooled < picked["attn"] and "single_transformer_blocks.0.attn.to_q" in picked["attn"]
     assert not picked["attn2"] & picked["no_attn2"]
     assert "single_transformer_blocks.0.proj_mlp" in picked["no_attn2"]
     assert picked["attn"] | picked["no_attn2"] < picked["full"] and "x_embedder" in picked["full"]
-    assert not any(n.startswith("time_text_embed") for n in picked["full"])
+    assert pooled < picked["full"] and not any(n.startswith("time_text_embed.timestep") for n in picked["full"])
 
 
 def test_sampling_is_deterministic_and_starts_at_pure_noise(tiny_flow_world):
@@ -128,7 +129,7 @@ def test_bi_erasing_trains_on_a_flow_world_and_round_trips(tiny_flow_world, tmp_
             erased = bb.predict_noise(x, t, text)
         assert (erased - before).abs().max() > 1e-6
         names = set(result.adapters.layers)
-        assert names and all(".attn.add_" in n or n.endswith("to_add_out") for n in names)
+        assert names and all(".attn.add_" in n or n.endswith("to_add_out") or "text_embedder" in n for n in names)
         path = result.save(tmp_path / "e.safetensors")
     finally:
         result.adapters.remove(bb.unet)
