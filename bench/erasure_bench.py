@@ -274,7 +274,8 @@ def write_reports(results: dict) -> None:
             lines.append(f"| {t} | {b['acc_e']:.3f} | {b['acc_p']:.3f} | {b['h']:.3f} | {b['acc_e_synonyms']:.3f} |")
         lines.append("")
     main_runs = MAIN if MODEL == "shapesworld" else FLOW_MAIN
-    for title, names in (("Methods", main_runs), ("Ablations (Bi-Erasing)", ["bi-erasing"] + ABLATIONS)):
+    ablations = ["bi-erasing"] + [r for r in ABLATIONS if r not in main_runs]
+    for title, names in (("Methods", main_runs), ("Ablations (Bi-Erasing)", ablations)):
         sel = [r for r in rows if r["run"] in names]
         if not sel:
             continue
