@@ -132,6 +132,7 @@ class FlowWorldBackbone(ShapesWorldBackbone):
         self.config = config
         self.sigmas = flux.flow_sigmas(config.num_train_timesteps, config.shift)
         self.alphas_cumprod = flux.alphas_cumprod_of(self.sigmas)
+        self.flow_scale = flux.vp_to_flow_scale(self.sigmas)  # c per timestep: x_s = c x_t
         side = config.latent_side
         self.sample_shape = (config.latent_channels, side, side)
         side //= config.patch
@@ -195,7 +196,7 @@ class FlowWorldBackbone(ShapesWorldBackbone):
         image tokens: appended Redux tokens are never a no-op (zeros still take attention), and the
         engine marks an image-less row in a mixed batch with zeros."""
         sigma = self.sigmas.to(x_t.device)[t]
-        x_flow = x_t * flux.vp_to_flow_scale(self.sigmas).to(x_t.device)[t].view(-1, 1, 1, 1)
+        x_flow = x_t * self.flow_scale.to(x_t.device)[t].view(-1, 1, 1, 1)
         if image_tokens is None:
             return self.velocity(x_flow, sigma, text)
         has = image_tokens.flatten(1).abs().amax(1) > 0
@@ -211,7 +212,7 @@ class FlowWorldBackbone(ShapesWorldBackbone):
     def output_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         view = (-1, 1, 1, 1)
         sigma = self.sigmas.to(x_t.device)[t].view(view).to(x_t.dtype)
-        c = flux.vp_to_flow_scale(self.sigmas).to(x_t.device)[t].view(view).to(x_t.dtype)
+        c = self.flow_scale.to(x_t.device)[t].view(view).to(x_t.dtype)
         return flux.velocity_to_eps(out, c * x_t, sigma)
 
     def trainable_rules(self):
