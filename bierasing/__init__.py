@@ -5,4 +5,4 @@ that need them. Entry points: ``bierasing.world`` (the ShapesWorld toy model), t
 ``bierasing`` (``bierasing.cli``).
 """
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"

@@ -54,7 +54,8 @@ def _cmd_world_train(args) -> int:
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
                                             "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
-                                            "ip_stop_at", "precision", "ip_lr")
+                                            "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
+                                            "unet_curriculum")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     if args.init_from and not args.start_stage:
@@ -275,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the clip, unet and vision stages (default: TrainConfig)")
     t.add_argument("--ip-lr", type=float, default=None,
                    help="peak learning rate of the ip_warm and ip stages (default: TrainConfig)")
+    t.add_argument("--unet-curriculum", type=int, default=None,
+                   help="denoiser steps over which shapes move from the image centre to anywhere "
+                        "(default: TrainConfig; 0 = anywhere from the start)")
+    t.add_argument("--unet-edge-weight", type=float, default=None,
+                   help="weight the denoiser loss towards the shapes' outlines: each pixel 1 + this x edge "
+                        "(default: TrainConfig; 0 = plain MSE)")
     t.add_argument("--unet-stop-at", type=float, default=None,
                    help="end the UNet stage at the first detector probe with this shape accuracy "
                         "(default: TrainConfig; 0 = always train --unet-steps)")

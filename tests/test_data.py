@@ -73,3 +73,14 @@ def test_prompt_and_axis_helpers():
 def test_float_round_trip():
     imgs, *_ = data.sample_batch(4, np.random.default_rng(0))
     assert np.array_equal(data.to_uint8(data.to_float(imgs)), imgs)
+
+
+def test_spread_zero_centres_the_shape_and_one_is_the_plain_draw():
+    centred = [data.render("circle", "red", "black", np.random.default_rng(i), spread=0.0) for i in range(6)]
+    for img in centred:
+        ys, xs = np.nonzero(img[..., 0] > 120)  # the red disk on black
+        assert abs(xs.mean() - 15.5) < 0.6 and abs(ys.mean() - 15.5) < 0.6
+    plain = data.render("star", "blue", "white", np.random.default_rng(7))
+    assert np.array_equal(plain, data.render("star", "blue", "white", np.random.default_rng(7), spread=1.0))
+    imgs, _, _, _ = data.sample_batch(8, np.random.default_rng(0), spread=0.0)
+    assert imgs.shape == (8, 32, 32, 3)

@@ -291,11 +291,15 @@ def test_a_probe_that_meets_its_bar_ends_the_stage_and_a_resumed_run_keeps_it_en
     assert again.step == 4 and calls == [2, 4]
 
 
-def test_probe_of_the_shipped_world_measures_its_quality():
+def test_probe_of_the_shipped_world_measures_its_quality(tmp_path):
+    import cv2
+
     from bierasing.world.evaluate import probe_world
 
     bb = ShapesWorldBackbone.load()
-    text = probe_world(bb, "text", samples_per_prompt=2)
+    text = probe_world(bb, "text", samples_per_prompt=2, grid=tmp_path / "probe.png")
+    grid = cv2.imread(str(tmp_path / "probe.png"))
+    assert grid is not None and grid.shape[0] > 25 * 48  # a row of samples per shape x colour prompt
     assert text["shape"] >= 0.8 and text["color"] >= 0.9 and text["background"] >= 0.8, text
     image = probe_world(bb, "image", samples_per_prompt=2)
     assert image["image_steer"] >= 0.6 and image["text_image"] >= 0.7, image
@@ -344,3 +348,61 @@ def test_image_stages_train_at_their_own_learning_rate(tmp_path):
     assert seen["ip_warm"] == seen["ip"] == pytest.approx(_lr_at(0, 4, 7e-3, 2))
     with pytest.raises(ValueError, match="ip_lr must be > 0"):
         TrainConfig(ip_lr=0.0)
+
+
+def test_edge_map_marks_the_outline_and_not_the_fill_or_the_pixel_noise():
+    import numpy as np
+
+    from bierasing.world import data
+    from bierasing.world.train import edge_map
+
+    img = data.render("square", "red", "black", np.random.default_rng(0), radius=10, center=(16, 16))
+    x = torch.from_numpy(img).permute(2, 0, 1).float().unsqueeze(0) / 255
+    e = edge_map(x)[0, 0]
+    assert e[16, 16] == 0 and e[1, 1] == 0  # inside the square, far out in the noisy background
+    assert e[16, 6:10].max() == 1 and e[6:10, 16].max() == 1  # its left and top sides (half side 0.8 r = 8)
+    assert 0.15 < e.mean() < 0.5
+    assert edge_map(x, (8, 8)).shape == (1, 1, 8, 8) and edge_map(x, (8, 8))[0, 0, 4, 4] == 0
+
+
+def test_edge_weighted_loss_counts_outline_errors_more_and_zero_is_plain_mse():
+    import numpy as np
+
+    from bierasing.world import data
+    from bierasing.world.train import edge_map, weighted_mse
+
+    img = data.render("circle", "blue", "white", np.random.default_rng(1), radius=11, center=(16, 16))
+    x = torch.from_numpy(img).permute(2, 0, 1).float().unsqueeze(0) / 255
+    edge = edge_map(x) > 0.5
+    on_edge = torch.zeros(1, 3, 32, 32).masked_fill(edge, 1.0)
+    off_edge = torch.zeros(1, 3, 32, 32).masked_fill(~edge, 1.0) * (edge.sum() / (~edge).sum()).sqrt()
+    zero = torch.zeros(1, 3, 32, 32)
+    plain = weighted_mse(on_edge, zero, x, 0.0), weighted_mse(off_edge, zero, x, 0.0)
+    assert torch.allclose(*plain, rtol=1e-4)
+    assert weighted_mse(on_edge, zero, x, 3.0) > 3 * weighted_mse(off_edge, zero, x, 3.0)
+    with pytest.raises(ValueError, match="unet_edge_weight must be >= 0"):
+        TrainConfig(unet_edge_weight=-1.0)
+
+
+def test_curriculum_widens_the_shape_positions_and_edge_weighting_changes_the_training(tmp_path, monkeypatch):
+    from bierasing.world import data
+
+    spreads = []
+    real = data.sample_batch
+
+    def recording(n, rng, caption_kwargs=None, spread=1.0):
+        spreads.append(spread)
+        return real(n, rng, caption_kwargs, spread)
+
+    monkeypatch.setattr(data, "sample_batch", recording)
+    trainer = WorldTrainer(tmp_path / "cur", _cfg(unet_curriculum=4), TINY, progress=False, log=lambda m: None)
+    trainer.stage = "unet"
+    trainer._stage_unet()
+    assert spreads == [0.0, 0.25, 0.5, 0.75]
+    monkeypatch.setattr(data, "sample_batch", real)
+
+    plain = train_world(tmp_path / "plain", _cfg(), TINY, progress=False, log=lambda m: None)
+    edged = train_world(tmp_path / "edge", _cfg(unet_edge_weight=3.0), TINY, progress=False, log=lambda m: None)
+    a, b = _state(plain), _state(edged)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("text."))  # the stage before is untouched
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))

@@ -165,11 +165,12 @@ def polygon(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
 
 def render(shape: str, color: str, background: str, rng: np.random.Generator | None = None,
            size: int = IMAGE_SIZE, noise: float = 3.0, radius: float | None = None,
-           center: tuple[float, float] | None = None) -> np.ndarray:
+           center: tuple[float, float] | None = None, spread: float = 1.0) -> np.ndarray:
     """Render one image as uint8 HWC RGB.
 
     The shape is drawn anti-aliased at 4x and downsampled; position and size are random unless
-    given (radius and center in pixels of the output image).
+    given (radius and center in pixels of the output image). ``spread`` scales a random
+    position's offset from the image centre (0 = centred; the same random draws either way).
     """
     import cv2
 
@@ -178,7 +179,8 @@ def render(shape: str, color: str, background: str, rng: np.random.Generator | N
         radius = size * rng.uniform(0.28, 0.40)
     if center is None:
         margin = radius + 1.5
-        center = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
+        mid = size / 2
+        center = tuple(mid + spread * (rng.uniform(margin, size - margin) - mid) for _ in range(2))
     big = size * _SUPERSAMPLE
     canvas = np.empty((big, big, 3), np.uint8)
     canvas[:] = BACKGROUND_RGB[background]
@@ -201,13 +203,14 @@ def random_concepts(rng: np.random.Generator) -> Concepts:
                     BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
 
 
-def sample_batch(n: int, rng: np.random.Generator, caption_kwargs: dict | None = None
+def sample_batch(n: int, rng: np.random.Generator, caption_kwargs: dict | None = None, spread: float = 1.0
                  ) -> tuple[np.ndarray, list[str], list[Concepts], list[Concepts]]:
-    """n random images (uint8 NHWC), their captions, true concepts and caption-mentioned concepts."""
+    """n random images (uint8 NHWC), their captions, true concepts and caption-mentioned concepts;
+    ``spread`` as in :func:`render`."""
     images, captions, truths, mentions = [], [], [], []
     for _ in range(n):
         c = random_concepts(rng)
-        images.append(render(c.shape, c.color, c.background, rng))
+        images.append(render(c.shape, c.color, c.background, rng, spread=spread))
         cap, mentioned = random_caption(c, rng, **(caption_kwargs or {}))
         captions.append(cap)
         truths.append(c)

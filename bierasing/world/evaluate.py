@@ -156,20 +156,24 @@ def _steering_exemplars(bb, seed: int) -> tuple[torch.Tensor, list[data.Concepts
 
 
 def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4, seed: int = 1000,
-                steps: int = 20, guidance: float = 1.5) -> dict[str, float]:
+                steps: int = 20, guidance: float = 1.5, grid: str | Path | None = None) -> dict[str, float]:
     """A quick detector check of a model in training, on seeds the evaluation does not use.
 
     ``part`` "text": shape and colour accuracy over the shape x colour prompts, background
     accuracy over the background prompts; "image": image steering (shape), and the shape
     kept when a shape x colour prompt comes with its matching exemplar. Sample j of every
     prompt starts from the same noise (seed + j), so a probe varies more than its sample count
-    suggests: the shipped weights probe background 0.87 on seeds 1000-1001, 1.00 on 0-1."""
+    suggests: the shipped weights probe background 0.87 on seeds 1000-1001, 1.00 on 0-1.
+    ``grid``: where to save the shape x colour samples as a PNG ("text" only)."""
     sets = world_prompt_sets()
     if part == "text":
         sc, bg = sets["shape_color"], sets["background"]
-        dets = _detect(generate(bb, [p for p, _ in sc], samples_per_prompt, seed, steps, guidance))
+        imgs = generate(bb, [p for p, _ in sc], samples_per_prompt, seed, steps, guidance)
+        dets = _detect(imgs)
         dets_bg = _detect(generate(bb, [p for p, _ in bg], samples_per_prompt, seed, steps, guidance))
         n = len(sc) * samples_per_prompt
+        if grid is not None:
+            _probe_grid(grid, imgs, dets, sc)
         return {"shape": round(sum(d.shape == w.shape for row, (_, w) in zip(dets, sc) for d in row) / n, 4),
                 "color": round(sum(d.color == w.color for row, (_, w) in zip(dets, sc) for d in row) / n, 4),
                 "background": round(sum(d.background == w.background for row, (_, w) in zip(dets_bg, bg)
@@ -184,6 +188,14 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
         return {"image_steer": round(sum(d.shape == w.shape for row, w in zip(dets, wants) for d in row) / n, 4),
                 "text_image": round(sum(d.shape == w.shape for row, w in zip(joint, wants) for d in row) / n, 4)}
     raise ValueError(f"part must be 'text' or 'image', got {part!r}")
+
+
+def _probe_grid(path, imgs, dets, prompts) -> None:
+    from ..grid import make_grid, save_png
+
+    marks = np.array([[not _correct(d, w) for d in row] for row, (_, w) in zip(dets, prompts)])
+    save_png(path, make_grid(imgs, [p for p, _ in prompts], None, cell_px=48, label_px=170,
+                             title=Path(path).stem, marks=marks))
 
 
 def _world_grid(path, imgs, dets, prompts, summary) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import flux
 from . import data
 from .flow import FlowWorldBackbone, build_flow_models
-from .train import WorldTrainer
+from .train import WorldTrainer, weighted_mse
 
 
 class FlowWorldTrainer(WorldTrainer):
@@ -84,7 +84,7 @@ class FlowWorldTrainer(WorldTrainer):
         z = torch.randn(images.shape[0], generator=self.gen)
         sigma = flux.shift_sigmas(torch.sigmoid(self.tcfg.flow_t_mean + self.tcfg.flow_t_std * z), self.wcfg.shift)
         x, v = self._flow_state(images, sigma)
-        return F.mse_loss(self.bb.velocity(x, sigma, text).float(), v)
+        return weighted_mse(self.bb.velocity(x, sigma, text), v, images, self.tcfg.unet_edge_weight).mean()
 
     def _stage_flow(self) -> None:
         self._set_latent_scale()
