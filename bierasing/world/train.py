@@ -379,8 +379,7 @@ class WorldTrainer:
         label = "shipped weights" if model is None else str(model)
         if label not in SHIPPED and model is not None:
             label = str(Path(model).resolve())
-        self.init_from = {"model": label,
-                          "stage": stage}
+        self.init_from = {"model": label, "stage": stage}
         self.log(f"starting at stage {stage} from the weights of {self.init_from['model']}")
 
     def run(self, init_from: str | Path | None = None, start_stage: str | None = None) -> ShapesWorldBackbone:
