@@ -58,12 +58,19 @@ def _cmd_world_train(args) -> int:
                                             "unet_curriculum")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
+    wcfg = None
+    if args.cross_attn_levels is not None:
+        if args.arch != "unet":
+            raise ValueError("--cross-attn-levels sets the UNet world; the flow transformer attends everywhere")
+        from .world.models import WorldConfig
+
+        wcfg = WorldConfig(cross_attn_levels=args.cross_attn_levels)
     if args.init_from and not args.start_stage:
         raise ValueError("--init-from needs --start-stage (the stage to begin at)")
     out = Path(args.out)
     try:
         with _CtrlC() as stop:
-            train_world(out, tcfg, progress=not args.quiet, should_stop=stop,
+            train_world(out, tcfg, wcfg, progress=not args.quiet, should_stop=stop,
                         init_from=args.init_from, start_stage=args.start_stage)
     except TrainingInterrupted as e:
         print(f"bierasing: {e}", file=sys.stderr)
@@ -282,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-edge-weight", type=float, default=None,
                    help="weight the denoiser loss towards the shapes' outlines: each pixel 1 + this x edge "
                         "(default: TrainConfig; 0 = plain MSE)")
+    t.add_argument("--cross-attn-levels", type=int, default=None,
+                   help="UNet levels with text cross-attention, from 8x8 up (default 1 = 8x8 only; 2 adds "
+                        "16x16 at about twice the step time)")
     t.add_argument("--unet-stop-at", type=float, default=None,
                    help="end the UNet stage at the first detector probe with this shape accuracy "
                         "(default: TrainConfig; 0 = always train --unet-steps)")

@@ -56,6 +56,24 @@ def test_resume_refuses_a_checkpoint_of_another_seed(tmp_path):
         train_world(tmp_path, _cfg(seed=9), TINY, progress=False, log=lambda m: None)
 
 
+def test_resume_takes_a_model_config_field_added_since_the_checkpoint_at_its_default(tmp_path):
+    from bierasing import io
+
+    cfg = _cfg(unet_steps=8)
+    trainer = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    trainer.stage, trainer.step = "unet", 3
+    trainer.save_checkpoint()
+    tensors, meta = io.load_checkpoint(trainer.ckpt_path)
+    del meta["wcfg"]["cross_attn_levels"]  # as written before the field existed
+    io.save_checkpoint(trainer.ckpt_path, tensors, meta)
+    again = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    assert again.try_resume() and (again.stage, again.step) == ("unet", 3)
+    meta["wcfg"]["cross_attn_levels"] = 2
+    io.save_checkpoint(trainer.ckpt_path, tensors, meta)
+    with pytest.raises(ValueError, match="another seed or model config"):
+        WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None).try_resume()
+
+
 def test_training_lowers_the_losses(tmp_path):
     trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_warm_steps=100, ip_steps=0), TINY,
                            progress=False, log=lambda m: None)
@@ -406,3 +424,27 @@ def test_curriculum_widens_the_shape_positions_and_edge_weighting_changes_the_tr
     a, b = _state(plain), _state(edged)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("text."))  # the stage before is untouched
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+
+
+def test_cross_attention_levels_add_text_attention_at_16x16_and_are_validated():
+    import dataclasses
+
+    from bierasing.world.models import build_models, build_tokenizer
+
+    def attn2_names(levels):
+        cfg = dataclasses.replace(TINY, cross_attn_levels=levels)
+        unet = build_models(cfg, build_tokenizer(cfg.max_text_len))["unet"]
+        return sorted(n.split(".attentions")[0] for n, _ in unet.named_modules() if n.endswith("attn2"))
+
+    one, two = attn2_names(1), attn2_names(2)
+    assert set(one) == {"down_blocks.2", "mid_block", "up_blocks.0"}
+    assert set(two) == set(one) | {"down_blocks.1", "up_blocks.1"}
+    with pytest.raises(ValueError, match="cross_attn_levels must be 1..3"):
+        WorldConfig(cross_attn_levels=0)
+
+
+def test_cli_cross_attention_levels_are_for_the_unet_world_only(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bierasing", "world", "train", "--arch", "flow",
+                        "--cross-attn-levels", "2", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "flow transformer attends everywhere" in r.stderr
+    assert "Traceback" not in r.stderr
