@@ -327,7 +327,11 @@ class WorldTrainer:
             return False
         tensors, meta = io.load_checkpoint(self.ckpt_path)
         # from_json: a config field added since the checkpoint was written takes its default
-        if meta["tcfg"]["seed"] != self.tcfg.seed or type(self.wcfg).from_json(meta["wcfg"]) != self.wcfg:
+        try:
+            same_model = type(self.wcfg).from_json(meta["wcfg"]) == self.wcfg
+        except (KeyError, TypeError, ValueError):  # the other architecture's config
+            same_model = False
+        if meta["tcfg"]["seed"] != self.tcfg.seed or not same_model:
             raise ValueError(f"{self.ckpt_path} was written by a run with another seed or model "
                              "config; delete it or use another --out folder")
         for n, mod in self._modules().items():
