@@ -55,8 +55,11 @@ def _cmd_world_train(args) -> int:
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
                                             "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
                                             "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
-                                            "unet_curriculum")
+                                            "unet_curriculum", "flow_pooled_dropout")
              if getattr(args, k) is not None}
+    if args.flow_pooled_dropout is not None and args.arch != "flow":
+        raise ValueError("--flow-pooled-dropout sets the flow world's transformer (--arch flow); the UNet "
+                         "world has no pooled text vector")
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     wcfg = None
     if args.cross_attn_levels is not None:
@@ -289,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-edge-weight", type=float, default=None,
                    help="weight the denoiser loss towards the shapes' outlines: each pixel 1 + this x edge "
                         "(default: TrainConfig; 0 = plain MSE)")
+    t.add_argument("--flow-pooled-dropout", type=float, default=None,
+                   help="flow world: share of steps where the transformer sees the empty prompt's pooled "
+                        "vector beside the caption's tokens, so it reads the concepts from the tokens "
+                        "(default: TrainConfig; 0 = off)")
     t.add_argument("--cross-attn-levels", type=int, default=None,
                    help="UNet levels with text cross-attention, from 8x8 up (default 1 = 8x8 only; 2 adds "
                         "16x16 at about twice the step time)")

@@ -94,3 +94,38 @@ def test_arch_is_validated_and_flow_checkpoints_are_not_mixed_with_unet_ones(tmp
     train_world(tmp_path, _cfg(), TINY, **QUIET)
     with pytest.raises(ValueError, match="another seed or model config"):
         train_world(tmp_path, _cfg(arch="unet"), None, **QUIET)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_pooled_dropout_gives_the_transformer_the_empty_prompts_pooled_vector(tmp_path, share):
+    trainer = FlowWorldTrainer(tmp_path, _cfg(flow_pooled_dropout=share), TINY, **QUIET)
+    seen = []
+    real = trainer.bb.velocity
+
+    def recording(x, sigma, text, image_tokens=None):
+        seen.append(text.detach().clone())
+        return real(x, sigma, text, image_tokens)
+
+    trainer.bb.velocity = recording
+    captions = ["a red circle", "a blue star"]
+    with torch.no_grad():
+        text = trainer.bb.encode_text(captions)
+        empty_pooled = trainer.bb.encode_text([""])[0, -1]
+    trainer._denoiser_loss(torch.rand(2, 3, 32, 32), text)
+    (given,) = seen
+    assert torch.equal(given[:, :-1], text[:, :-1])  # the tokens always keep the caption
+    if share == 1.0:
+        assert all(torch.equal(row, empty_pooled) for row in given[:, -1])
+    else:
+        assert torch.equal(given[:, -1], text[:, -1]) and not torch.equal(text[0, -1], empty_pooled)
+
+
+def test_pooled_dropout_is_validated_and_for_the_flow_world_only(tmp_path):
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match=r"flow_pooled_dropout is a share of steps in \[0, 1\]"):
+        TrainConfig(flow_pooled_dropout=1.5)
+    r = subprocess.run([sys.executable, "-m", "bierasing", "world", "train", "--flow-pooled-dropout", "0.5",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "no pooled text vector" in r.stderr and "Traceback" not in r.stderr

@@ -294,7 +294,8 @@ def _denoiser_lines(arch: str, cfg: dict, tr: dict, trained, size: int) -> list[
             head + f"autoencoder {tr.get('vae_steps')} steps x {tr.get('unet_batch')}; transformer "
             f"{trained('flow', 'unet_steps')} steps x {tr.get('unet_batch')} (flow matching, "
             f"logit-normal sigma ({tr.get('flow_t_mean')}, {tr.get('flow_t_std')}) shifted by {cfg['shift']}, AdamW lr {tr.get('lr')}, "
-            f"cosine, EMA {tr.get('ema')}, " + common + f"Redux {trained('redux', 'ip_steps')} steps x "
+            f"cosine, EMA {tr.get('ema')}, edge weight {tr.get('unet_edge_weight', 0)}, pooled-vector dropout "
+            f"{tr.get('flow_pooled_dropout', 0)}, " + common + f"Redux {trained('redux', 'ip_steps')} steps x "
             f"{tr.get('ip_batch')} (distill, lr {tr.get('ip_lr')}, empty prompt {tr.get('ip_empty_prompt')}); "
             f"forward passes {tr.get('precision', 'fp32')}"]
     return [
@@ -303,7 +304,8 @@ def _denoiser_lines(arch: str, cfg: dict, tr: dict, trained, size: int) -> list[
         f"- image branch: projector to {cfg['ip_tokens']} tokens + to_k_ip/to_v_ip in every attn2 (ip-adapter_sd15 key layout)",
         f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "", "## Training (this machine: 2 CPU cores, torch threads 2)",
         head + f"UNet {trained('unet', 'unet_steps')} steps x {tr.get('unet_batch')} (AdamW lr {tr.get('lr')}, cosine, "
-        f"EMA {tr.get('ema')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}, " + common + "image branch: projector warm "
+        f"EMA {tr.get('ema')}, Min-SNR gamma {tr.get('min_snr_gamma', 0)}, edge weight "
+        f"{tr.get('unet_edge_weight', 0)}, " + common + "image branch: projector warm "
         f"start {tr.get('ip_warm_steps', 0)} steps, then {trained('ip', 'ip_steps')} steps x {tr.get('ip_batch')} "
         f"({tr.get('ip_objective', 'denoise')}, lr {tr.get('ip_lr', tr.get('lr'))}); "
         f"forward passes {tr.get('precision', 'fp32')}"]

@@ -84,6 +84,13 @@ class FlowWorldTrainer(WorldTrainer):
         z = torch.randn(images.shape[0], generator=self.gen)
         sigma = flux.shift_sigmas(torch.sigmoid(self.tcfg.flow_t_mean + self.tcfg.flow_t_std * z), self.wcfg.shift)
         x, v = self._flow_state(images, sigma)
+        p = self.tcfg.flow_pooled_dropout
+        if p > 0:  # (no draw at 0: earlier runs resume on the same random stream)
+            drop = torch.rand(len(text), generator=self.gen) < p
+            with torch.no_grad():
+                empty_pooled = self.bb.encode_text([""])[0, -1]
+            text = text.clone()
+            text[drop, -1] = empty_pooled
         return weighted_mse(self.bb.velocity(x, sigma, text), v, images, self.tcfg.unet_edge_weight).mean()
 
     def _stage_flow(self) -> None:

@@ -164,6 +164,10 @@ class TrainConfig:
         "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw); a higher "
                 "mean trains more at high noise"})
     flow_t_std: float = field(default=1.0, metadata={"help": "flow world: spread of the logit-normal sigma draw"})
+    flow_pooled_dropout: float = field(default=0.0, metadata={
+        "help": "flow world: share of transformer steps whose pooled text vector is the empty prompt's while "
+                "the tokens keep the caption, so the concepts must be read from the tokens (where Redux adds "
+                "its image tokens, as FLUX reads them from T5); 0 = off"})
     checkpoint_every: int = 250
 
     def __post_init__(self):
@@ -182,6 +186,8 @@ class TrainConfig:
                      "unet_curriculum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.flow_pooled_dropout <= 1.0:
+            raise ValueError(f"flow_pooled_dropout is a share of steps in [0, 1], got {self.flow_pooled_dropout}")
         if not 0.0 <= self.ip_empty_prompt <= 1.0:
             raise ValueError(f"ip_empty_prompt is a share of steps in [0, 1], got {self.ip_empty_prompt}")
         if self.min_snr_gamma < 0:
