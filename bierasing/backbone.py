@@ -132,6 +132,13 @@ class Backbone(abc.ABC):
         SD1.5 the user names what to preserve, so the default is nothing."""
         return [], [[] for _ in pairs]
 
+    def related_vocabulary(self, concept: str):
+        """The phrases and context templates :mod:`bierasing.related` ranks for ``concept`` with this
+        model's text encoder (a general model: the shipped vocabulary)."""
+        from .related import shipped_vocabulary
+
+        return shipped_vocabulary()
+
     def sampling_timesteps(self, steps: int) -> torch.Tensor:
         """The descending timestep grid of a ``steps``-step sampler (DDIM "leading" spacing; a flow
         model starts at the top timestep)."""

@@ -245,6 +245,32 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_suggest(args) -> int:
+    from . import related
+
+    _threads(args.threads)
+    targets, safes = _split(args.concept), _split(args.safe)
+    if safes and len(safes) != len(targets):
+        raise ValueError(f"{len(targets)} concepts but {len(safes)} safe alternatives; give one per concept")
+    bb = _load_backbone(args)
+    safes = safes or [bb.default_safe(t) for t in targets]
+    pairs = list(zip(targets, safes))
+    out = {"concepts": [{"target": t, "safe": s, "nearest": related.nearest(
+        bb, t, bb.related_vocabulary(t), args.hold, [x for x, _ in pairs if x != t] + [s])} for t, s in pairs]}
+    keep, contexts = related.suggest(bb, pairs, args.contexts, hold=args.hold)
+    out.update(preserve=keep, contexts=contexts)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for c in out["concepts"]:
+        print(f"{c['target']} (safe: {c['safe'] or 'none'}) nearest: "
+              + ", ".join(f"{p} {cos:.2f}" for p, cos in c["nearest"]))
+    print("preserve: " + ", ".join(keep))
+    for (t, _), ctx in zip(pairs, contexts):
+        print(f"contexts of {t}: " + "; ".join(f"{a} -> {b}" for a, b in ctx))
+    return 0
+
+
 def _cmd_standins(args) -> int:
     from . import comfy_standins
 
@@ -371,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_eval)
+
+    sg = sub.add_parser("suggest", help="related concepts from the model's own text encoder: the nearest phrases "
+                        "of a shipped vocabulary (what an erasure should preserve) and context pairs")
+    _add_model_args(sg)
+    sg.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated")
+    sg.add_argument("--safe", default="", help="safe alternative per concept, comma-separated")
+    sg.add_argument("--hold", type=int, default=8, help="nearest phrases to hold per concept")
+    sg.add_argument("--contexts", type=int, default=4, help="context templates per concept (0: none)")
+    sg.add_argument("--json", action="store_true")
+    sg.add_argument("--threads", type=int, default=2)
+    sg.set_defaults(func=_cmd_suggest)
 
     st = sub.add_parser("standins", help="write random-weight stand-ins for the models the shipped templates "
                                          "name into a ComfyUI folder, to try every template without downloads; "

@@ -182,6 +182,11 @@ class ShapesWorldBackbone(Backbone):
 
         return WorldScorer()
 
+    def related_vocabulary(self, concept: str):
+        from .related import world_vocabulary
+
+        return world_vocabulary(concept)
+
     def suggest_related(self, pairs, n_contexts):
         from .related import suggest
 

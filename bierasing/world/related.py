@@ -111,3 +111,18 @@ def suggest(pairs: list[tuple[str, str]], n_contexts: int) -> tuple[list[str], l
         if ok:
             hold(context_neighbours(c, s, n_contexts))
     return keep, contexts
+
+
+def world_vocabulary(target: str):
+    """The world's concepts as :mod:`bierasing.related` vocabulary: every concept word, the
+    target's contexts as templates ("a red {} on a black background"), never an evaluation prompt."""
+    from ..related import Vocabulary
+
+    words = tuple(c for axis in data.AXES.values() for c in axis)
+    if not data.is_concept(target):
+        return Vocabulary(words, (), frozenset())
+    axis = data.axis_of(target)
+    word = data.AXIS_WORDS[axis][target][0]
+    templates = tuple(data.prompt(**{**ctx, axis: target}).replace(word, "{}")
+                      for ctx in _contexts(target, len(data.SHAPES)))
+    return Vocabulary(words, templates, frozenset(evaluated_prompts(target)), frozenset(data.AXES[axis]))

@@ -1,0 +1,112 @@
+"""Related concepts from the model itself: what an erasure should hold, and where else to erase.
+
+A phrase's place in a model is what it changes in the text conditioning the denoiser reads: its
+token states minus the empty prompt's, flattened (every backbone's ``encode_text``, so SD1.5, SDXL,
+flow transformers and ShapesWorld alike). The vocabulary phrases nearest the target by cosine are
+the concepts an erasure is most likely to drag along, so they are held unchanged (the preserve
+set); phrases almost identical to it (cosine >= ``same_above``) read as its synonyms and are left
+to be erased with it. Contexts put the target and its safe alternative into the same templates
+("a photo of {}"), and each context also holds the target's nearest neighbours in it: erasing a
+concept in a context drags its neighbours in that context unless they are held (ShapesWorld's
+shape "ladder").
+
+Deterministic: no sampling, only the model's text encoder; ties keep the vocabulary's order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+import torch
+
+#: phrases closer than this to the target are its synonyms: erased with it, never held
+SAME_ABOVE = 0.95
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Candidate phrases and context templates ({} = the concept)."""
+
+    phrases: tuple[str, ...]
+    contexts: tuple[str, ...]
+    #: prompts never suggested (ShapesWorld: its evaluation prompts, so holding cannot inflate ACC_p)
+    never: frozenset[str] = frozenset()
+    #: the phrases that fit a template's slot (None: every phrase; ShapesWorld: the target's axis)
+    slot: frozenset[str] | None = None
+
+    def __post_init__(self):
+        bad = [c for c in self.contexts if c.count("{}") != 1]
+        if bad:
+            raise ValueError(f"context templates need exactly one {{}} for the concept, got {bad}")
+        if not self.phrases:
+            raise ValueError("a vocabulary needs at least one phrase")
+
+
+def shipped_vocabulary() -> Vocabulary:
+    """``bierasing/vocabulary/general.json``: 350 objects, animals, people, styles, artists' names,
+    colours, places, body and clothing words, and 12 context templates."""
+    raw = json.loads(resources.files("bierasing").joinpath("vocabulary/general.json").read_text("utf-8"))
+    phrases = tuple(dict.fromkeys(p for k, v in raw.items() if k not in ("_about", "contexts") for p in v))
+    return Vocabulary(phrases, tuple(raw["contexts"]))
+
+
+@torch.no_grad()
+def conditioning_vectors(backbone, prompts: Sequence[str], batch: int = 32) -> torch.Tensor:
+    """Unit vectors [N, L*D] of what each prompt changes in the text conditioning, fp32 on the CPU."""
+    empty = backbone.encode_text([""]).float().flatten(1).cpu()
+    out = []
+    for i in range(0, len(prompts), batch):
+        states = backbone.encode_text(list(prompts[i:i + batch])).float().flatten(1).cpu()
+        out.append(torch.nn.functional.normalize(states - empty, dim=1))
+    return torch.cat(out)
+
+
+def _words(text: str) -> set[str]:
+    return set(text.lower().replace(",", " ").split()) - {"a", "an", "the", "of", "in", "on"}
+
+
+def nearest(backbone, concept: str, vocabulary: Vocabulary, k: int, exclude: Sequence[str] = (),
+            same_above: float = SAME_ABOVE) -> list[tuple[str, float]]:
+    """The ``k`` vocabulary phrases nearest ``concept`` in the model's conditioning, with cosines.
+
+    Every phrase is read as the model reads a concept (``backbone.concept_text``). Left out:
+    synonyms (cosine >= ``same_above``) and phrases sharing a word (as written) with the concept or
+    with any of ``exclude`` (erasing "dog" holds neither "a hot dog" nor the safe "a cat" twice)."""
+    banned = _words(concept).union(*(_words(e) for e in exclude if e))
+    candidates = [p for p in vocabulary.phrases if not _words(p) & banned]
+    if not candidates or k <= 0:
+        return []
+    vecs = conditioning_vectors(backbone, [backbone.concept_text(p) for p in (concept, *candidates)])
+    cos = (vecs[1:] @ vecs[0]).tolist()
+    ranked = sorted(range(len(candidates)), key=lambda i: -cos[i])  # stable: ties keep file order
+    return [(candidates[i], round(cos[i], 4)) for i in ranked if cos[i] < same_above][:k]
+
+
+def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int = 8,
+            hold_in_context: int = 2) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """The preserve prompts for all ``(target, safe)`` pairs together, and each pair's context pairs,
+    over each target's ``backbone.related_vocabulary``.
+
+    Held: each target's ``hold`` nearest phrases (as the model reads them), and in each of its
+    ``n_contexts`` contexts its ``hold_in_context`` nearest; never a phrase naming an erased target
+    nor one the vocabulary rules out. A pair without a safe alternative gets no contexts (nothing to
+    pull the target towards in them). Templates take the concepts as written."""
+    targets = [t for t, _ in pairs]
+    erased = set().union(*(_words(t) for t in targets))
+    keep: list[str] = []
+    contexts = []
+    for target, safe in pairs:
+        vocab = backbone.related_vocabulary(target)
+        others = [t for t in targets if t != target] + [safe]
+        near = [p for p, _ in nearest(backbone, target, vocab, max(hold, hold_in_context), others)]
+        templates = vocab.contexts[:max(n_contexts, 0)] if safe else ()
+        pairs_in = [(tpl.format(target), tpl.format(safe)) for tpl in templates]
+        contexts.append([pr for pr in pairs_in if not set(pr) & vocab.never])
+        held = [backbone.concept_text(p) for p in near[:hold]]
+        fits = [p for p in near if vocab.slot is None or p in vocab.slot][:hold_in_context]
+        held += [tpl.format(p) for tpl in templates for p in fits]
+        keep.extend(p for p in held if p not in keep and p not in vocab.never and not _words(p) & erased)
+    return keep, contexts
