@@ -56,11 +56,23 @@ def test_weights_say_which_rows_a_step_runs():
     assert LossWeights(neg=1.0).teacher_rows() == ["uncond-", "concept"]
     assert LossWeights(neg=1.0).student_rows() == ["neg"]
     both = LossWeights(neg=0.6, pos=0.4, map=0.15, adv=0.3, keep=1.0, neg_anchor=0.5)
-    assert both.teacher_rows() == ["uncond-", "concept", "uncond+", "safe", "adv_uncond", "adv_concept", "keep"]
+    # eta+ = 1 (the default): the positive target is the safe prediction itself, eps*({}, I+) is not run
+    assert both.teacher_rows() == ["uncond-", "concept", "safe", "adv_uncond", "adv_concept", "keep"]
+    strong = LossWeights(neg=0.6, pos=0.4, pos_guidance=2.0)
+    assert strong.teacher_rows() == ["uncond-", "concept", "uncond+", "safe"]
     assert both.student_rows() == ["neg", "pos", "map", "adv", "keep"]
     # the anchor alone needs the safe prediction; without the negative branch it needs nothing
-    assert LossWeights(neg=1.0, neg_anchor=0.5).teacher_rows() == ["uncond-", "concept", "uncond+", "safe"]
-    assert LossWeights(pos=1.0, neg_anchor=0.5).teacher_rows() == ["uncond+", "safe"]
+    assert LossWeights(neg=1.0, neg_anchor=0.5).teacher_rows() == ["uncond-", "concept", "safe"]
+    assert LossWeights(pos=1.0, neg_anchor=0.5).teacher_rows() == ["safe"]
+
+
+def test_at_unit_positive_guidance_the_target_is_the_safe_prediction_without_the_uncond_row():
+    w = LossWeights(neg=0.6, pos=0.4, map=0.3)
+    e = _rows(TEACHER_ROWS, 0)
+    targets = loss_targets({k: v for k, v in e.items() if k != "uncond+"}, w)
+    assert torch.equal(targets["pos"][1], e["safe"]) and torch.equal(targets["map"][1], e["safe"])
+    spelled = e["uncond+"] + 1.0 * (e["safe"] - e["uncond+"])
+    assert torch.allclose(targets["pos"][1], spelled, atol=1e-6)
 
 
 def test_shares_scale_a_partial_term_so_micro_batches_add_up():

@@ -109,8 +109,10 @@ class LossWeights:
         rows = []
         if self.neg > 0:
             rows += ["uncond-", "concept"]
-        if self.pos > 0 or self.map > 0 or (self.neg > 0 and self.neg_anchor > 0):
-            rows += ["uncond+", "safe"]
+        if self.pos > 0 or self.map > 0:
+            rows += ["uncond+", "safe"] if self.pos_guidance != 1 else ["safe"]  # eta+ = 1: the target is eps*(c+, I+)
+        elif self.neg > 0 and self.neg_anchor > 0:
+            rows += ["safe"]
         if self.adv > 0:
             rows += ["adv_uncond", "adv_concept"]
         if self.keep > 0:
@@ -125,7 +127,7 @@ def loss_targets(teacher: Mapping[str, torch.Tensor], w: LossWeights) -> dict[st
     """Per student row kind: (its weight in the loss, the target it is trained toward).
 
     neg:  A - eta- (eps*(c-, I-) - A),  A = (1 - a) eps*({}, I-) + a eps*(c+, I+)   (a = 0: ESD)
-    pos, map:  eps*({}, I+) + eta+ (eps*(c+, I+) - eps*({}, I+))
+    pos, map:  eps*({}, I+) + eta+ (eps*(c+, I+) - eps*({}, I+))   (eta+ = 1: eps*(c+, I+), one row fewer)
     adv:  eps*({}) - eta- (eps*(c-) - eps*({}))                                     (no images)
     keep: eps*(x_t', c_keep)
     """
@@ -135,7 +137,8 @@ def loss_targets(teacher: Mapping[str, torch.Tensor], w: LossWeights) -> dict[st
         anchor = (1 - a) * teacher["uncond-"] + a * teacher["safe"] if a > 0 else teacher["uncond-"]
         out["neg"] = (w.neg, negative_guidance_target(anchor, teacher["concept"], w.neg_guidance))
     if w.pos > 0 or w.map > 0:
-        target = positive_guidance_target(teacher["uncond+"], teacher["safe"], w.pos_guidance)
+        target = (teacher["safe"] if w.pos_guidance == 1
+                  else positive_guidance_target(teacher["uncond+"], teacher["safe"], w.pos_guidance))
         if w.pos > 0:
             out["pos"] = (w.pos, target)
         if w.map > 0:
