@@ -74,6 +74,19 @@ def test_resume_takes_a_model_config_field_added_since_the_checkpoint_at_its_def
         WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None).try_resume()
 
 
+def test_resume_says_which_training_settings_differ_from_the_checkpoints(tmp_path):
+    trainer = WorldTrainer(tmp_path, _cfg(unet_edge_weight=0.0), TINY, progress=False, log=lambda m: None)
+    trainer.stage, trainer.step = "unet", 3
+    trainer.save_checkpoint()
+    said = []
+    again = WorldTrainer(tmp_path, _cfg(unet_edge_weight=3.0), TINY, progress=False, log=said.append)
+    assert again.try_resume()
+    assert any("differ from the checkpoint's: unet_edge_weight 0.0 -> 3.0" in m for m in said), said
+    quiet = []
+    WorldTrainer(tmp_path, _cfg(unet_edge_weight=0.0), TINY, progress=False, log=quiet.append).try_resume()
+    assert not any("differ" in m for m in quiet)
+
+
 def test_training_lowers_the_losses(tmp_path):
     trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_warm_steps=100, ip_steps=0), TINY,
                            progress=False, log=lambda m: None)
@@ -419,7 +432,7 @@ def test_curriculum_widens_the_shape_positions_and_edge_weighting_changes_the_tr
     assert spreads == [0.0, 0.25, 0.5, 0.75]
     monkeypatch.setattr(data, "sample_batch", real)
 
-    plain = train_world(tmp_path / "plain", _cfg(), TINY, progress=False, log=lambda m: None)
+    plain = train_world(tmp_path / "plain", _cfg(unet_edge_weight=0.0), TINY, progress=False, log=lambda m: None)
     edged = train_world(tmp_path / "edge", _cfg(unet_edge_weight=3.0), TINY, progress=False, log=lambda m: None)
     a, b = _state(plain), _state(edged)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("text."))  # the stage before is untouched

@@ -115,11 +115,11 @@ class TrainConfig:
         "help": "the first this many denoiser steps draw shapes near the image centre, their offset "
                 "growing linearly to the full range; 0 = off. 1500 on seed 1 (2026-12-05): shape 0.00 "
                 "at 500-1500 steps, the words did not bind sooner (docs/shapesworld.md)"})
-    unet_edge_weight: float = field(default=0.0, metadata={
+    unet_edge_weight: float = field(default=3.0, metadata={
         "help": "denoiser loss weight per pixel 1 + this x edge, edge in [0, 1] from the clean image's "
                 "Sobel gradient (max-pooled to latents in the flow world), normalised to mean 1; 0 = plain "
-                "MSE. 3 on seed 1 (2026-12-05): shape 0.10 / 0.58 at steps 3000 / 3500, plain 0.00 / 0.01 "
-                "at 3000 / 4000"})
+                "MSE. 3 (2026-12-05) met every UNet-world bar from seeds 0, 1 and 2, where plain MSE left "
+                "seed 1 at shape 0.05 (docs/shapesworld.md)"})
     ip_empty_prompt: float = field(default=0.8, metadata={"help": "share of image-branch steps with an empty prompt"})
     ip_warm_steps: int = field(default=300, metadata={
         "help": "projector warm start: steps regressing image tokens onto concept-word text states"})
@@ -340,6 +340,11 @@ class WorldTrainer:
         if meta["tcfg"]["seed"] != self.tcfg.seed or not same_model:
             raise ValueError(f"{self.ckpt_path} was written by a run with another seed or model "
                              "config; delete it or use another --out folder")
+        now = asdict(self.tcfg)
+        changed = {k: (v, now[k]) for k, v in meta["tcfg"].items() if k in now and now[k] != v}
+        if changed:  # e.g. a default that changed since the checkpoint was written
+            self.log("resuming with training settings that differ from the checkpoint's: "
+                     + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
         for n, mod in self._modules().items():
             own = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
             if own or n != "aux_text":  # checkpoints from before the vision stage have no aux tower

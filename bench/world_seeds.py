@@ -1,0 +1,68 @@
+"""Collect world-training runs into bench/results/world_seeds.{json,md}: one row per run folder
+(seed, recipe, probes, stage times, the 16-sample evaluation against the world bar).
+
+    python bench/world_seeds.py runs/s0_edge3 runs/s1_edge3 runs/s2_edge3 bierasing/world/weights_flow
+
+Reads each run's ``model/world.json`` (or a model folder's ``world.json``) (written by ``bierasing world train``); rows are keyed by
+folder name, so re-running with more folders adds to the table.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bierasing.io import atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BAR = {"shape_acc": 0.90, "color_acc": 0.90, "axis3_acc": 0.85, "image_steer_acc": 0.80}
+RECIPE = ("arch", "unet_edge_weight", "flow_pooled_dropout", "unet_steps", "ip_steps", "lr", "ip_lr")
+
+
+def row(folder: Path) -> dict:
+    meta_path = folder / "world.json" if (folder / "world.json").is_file() else folder / "model" / "world.json"
+    meta = json.loads(meta_path.read_text())
+    q, tr = meta["quality"], meta["train"]
+    recipe = {**{k: tr.get(k) for k in RECIPE}, "arch": meta.get("arch", "unet")}
+    shipped = {"weights": "shipped shapesworld", "weights_flow": "shipped shapesworld-flow"}
+    return {"run": shipped.get(folder.name, folder.name), "seed": tr["seed"], "recipe": recipe,
+            "init_from": meta.get("init_from"), "probes": meta.get("probes", {}),
+            "stopped_at": meta.get("stopped_at", {}),
+            "minutes": {k: round(v / 60, 1) for k, v in meta["seconds"].items()},
+            "total_minutes": round(sum(meta["seconds"].values()) / 60, 1),
+            "quality": {k: q[k] for k in (*BAR, "text_image_shape_acc", "none_rate")},
+            "meets_bar": all(q[k] >= v for k, v in BAR.items())}
+
+
+def markdown(rows: list[dict], notes: list[str]) -> str:
+    lines = ["# World training from several seeds", "",
+             "Each row is one `bierasing world train` run on a 2-core CPU (torch threads 2), evaluated with "
+             "16 samples per prompt. Bar: shape >= 0.90, colour >= 0.90, background >= 0.85, image "
+             "steering >= 0.80.", "",
+             "| run | seed | arch | edge weight | shape | colour | background | steering | text + image | "
+             "'none' | minutes | bar |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q, rc = r["quality"], r["recipe"]
+        lines.append(f"| {r['run']} | {r['seed']} | {rc['arch']} | {rc['unet_edge_weight'] or 0} | {q['shape_acc']:.3f} | "
+                     f"{q['color_acc']:.3f} | {q['axis3_acc']:.3f} | {q['image_steer_acc']:.3f} | "
+                     f"{q['text_image_shape_acc']:.3f} | {q['none_rate']:.3f} | {r['total_minutes']} | "
+                     f"{'met' if r['meets_bar'] else 'missed'} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(folders: list[str]) -> None:
+    path = RESULTS / "world_seeds.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "notes": []}
+    by_run = {r["run"]: r for r in results["rows"]}
+    for f in folders:
+        by_run[Path(f).name] = row(Path(f))
+    results["rows"] = sorted(by_run.values(), key=lambda r: (r["recipe"]["arch"], r["run"]))
+    atomic_write_text(path, json.dumps(results, indent=2))
+    atomic_write_text(RESULTS / "world_seeds.md", markdown(results["rows"], results["notes"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
