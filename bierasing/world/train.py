@@ -5,7 +5,8 @@
 Stages (each seeded, each resumable from a checkpoint written every ``checkpoint_every`` steps):
   1. clip  - text and image encoders trained contrastively; a caption is a positive for every
              image it correctly describes (captions mention only some of the three axes);
-  2. unet  - v-prediction loss on DDPM-noised images, frozen text encoder, 10% caption dropout
+  2. unet  - v-prediction loss on DDPM-noised images, weighted towards the shapes' outlines
+             (``unet_edge_weight``), frozen text encoder, 10% caption dropout
              for classifier-free guidance, EMA weights kept for sampling;
   3. vision - the image encoder of the image branch: a fresh CLIP pair (image encoder + its own
              text tower, discarded afterwards) trained contrastively for longer. As in SD1.5 +
