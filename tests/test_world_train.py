@@ -88,8 +88,10 @@ def test_resume_says_which_training_settings_differ_from_the_checkpoints(tmp_pat
 
 
 def test_training_lowers_the_losses(tmp_path):
-    trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_warm_steps=100, ip_steps=0), TINY,
-                           progress=False, log=lambda m: None)
+    # plain MSE: the 0.8 bound was calibrated on it (the outline-weighted loss of the default fell
+    # 0.739 -> 0.652 over the same 100 steps; its per-batch weights make single steps noisier)
+    trainer = WorldTrainer(tmp_path, _cfg(clip_steps=100, unet_steps=100, ip_warm_steps=100, ip_steps=0,
+                                          unet_edge_weight=0.0), TINY, progress=False, log=lambda m: None)
     trainer.run()
     clip, unet, warm = trainer.history["clip"], trainer.history["unet"], trainer.history["ip_warm"]
     assert clip[-1][1] < clip[0][1] * 0.9
