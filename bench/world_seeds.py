@@ -3,8 +3,8 @@
 
     python bench/world_seeds.py runs/s0_edge3 runs/s1_edge3 runs/s2_edge3 bierasing/world/weights_flow
 
-Reads each run's ``model/world.json`` (or a model folder's ``world.json``) (written by ``bierasing world train``); rows are keyed by
-folder name, so re-running with more folders adds to the table.
+Reads the ``world.json`` that ``bierasing world train`` writes (in a run folder's ``model/``, or in
+a model folder itself); rows are keyed by run name, so re-running with more folders adds to the table.
 """
 
 import json

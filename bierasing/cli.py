@@ -255,9 +255,10 @@ def _cmd_suggest(args) -> int:
     bb = _load_backbone(args)
     safes = safes or [bb.default_safe(t) for t in targets]
     pairs = list(zip(targets, safes))
-    out = {"concepts": [{"target": t, "safe": s, "nearest": related.nearest(
-        bb, t, bb.related_vocabulary(t), args.hold, [x for x, _ in pairs if x != t] + [s])} for t, s in pairs]}
-    keep, contexts = related.suggest(bb, pairs, args.contexts, hold=args.hold)
+    near = [related.nearest(bb, t, bb.related_vocabulary(t), max(args.hold, 2), related.related_excluded(pairs, i))
+            for i, (t, _) in enumerate(pairs)]
+    keep, contexts = related.suggest(bb, pairs, args.contexts, hold=args.hold, neighbours=near)
+    out = {"concepts": [{"target": t, "safe": s, "nearest": n[:args.hold]} for (t, s), n in zip(pairs, near)]}
     out.update(preserve=keep, contexts=contexts)
     if args.json:
         print(json.dumps(out))

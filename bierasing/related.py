@@ -85,23 +85,32 @@ def nearest(backbone, concept: str, vocabulary: Vocabulary, k: int, exclude: Seq
     return [(candidates[i], round(cos[i], 4)) for i in ranked if cos[i] < same_above][:k]
 
 
-def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int = 8,
-            hold_in_context: int = 2) -> tuple[list[str], list[list[tuple[str, str]]]]:
+def related_excluded(pairs: list[tuple[str, str]], i: int) -> list[str]:
+    """What pair ``i``'s neighbours must not name: the other erased targets and its own safe concept."""
+    target, safe = pairs[i]
+    return [t for t, _ in pairs if t != target] + [safe]
+
+
+def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int = 8, hold_in_context: int = 2,
+            neighbours: list[list[tuple[str, float]]] | None = None
+            ) -> tuple[list[str], list[list[tuple[str, str]]]]:
     """The preserve prompts for all ``(target, safe)`` pairs together, and each pair's context pairs,
     over each target's ``backbone.related_vocabulary``.
 
     Held: each target's ``hold`` nearest phrases (as the model reads them), and in each of its
     ``n_contexts`` contexts its ``hold_in_context`` nearest; never a phrase naming an erased target
     nor one the vocabulary rules out. A pair without a safe alternative gets no contexts (nothing to
-    pull the target towards in them). Templates take the concepts as written."""
+    pull the target towards in them). Templates take the concepts as written. ``neighbours``: each
+    pair's :func:`nearest` list (at least ``max(hold, hold_in_context)`` long), if already computed."""
     targets = [t for t, _ in pairs]
     erased = set().union(*(_words(t) for t in targets))
     keep: list[str] = []
     contexts = []
-    for target, safe in pairs:
+    for i, (target, safe) in enumerate(pairs):
         vocab = backbone.related_vocabulary(target)
-        others = [t for t in targets if t != target] + [safe]
-        near = [p for p, _ in nearest(backbone, target, vocab, max(hold, hold_in_context), others)]
+        ranked = neighbours[i] if neighbours is not None else nearest(
+            backbone, target, vocab, max(hold, hold_in_context), related_excluded(pairs, i))
+        near = [p for p, _ in ranked]
         templates = vocab.contexts[:max(n_contexts, 0)] if safe else ()
         pairs_in = [(tpl.format(target), tpl.format(safe)) for tpl in templates]
         contexts.append([pr for pr in pairs_in if not set(pr) & vocab.never])

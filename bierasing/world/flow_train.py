@@ -42,6 +42,8 @@ class FlowWorldTrainer(WorldTrainer):
     KEEP = {"clip": (), "vae": ("text", "vision"), "flow": ("text", "vision", "vae"),
             "vision": ("text", "vae", "unet"), "redux": ("text", "vision", "vae", "unet")}
 
+    _empty_pooled: torch.Tensor | None = None
+
     def _build_backbone(self) -> FlowWorldBackbone:
         m = build_flow_models(self.wcfg, self.tokenizer)
         return FlowWorldBackbone(self.tokenizer, m["text_encoder"], m["image_encoder"], m["vae"],
@@ -87,10 +89,11 @@ class FlowWorldTrainer(WorldTrainer):
         p = self.tcfg.flow_pooled_dropout
         if p > 0:  # (no draw at 0: earlier runs resume on the same random stream)
             drop = torch.rand(len(text), generator=self.gen) < p
-            with torch.no_grad():
-                empty_pooled = self.bb.encode_text([""])[0, -1]
+            if self._empty_pooled is None:  # the text encoder is frozen from the flow stage on
+                with torch.no_grad():
+                    self._empty_pooled = self.bb.encode_text([""])[0, -1]
             text = text.clone()
-            text[drop, -1] = empty_pooled
+            text[drop, -1] = self._empty_pooled
         return weighted_mse(self.bb.velocity(x, sigma, text), v, images, self.tcfg.unet_edge_weight).mean()
 
     def _stage_flow(self) -> None:
