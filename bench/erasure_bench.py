@@ -42,6 +42,10 @@ DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig() on ShapesWorld
 RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
+    # the same settings measured 2026-12-02..05 with every row group on every x_t and every context's
+    # attack refreshed every 20 steps (29-30 FE/sample); a rerun gets today's engine (row sharing)
+    "bi-full-rows": ("engine", {**DEFAULT}),
+    "bi-full-rows-seed1": ("engine", {**DEFAULT, "seed": 1}),
     # the 2026-11-25 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 before 2026-12-02)
     "bi-keep-half": ("engine", {**HALF, "preserve": "auto", "contexts": -1}),
     "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # 2026-11-25
@@ -112,7 +116,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce", "esd-velocity")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-full-rows", "bi-full-rows-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (since

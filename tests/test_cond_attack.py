@@ -142,3 +142,16 @@ def test_cli_eval_attack_prints_attack_rates(capsys):
     for k in ("synonym_asr", "paraphrase_asr", "soft_prompt_asr", "embedding_asr", "embedding_init_asr"):
         assert 0.0 <= att[k] <= 1.0
     assert att["embedding_attack"]["steps"] == 2 and att["soft_prompt"]["steps"] == 2
+
+
+def test_each_concept_refreshes_its_attack_on_its_own_draws(tiny_world):
+    """Contexts are concepts of their own: each one's attack is refreshed every adversarial_every
+    steps that draw it, so adding contexts adds no attacks per step."""
+    concepts = [_concept(), Concept("a star", "a square", _images(3), _images(4))]
+    e = Eraser(tiny_world, concepts, _cfg(steps=12))
+    res = e.run()
+    res.adapters.remove(tiny_world.unet)
+    assert sum(e.adv_draws) == 12 and min(e.adv_draws) > 0
+    for ci, draws in enumerate(e.adv_draws):
+        assert sum(r["concept"] == ci for r in res.adversarial) == (draws + 1) // 2  # draws 0, 2, 4, ...
+    assert len(res.adversarial) < 12  # every concept on every second step would be 12 attacks

@@ -411,3 +411,17 @@ def test_micro_batch_auto_splits_large_unets_only(tiny_world):
     assert micro(Large(), _cfg()) == 1
     with pytest.raises(ValueError, match=r"micro_batch must be in \[-1, 256\]"):
         EraseConfig(micro_batch=-2)
+
+
+def test_positive_and_target_to_safe_rows_split_the_batch(tiny_world):
+    """Both rows are trained toward eps*(c+, I+)-guided targets, so they share the step's x_t
+    samples instead of each taking all: the pull costs no student rows beyond the positive branch."""
+    def cost(map_weight):
+        res = Eraser(tiny_world, [_concept()], _cfg(batch_size=4, adversarial=0.0, map_target_to_safe=map_weight)).run()
+        res.adapters.remove(tiny_world.unet)
+        return res.forward_rows, res.history[-1]
+
+    rows_with, last = cost(0.3)
+    rows_without, _ = cost(0.0)
+    assert {"pos", "map"} <= last.keys() and last["map"] > 0
+    assert rows_with == rows_without == 4 * 4 * (3 + 3 * 2)  # 4 steps x B 4 x (3 teacher + 2 student groups x 3)

@@ -115,7 +115,9 @@ class EraseConfig:
                             "on the concept's text conditioning is refreshed and erased too. -1 = auto: "
                             f"{ADVERSARIAL_AUTO:g} for bi-erasing, 0 for the baselines; raise for robustness",
                             min=AUTO, max=10.0)
-    adversarial_every: int = _f(20, "steps between refreshes of the adversarial conditioning", min=1, max=100000)
+    adversarial_every: int = _f(20, "steps of a concept between refreshes of its adversarial conditioning (each "
+                                "context is a concept of its own, refreshed on the steps that draw it)", min=1,
+                                max=100000)
     adversarial_steps: int = _f(10, "optimisation steps of each adversarial refresh", min=1, max=1000)
     adversarial_budget: float = _f(0.5, "largest adversarial offset of a token, relative to its norm", min=0.0, max=10.0)
     save_precision: str = _f("auto", "precision of the saved LoRA weights: auto = fp16 for SD-size models (what "

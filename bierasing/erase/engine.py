@@ -242,6 +242,7 @@ class Eraser:
             self.xt_forward_rows += self.keep_cache.forwards
         self.t_grid = bb.sampling_timesteps(cfg.xt_steps)
         self.adv_delta: list[torch.Tensor | None] = [None] * len(self.concepts)
+        self.adv_draws = [0] * len(self.concepts)  # steps each concept was drawn with adversarial rows on
         self.adv_log: list[dict] = []
         if cfg.adversarial > 0:  # attack on the exemplars, or on the cache's samples where they cannot be encoded
             self.x0_attack = [bb.to_x(c.negative_images.to(bb.device))
@@ -250,20 +251,19 @@ class Eraser:
         self.prepare_seconds = time.time() - t_prep
 
     # ---- adversarial conditioning ---------------------------------------------------------------
-    def refresh_adversaries(self) -> None:
-        """Attack the model being erased (adapters on) for every concept, warm-started."""
+    def refresh_adversary(self, ci: int) -> None:
+        """Attack the model being erased (adapters on) for concept ``ci``, warm-started."""
         from ..cond_attack import attack_conditioning
 
         cfg = self.cfg
-        for ci in range(len(self.concepts)):
-            a = attack_conditioning(self.bb, self.x0_attack[ci], self.c_neg[ci][None], steps=cfg.adversarial_steps,
-                                    batch=cfg.batch_size, budget=cfg.adversarial_budget, generator=self.gen,
-                                    init_delta=self.adv_delta[ci], eval_batch=cfg.batch_size,
-                                    micro_batch=cfg.micro_batch)
-            self.adv_delta[ci] = a.delta.to(self.bb.device)
-            self.forward_rows += cfg.batch_size * (3 * cfg.adversarial_steps + 2)
-            self.adv_log.append({"step": self.step, "concept": ci, "initial_loss": round(a.initial_loss, 6),
-                                 "final_loss": round(a.final_loss, 6)})
+        a = attack_conditioning(self.bb, self.x0_attack[ci], self.c_neg[ci][None], steps=cfg.adversarial_steps,
+                                batch=cfg.batch_size, budget=cfg.adversarial_budget, generator=self.gen,
+                                init_delta=self.adv_delta[ci], eval_batch=cfg.batch_size,
+                                micro_batch=cfg.micro_batch)
+        self.adv_delta[ci] = a.delta.to(self.bb.device)
+        self.forward_rows += cfg.batch_size * (3 * cfg.adversarial_steps + 2)
+        self.adv_log.append({"step": self.step, "concept": ci, "initial_loss": round(a.initial_loss, 6),
+                             "final_loss": round(a.final_loss, 6)})
 
     # ---- one step -----------------------------------------------------------------------------
     def _draw_xt(self, ci: int):
@@ -316,8 +316,10 @@ class Eraser:
         i_neg = self._tokens(self.tok_neg, ci, B)
         i_pos = self._tokens(self.tok_pos, ci, B) if "safe" in teacher_names else None
         text_only = registry.get(cfg.method).text_only
-        if lw.adv > 0 and (self.step % cfg.adversarial_every == 0 or self.adv_delta[ci] is None):
-            self.refresh_adversaries()  # also when the negative branch first switches on (guide-then-erase)
+        if lw.adv > 0:  # each concept's attack is refreshed on its own draws, so contexts cost no more
+            if self.adv_draws[ci] % cfg.adversarial_every == 0 or self.adv_delta[ci] is None:
+                self.refresh_adversary(ci)  # also when the negative branch first switches on (guide-then-erase)
+            self.adv_draws[ci] += 1
 
         # each row group: B rows of (x_t, t, text, image tokens or None); a row without image gets
         # zero image tokens, which makes its image channel exactly zero
@@ -352,26 +354,34 @@ class Eraser:
             "keep": (xk, tk, keep, None),
         }
         student_names = lw.student_rows()
-        self.forward_rows += B * (len(teacher_names) + 3 * len(student_names))  # backward ~ 2 forwards
 
         with torch.no_grad(), self.adapters.disabled():
             eps = dict(zip(teacher_names, self._teacher([teacher_rows[n] for n in teacher_names])))
         eps.update({a: eps[n] for a, n in alias.items()})
         targets = loss_targets(eps, lw)
         weights = {k: (wk if k == "keep" else w) for k in student_names}
+        if "pos" in student_names and "map" in student_names and B > 1:
+            # one target, eps*(c+, I+)-guided, for both: they split the x_t samples instead of each taking all
+            h = (B + 1) // 2
+            for k, sl in (("pos", slice(0, h)), ("map", slice(h, B))):
+                student_rows[k] = tuple(None if v is None else v[sl] for v in student_rows[k])
+                targets[k] = (targets[k][0], targets[k][1][sl])
+                weights[k] = None if weights[k] is None else weights[k][sl]
+        student = [student_rows[k] for k in student_names]
+        sizes = [len(r[0]) for r in student]
+        self.forward_rows += B * len(teacher_names) + 3 * sum(sizes)  # backward ~ 2 forwards
 
         # the student rows m at a time (micro_batch): each chunk's loss is its share of the step's
         # loss, so the summed gradients are the whole step's (one chunk = one plain backward)
-        student = [student_rows[k] for k in student_names]
         self.opt.zero_grad(set_to_none=True)
         total, parts = 0.0, {k: 0.0 for k in student_names}
-        for segs in self._chunks(len(student), B):
+        for segs in self._chunks(sizes):
             preds = self._call(student, segs)
             kinds = [student_names[g] for g, _ in segs]
             loss, chunk_parts = erasure_loss(
                 dict(zip(kinds, preds)), {k: (targets[k][0], targets[k][1][sl]) for k, (_, sl) in zip(kinds, segs)},
                 {k: None if weights[k] is None else weights[k][sl] for k, (_, sl) in zip(kinds, segs)},
-                {k: (sl.stop - sl.start) / B for k, (_, sl) in zip(kinds, segs)})
+                {k: (sl.stop - sl.start) / sizes[g] for k, (g, sl) in zip(kinds, segs)})
             for k, part in chunk_parts.items():
                 parts[k] += part.item()
             if not torch.isfinite(loss):
@@ -385,26 +395,23 @@ class Eraser:
         self.scaler.update()
         return {"step": self.step + 1, "loss": round(total, 6), **{k: round(v, 6) for k, v in parts.items()}}
 
-    def _chunks(self, groups: int, B: int) -> list[list[tuple[int, slice]]]:
-        """The rows of ``groups`` groups of B, group-major, in chunks of ``micro_batch`` rows (0: one
-        chunk); each chunk is a list of (group, slice of its samples)."""
-        total = groups * B
+    def _chunks(self, sizes: list[int]) -> list[list[tuple[int, slice]]]:
+        """The rows of groups of ``sizes`` rows, group-major, in chunks of ``micro_batch`` rows (0: one
+        chunk); each chunk is a list of (group, slice of its rows)."""
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        total = sum(sizes)
         m = total if self.cfg.micro_batch <= 0 else self.cfg.micro_batch
         out = []
         for start in range(0, total, m):
-            segs, r, stop = [], start, min(total, start + m)
-            while r < stop:
-                g, b = divmod(r, B)
-                end = min(stop, (g + 1) * B)
-                segs.append((g, slice(b, b + end - r)))
-                r = end
-            out.append(segs)
+            stop = min(total, start + m)
+            out.append([(g, slice(max(start, s0) - s0, min(stop, s0 + n) - s0))
+                        for g, (s0, n) in enumerate(zip(starts, sizes)) if s0 < stop and start < s0 + n])
         return out
 
     def _teacher(self, groups: list) -> list[torch.Tensor]:
         """Every group's prediction, ``micro_batch`` rows per UNet call."""
         pieces: list[list[torch.Tensor]] = [[] for _ in groups]
-        for segs in self._chunks(len(groups), self.cfg.batch_size):
+        for segs in self._chunks([self.cfg.batch_size] * len(groups)):
             for (g, _), out in zip(segs, self._call(groups, segs)):
                 pieces[g].append(out)
         return [p[0] if len(p) == 1 else torch.cat(p) for p in pieces]
@@ -436,7 +443,8 @@ class Eraser:
         meta = {"config": self.cfg.to_dict(), "concepts": [[c.target, c.safe] for c in self.concepts],
                 "step": self.step, "history": self.history, "optim": om,
                 "forward_rows": self.forward_rows, "xt_forward_rows": self.xt_forward_rows,
-                "seconds": self.seconds, "adversarial": self.adv_log, "scaler": self.scaler.state_dict()}
+                "seconds": self.seconds, "adversarial": self.adv_log, "adv_draws": self.adv_draws,
+                "scaler": self.scaler.state_dict()}
         io.save_checkpoint(self.checkpoint_path, tensors, meta)
 
     def _try_resume(self) -> bool:
@@ -462,6 +470,7 @@ class Eraser:
             if f"adv.{i}" in tensors:
                 self.adv_delta[i] = tensors[f"adv.{i}"].to(self.bb.device)
         self.adv_log = meta.get("adversarial", [])
+        self.adv_draws = meta.get("adv_draws", self.adv_draws)
         return True
 
     def run(self) -> ErasureResult:
