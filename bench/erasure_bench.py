@@ -55,6 +55,9 @@ RUNS = {
     "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # 2026-11-25
     "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # 2026-11-25
     "bi-anchor-safe-keep1": ("engine", {**DEFAULT, "neg_anchor": 1.0}),  # 2026-12-03, gray
+    # preserve set and contexts from bierasing.related (the model's own text conditioning over the
+    # world's words and context templates) instead of the world's hand-made suggestions (2026-12-05)
+    "bi-default-related": ("engine", {**DEFAULT, "_related": "model"}),
     # the plain eps-MSE defaults (auto preserve/contexts; x0 weighting became the default on 2026-11-25)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -177,6 +180,7 @@ def single(spec: dict) -> dict:
 
     torch.set_num_threads(spec.get("threads", 2))
     from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.config import CONTEXTS_AUTO
     from bierasing.erase.engine import Eraser, peak_rss_mb
     from bierasing.erase.job import ExemplarSpec, load_exemplars
     from bierasing.world import data
@@ -202,7 +206,14 @@ def single(spec: dict) -> dict:
         if settings["preserve"] in ("axis", "context"):
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
             settings["preserve"] = ", ".join(pick(target))
-        eraser = Eraser(bb, [concept], EraseConfig(**settings))
+        concepts = [concept]
+        if settings.pop("_related", None) == "model":
+            from bierasing.related import suggest
+
+            keep, pairs = suggest(bb, [(concept.target, concept.safe)], CONTEXTS_AUTO)
+            concepts += [Concept(t, s, neg, pos) for t, s in pairs[0]]
+            settings.update(preserve=", ".join(keep), contexts=0)
+        eraser = Eraser(bb, concepts, EraseConfig(**settings))
         cfg, pairs = eraser.cfg, [(c.target, c.safe) for c in eraser.concepts[1:]]
         res = eraser.run()
         res.save(_erasure_path(target, run))
