@@ -36,6 +36,13 @@ class Vocabulary:
     never: frozenset[str] = frozenset()
     #: the phrases that fit a template's slot (None: every phrase; ShapesWorld: the target's axis)
     slot: frozenset[str] | None = None
+    #: a concept as the templates take it, by how it may be written (ShapesWorld: "a circle" ->
+    #: "circle"); a concept not listed goes in as written
+    slot_names: tuple[tuple[str, str], ...] = ()
+
+    def fill(self, template: str, concept: str) -> str:
+        """``template`` with ``concept`` in its slot."""
+        return template.format(dict(self.slot_names).get(concept.strip().lower(), concept))
 
     def __post_init__(self):
         bad = [c for c in self.contexts if c.count("{}") != 1]
@@ -112,10 +119,10 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
             backbone, target, vocab, max(hold, hold_in_context), related_excluded(pairs, i))
         near = [p for p, _ in ranked]
         templates = vocab.contexts[:max(n_contexts, 0)] if safe else ()
-        pairs_in = [(tpl.format(target), tpl.format(safe)) for tpl in templates]
+        pairs_in = [(vocab.fill(tpl, target), vocab.fill(tpl, safe)) for tpl in templates]
         contexts.append([pr for pr in pairs_in if not set(pr) & vocab.never])
         held = [backbone.concept_text(p) for p in near[:hold]]
         fits = [p for p in near if vocab.slot is None or p in vocab.slot][:hold_in_context]
-        held += [tpl.format(p) for tpl in templates for p in fits]
+        held += [vocab.fill(tpl, p) for tpl in templates for p in fits]
         keep.extend(p for p in held if p not in keep and p not in vocab.never and not _words(p) & erased)
     return keep, contexts

@@ -57,6 +57,14 @@ def test_world_suggestions_hold_neighbours_in_context_and_never_an_evaluation_pr
     assert not any({"red", "circle"} & set(p.split()) for p in keep2)
 
 
+def test_world_concepts_named_by_their_prompts_get_the_same_suggestions(world):
+    # the engine passes concepts as typed ("a circle", "on a white background"); templates take the word
+    assert related.suggest(world, [("a star", "a circle")], 4) == related.suggest(world, [("star", "circle")], 4)
+    _, (pairs,) = related.suggest(world, [("on a white background", "on a gray background")], 4)
+    assert pairs and all(t.endswith("on a white background") and s.endswith("on a gray background")
+                         and len(t.split()) == 7 for t, s in pairs)  # "a yellow circle on a white background"
+
+
 def test_sd15_standin_suggestions_are_phrases_and_deterministic(sd15, tmp_path):
     a = related.suggest(sd15, [("Van Gogh", "Claude Monet")], 3)
     b = related.suggest(sd15, [("Van Gogh", "Claude Monet")], 3)

@@ -115,14 +115,17 @@ def suggest(pairs: list[tuple[str, str]], n_contexts: int) -> tuple[list[str], l
 
 def world_vocabulary(target: str):
     """The world's concepts as :mod:`bierasing.related` vocabulary: every concept word, the
-    target's contexts as templates ("a red {} on a black background"), never an evaluation prompt."""
+    target's contexts as templates ("a red {} on a black background"), never an evaluation prompt.
+    ``target`` may be a concept word or its prompt ("circle", "a circle")."""
     from ..related import Vocabulary
 
     words = tuple(c for axis in data.AXES.values() for c in axis)
-    if not data.is_concept(target):
-        return Vocabulary(words, (), frozenset())
-    axis = data.axis_of(target)
-    word = data.AXIS_WORDS[axis][target][0]
-    templates = tuple(data.prompt(**{**ctx, axis: target}).replace(word, "{}")
-                      for ctx in _contexts(target, len(data.SHAPES)))
-    return Vocabulary(words, templates, frozenset(evaluated_prompts(target)), frozenset(data.AXES[axis]))
+    names = tuple((data.concept_prompt(c), c) for c in words)
+    concept = concept_named(target)
+    if concept is None:
+        return Vocabulary(words, (), frozenset(), slot_names=names)
+    axis = data.axis_of(concept)
+    word = data.AXIS_WORDS[axis][concept][0]
+    templates = tuple(data.prompt(**{**ctx, axis: concept}).replace(word, "{}")
+                      for ctx in _contexts(concept, len(data.SHAPES)))
+    return Vocabulary(words, templates, frozenset(evaluated_prompts(concept)), frozenset(data.AXES[axis]), names)
