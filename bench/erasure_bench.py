@@ -58,6 +58,10 @@ RUNS = {
     # preserve set and contexts from bierasing.related (the model's own text conditioning over the
     # world's words and context templates) instead of the world's hand-made suggestions (2026-12-05)
     "bi-default-related": ("engine", {**DEFAULT, "_related": "model"}),
+    # negative anchor from the unprompted ratio q (bierasing.erase.anchor): a = max(0.5, sqrt(1 - q)), the
+    # share of eps*(c+) that gives the push |eps(c) - A| the strength of |eps(c+) - eps({})| when eps(c) is
+    # orthogonal to it; 0.5 (the default) wherever q >= 0.75 (2026-12-05; a probe for an engine rule)
+    "bi-anchor-q": ("engine", {**DEFAULT, "_anchor": "q"}),
     # the plain eps-MSE defaults (auto preserve/contexts; x0 weighting became the default on 2026-11-25)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
@@ -207,6 +211,11 @@ def single(spec: dict) -> dict:
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
             settings["preserve"] = ", ".join(pick(target))
         concepts = [concept]
+        if settings.pop("_anchor", None) == "q":
+            from bierasing.erase.anchor import unprompted_ratio
+
+            q = unprompted_ratio(bb, target, safe, samples=64)
+            settings["neg_anchor"] = round(max(0.5, (max(0.0, 1 - q)) ** 0.5), 3)
         if settings.pop("_related", None) == "model":
             from bierasing.related import suggest
 
