@@ -50,9 +50,13 @@ def test_half_precision_models_train_fp32_adapters_close_to_fp32(standin, fp32_r
     assert state and all(v.dtype == torch.float32 for v in state)  # Adam's moments
     assert er.scaler.is_enabled() == (dtype == torch.float16)
     ref, _ = fp32_run
+    # the loss is a mean of squared differences of near-equal predictions, so its rounding error is
+    # set by the predictions' size, not by how small one step's loss is: measured against the run's
+    # mean loss (one step with few rows can be several times smaller than the others)
+    scale = sum(abs(w["loss"]) for w in ref) / len(ref)
     for got, want in zip(res.history, ref):
         assert torch.isfinite(torch.tensor(got["loss"]))
-        assert abs(got["loss"] - want["loss"]) <= TOLERANCE[dtype] * abs(want["loss"]), (got, want)
+        assert abs(got["loss"] - want["loss"]) <= TOLERANCE[dtype] * scale, (got, want)
     # the base weights stay in the model's dtype and untouched
     assert all(p.dtype == dtype for n, p in bb.unet.named_parameters() if "processor" not in n and ".base." in n)
 
