@@ -62,6 +62,7 @@ RUNS = {
     # share of eps*(c+) that gives the push |eps(c) - A| the strength of |eps(c+) - eps({})| when eps(c) is
     # orthogonal to it; 0.5 (the default) wherever q >= 0.75 (2026-12-05; a probe for an engine rule)
     "bi-anchor-q": ("engine", {**DEFAULT, "_anchor": "q"}),
+    "bi-anchor-q-seed1": ("engine", {**DEFAULT, "_anchor": "q", "seed": 1}),
     # the plain eps-MSE defaults (auto preserve/contexts; x0 weighting became the default on 2026-11-25)
     "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
     "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
