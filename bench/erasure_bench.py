@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TARGETS = {"circle": "object", "star": "object", "triangle": "object", "red": "attribute", "blue": "attribute",
            "yellow": "attribute", "white": "style", "black": "style",
-           "cross": "object", "green": "attribute", "gray": "style"}  # the last three: held out
+           "cross": "object", "green": "attribute", "gray": "style",  # held out: no setting chosen on them
+           "square": "object", "purple": "attribute"}  # never a target before 2026-12-06
 
 # name -> (kind, settings); "engine" rows are EraseConfig overrides. "bi-erasing" and its ablations
 # are the paper's objective as released (map_target_to_safe 0, no adversarial rows);
@@ -38,35 +39,41 @@ EMPTY = {"neg_anchor": 0.0, **HALF}  # negative guidance around the empty prompt
 UNIFORM = {"loss_weighting": "uniform", **EMPTY}  # plain eps-MSE: engine rows before x0 weighting (2026-11-25)
 PAPER = {"map_target_to_safe": 0.0, "adversarial": 0.0, **UNIFORM}  # the paper's objective, as released
 IMAGE_PULL = {"map_target_to_safe": 0.4, "map_text_only": False}  # the first default's pull (2026-11-24)
-DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig() on ShapesWorld
+DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig(): the model's own suggestions, measured anchors
+# EraseConfig() on ShapesWorld 2026-11-25..12-05: the world's hand-made preserve set and contexts
+# (bierasing.world.related.suggest), the negative anchor 0.5 for every concept
+HAND = {"preserve": "auto", "contexts": -1, "_related": "hand", "neg_anchor": 0.5}
 RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
     "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
+    "bi-hand-made": ("engine", {**HAND}),  # the default of 2026-12-05 (row sharing, 19.6 FE)
+    "bi-hand-made-seed1": ("engine", {**HAND, "seed": 1}),
     # the same settings measured 2026-12-02..05 with every row group on every x_t and every context's
     # attack refreshed every 20 steps (29-30 FE/sample); a rerun gets today's engine (row sharing)
-    "bi-full-rows": ("engine", {**DEFAULT}),
-    "bi-full-rows-seed1": ("engine", {**DEFAULT, "seed": 1}),
+    "bi-full-rows": ("engine", {**HAND}),
+    "bi-full-rows-seed1": ("engine", {**HAND, "seed": 1}),
     # the 2026-11-25 default, preserve_weight 0.5 (bi-default and -seed1 ran as bi-keep-1 / -seed1 before 2026-12-02)
-    "bi-keep-half": ("engine", {**HALF, "preserve": "auto", "contexts": -1}),
-    "bi-keep-half-300": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "steps": 300}),  # 2026-11-25
-    "bi-keep-half-seed1": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "seed": 1}),
-    "bi-empty": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1}),  # x0 default, empty-prompt anchor
-    "bi-empty-300": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 300}),
-    "bi-empty-400": ("engine", {**EMPTY, "preserve": "auto", "contexts": -1, "steps": 400}),  # 2026-11-25
-    "bi-anchor-safe": ("engine", {**HALF, "preserve": "auto", "contexts": -1, "neg_anchor": 1.0}),  # 2026-11-25
-    "bi-anchor-safe-keep1": ("engine", {**DEFAULT, "neg_anchor": 1.0}),  # 2026-12-03, gray
+    "bi-keep-half": ("engine", {**HAND, **HALF}),
+    "bi-keep-half-300": ("engine", {**HAND, **HALF, "steps": 300}),  # 2026-11-25
+    "bi-keep-half-seed1": ("engine", {**HAND, **HALF, "seed": 1}),
+    "bi-empty": ("engine", {**HAND, **EMPTY}),  # x0 default, empty-prompt anchor
+    "bi-empty-300": ("engine", {**HAND, **EMPTY, "steps": 300}),
+    "bi-empty-400": ("engine", {**HAND, **EMPTY, "steps": 400}),  # 2026-11-25
+    "bi-anchor-safe": ("engine", {**HAND, **HALF, "neg_anchor": 1.0}),  # 2026-11-25
+    "bi-anchor-safe-keep1": ("engine", {**HAND, "neg_anchor": 1.0}),  # 2026-12-03, gray
     # preserve set and contexts from bierasing.related (the model's own text conditioning over the
-    # world's words and context templates) instead of the world's hand-made suggestions (2026-12-05)
-    "bi-default-related": ("engine", {**DEFAULT, "_related": "model"}),
+    # world's words and context templates) instead of the world's hand-made suggestions (2026-12-05):
+    # 2 neighbours held per context, from the 8 nearest
+    "bi-default-related": ("engine", {**DEFAULT, "neg_anchor": 0.5, "_related": "nearest-2"}),
     # negative anchor from the unprompted ratio q (bierasing.erase.anchor): a = max(0.5, sqrt(1 - q)), the
     # share of eps*(c+) that gives the push |eps(c) - A| the strength of |eps(c+) - eps({})| when eps(c) is
-    # orthogonal to it; 0.5 (the default) wherever q >= 0.75 (2026-12-05; a probe for an engine rule)
-    "bi-anchor-q": ("engine", {**DEFAULT, "_anchor": "q"}),
-    "bi-anchor-q-seed1": ("engine", {**DEFAULT, "_anchor": "q", "seed": 1}),
+    # orthogonal to it; 0.5 wherever q >= 0.75 (2026-12-05; neg_anchor auto since 2026-12-06)
+    "bi-anchor-q": ("engine", {**HAND, "neg_anchor": -1.0}),
+    "bi-anchor-q-seed1": ("engine", {**HAND, "neg_anchor": -1.0, "seed": 1}),
     # the plain eps-MSE defaults (auto preserve/contexts; x0 weighting became the default on 2026-11-25)
-    "bi-uniform": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1}),
-    "bi-uniform-300": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1, "steps": 300}),
-    "bi-default-attn-mask": ("engine", {**UNIFORM, "preserve": "auto", "contexts": -1,
+    "bi-uniform": ("engine", {**HAND, **UNIFORM}),
+    "bi-uniform-300": ("engine", {**HAND, **UNIFORM, "steps": 300}),
+    "bi-default-attn-mask": ("engine", {**HAND, **UNIFORM,
                                         "_auto_mask": "attention"}),  # before auto masks
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
@@ -87,12 +94,12 @@ RUNS = {
     "bi-xt-reproduce": ("engine", {"xt_source": "reproduce", "xt_steps": 50, **PAPER}),
     "bi-guide-then-erase": ("engine", {"schedule": "guide-then-erase", **PAPER}),
     # the same ablations around the default (2026-12-03); the rows above vary the paper's objective
-    "bi-default-no-positive": ("engine", {**DEFAULT, "pos_weight": 0.0}),
-    "bi-default-no-masks": ("engine", {**DEFAULT, "_auto_mask": "none"}),
-    "bi-default-lambda-0.8-0.2": ("engine", {**DEFAULT, "neg_weight": 0.8, "pos_weight": 0.2}),
-    "bi-default-lambda-0.4-0.6": ("engine", {**DEFAULT, "neg_weight": 0.4, "pos_weight": 0.6}),
-    "bi-default-xt-noised": ("engine", {**DEFAULT, "xt_source": "noised"}),
-    "bi-default-xt-esd": ("engine", {**DEFAULT, "xt_source": "esd"}),
+    "bi-default-no-positive": ("engine", {**HAND, "pos_weight": 0.0}),
+    "bi-default-no-masks": ("engine", {**HAND, "_auto_mask": "none"}),
+    "bi-default-lambda-0.8-0.2": ("engine", {**HAND, "neg_weight": 0.8, "pos_weight": 0.2}),
+    "bi-default-lambda-0.4-0.6": ("engine", {**HAND, "neg_weight": 0.4, "pos_weight": 0.6}),
+    "bi-default-xt-noised": ("engine", {**HAND, "xt_source": "noised"}),
+    "bi-default-xt-esd": ("engine", {**HAND, "xt_source": "esd"}),
     "bi-map-target": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.0}),
     "bi-adversarial": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 1.0}),
     "bi-adversarial-0.3": ("engine", {**UNIFORM, **IMAGE_PULL, "adversarial": 0.3}),  # the first default
@@ -124,7 +131,7 @@ RUNS = {
                                        "steps": 300}),
 }
 TEXT_ONLY = ("esd-x", "esd-u", "uce", "esd-velocity")  # runs that never use the image branch
-MAIN = ["bi-default", "bi-default-seed1", "bi-full-rows", "bi-full-rows-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
+MAIN = ["bi-default", "bi-default-seed1", "bi-hand-made", "bi-hand-made-seed1", "bi-full-rows", "bi-full-rows-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
 # the tables' means: three objects, three attributes, the two backgrounds with a distinct safe concept (since
@@ -212,15 +219,15 @@ def single(spec: dict) -> dict:
             pick = axis_preserve if settings["preserve"] == "axis" else context_preserve
             settings["preserve"] = ", ".join(pick(target))
         concepts = [concept]
-        if settings.pop("_anchor", None) == "q":
-            from bierasing.erase.anchor import unprompted_ratio
+        related = settings.pop("_related", None)
+        if related:  # a suggestion mechanism other than the engine's own (rows before 2026-12-06)
+            from bierasing.related import nearest, suggest
+            from bierasing.world.related import suggest as hand_made
 
-            q = unprompted_ratio(bb, target, safe, samples=64)
-            settings["neg_anchor"] = round(max(0.5, (max(0.0, 1 - q)) ** 0.5), 3)
-        if settings.pop("_related", None) == "model":
-            from bierasing.related import suggest
-
-            keep, pairs = suggest(bb, [(concept.target, concept.safe)], CONTEXTS_AUTO)
+            pair = [(concept.target, concept.safe)]
+            keep, pairs = hand_made(pair, CONTEXTS_AUTO) if related == "hand" else suggest(
+                bb, pair, CONTEXTS_AUTO, hold_in_context=2, neighbours=[
+                    nearest(bb, concept.target, bb.related_vocabulary(concept.target), 8, [concept.safe])])
             concepts += [Concept(t, s, neg, pos) for t, s in pairs[0]]
             settings.update(preserve=", ".join(keep), contexts=0)
         eraser = Eraser(bb, concepts, EraseConfig(**settings))

@@ -126,11 +126,12 @@ class Backbone(abc.ABC):
     def suggest_related(self, pairs: list[tuple[str, str]], n_contexts: int
                         ) -> tuple[list[str], list[list[tuple[str, str]]]]:
         """Prompts an erasure of the (target, safe) ``pairs`` should hold unchanged, and for each
-        pair up to ``n_contexts`` (target, safe) prompt pairs naming both in one shared context.
+        pair up to ``n_contexts`` (target, safe) prompt pairs naming both in one shared context:
+        :func:`bierasing.related.suggest` over :meth:`related_vocabulary`, read with this model's
+        own text encoder (every backbone alike)."""
+        from .related import suggest
 
-        Only a model that knows its concept vocabulary can suggest them (ShapesWorld does); for
-        SD1.5 the user names what to preserve, so the default is nothing."""
-        return [], [[] for _ in pairs]
+        return suggest(self, pairs, n_contexts)
 
     def related_vocabulary(self, concept: str):
         """The phrases and context templates :mod:`bierasing.related` ranks for ``concept`` with this

@@ -255,8 +255,9 @@ def _cmd_suggest(args) -> int:
     bb = _load_backbone(args)
     safes = safes or [bb.default_safe(t) for t in targets]
     pairs = list(zip(targets, safes))
-    near = [related.nearest(bb, t, bb.related_vocabulary(t), max(args.hold, 2), related.related_excluded(pairs, i))
-            for i, (t, _) in enumerate(pairs)]
+    vocabs = [bb.related_vocabulary(t) for t in targets]
+    near = [related.nearest(bb, t, v, len(v.phrases), related.related_excluded(pairs, i))
+            for i, (t, v) in enumerate(zip(targets, vocabs))]
     keep, contexts = related.suggest(bb, pairs, args.contexts, hold=args.hold, neighbours=near)
     out = {"concepts": [{"target": t, "safe": s, "nearest": n[:args.hold]} for (t, s), n in zip(pairs, near)]}
     out.update(preserve=keep, contexts=contexts)

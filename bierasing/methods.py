@@ -36,8 +36,11 @@ class Method:
         return not self.needs_image_encoder
 
 
+#: ``neg_anchor`` AUTO value that measures each concept's anchor (bierasing.erase.anchor)
+ANCHOR_MEASURED = "measured"
+
 #: AUTO values of our extensions to the paper's objective (docs/method.md has the evidence)
-BI_ERASING_AUTO = {"adversarial": 0.3, "neg_anchor": 0.5, "loss_weighting": "x0",
+BI_ERASING_AUTO = {"adversarial": 0.3, "neg_anchor": ANCHOR_MEASURED, "loss_weighting": "x0",
                    "map_target_to_safe": 0.15, "map_target_to_safe_keep": 0.3, "contexts": 4,
                    "preserve": "auto"}
 BASELINE_AUTO = {"adversarial": 0.0, "neg_anchor": 0.0, "loss_weighting": "uniform",

@@ -24,6 +24,8 @@ import torch
 
 #: phrases closer than this to the target are its synonyms: erased with it, never held
 SAME_ABOVE = 0.95
+#: nearest phrases held alone, and in each context (of those that fit its slot)
+HOLD, HOLD_IN_CONTEXT = 8, 3
 
 
 @dataclass(frozen=True)
@@ -98,17 +100,20 @@ def related_excluded(pairs: list[tuple[str, str]], i: int) -> list[str]:
     return [t for t, _ in pairs if t != target] + [safe]
 
 
-def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int = 8, hold_in_context: int = 2,
+def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int = HOLD,
+            hold_in_context: int = HOLD_IN_CONTEXT,
             neighbours: list[list[tuple[str, float]]] | None = None
             ) -> tuple[list[str], list[list[tuple[str, str]]]]:
     """The preserve prompts for all ``(target, safe)`` pairs together, and each pair's context pairs,
     over each target's ``backbone.related_vocabulary``.
 
     Held: each target's ``hold`` nearest phrases (as the model reads them), and in each of its
-    ``n_contexts`` contexts its ``hold_in_context`` nearest; never a phrase naming an erased target
-    nor one the vocabulary rules out. A pair without a safe alternative gets no contexts (nothing to
-    pull the target towards in them). Templates take the concepts as written. ``neighbours``: each
-    pair's :func:`nearest` list (at least ``max(hold, hold_in_context)`` long), if already computed."""
+    ``n_contexts`` contexts its ``hold_in_context`` nearest of the phrases that fit the template's
+    slot, however far down the ranking (ShapesWorld: erasing blue drew red squares as something
+    else until red, blue's farthest colour, was held in context); never a phrase naming an erased
+    target nor one the vocabulary rules out. A pair without a safe alternative gets no contexts
+    (nothing to pull the target towards in them). Templates take the concepts as written.
+    ``neighbours``: each pair's whole :func:`nearest` ranking, if already computed."""
     targets = [t for t, _ in pairs]
     erased = set().union(*(_words(t) for t in targets))
     keep: list[str] = []
@@ -116,7 +121,7 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
     for i, (target, safe) in enumerate(pairs):
         vocab = backbone.related_vocabulary(target)
         ranked = neighbours[i] if neighbours is not None else nearest(
-            backbone, target, vocab, max(hold, hold_in_context), related_excluded(pairs, i))
+            backbone, target, vocab, len(vocab.phrases), related_excluded(pairs, i))
         near = [p for p, _ in ranked]
         templates = vocab.contexts[:max(n_contexts, 0)] if safe else ()
         pairs_in = [(vocab.fill(tpl, target), vocab.fill(tpl, safe)) for tpl in templates]

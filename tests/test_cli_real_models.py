@@ -62,7 +62,12 @@ def test_cli_erases_from_an_sd15_diffusers_folder_with_the_world_blocked(standin
     assert (out / "before_after.png").is_file() and (out / "report.md").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "bi-erasing" and report["config"]["steps"] == 2
-    assert report["config"]["preserve"] == "" and report["config"]["contexts"] == 0  # SD1.x: nothing suggested
+    # SD1.x gets the same suggestions as every model: its own nearest phrases, and the concept in contexts
+    held = report["config"]["preserve"].split(", ")
+    assert len(held) >= 8 and not any("dog" in p or "cat" in p for p in held), held
+    assert report["config"]["contexts"] == 4 and report["erased"][1]["target"] == "a photo of a dog"
+    assert 0.5 <= report["erased"][0]["neg_anchor"] <= 1.0  # measured (neg_anchor auto)
+    assert "a photo of a dog -> a photo of a cat" in (out / "report.md").read_text()
 
     from safetensors import safe_open
 

@@ -44,7 +44,8 @@ def test_erasure_on_sd15_writes_comfyui_lora_keys(sd15, tmp_path):
     r.adapters.remove(bb.unet)
     tensors, info = read_erasure(path)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in tensors
-    assert info["concepts"] == [{"target": "nudity", "safe": "clothed"}]
+    assert [(c["target"], c["safe"]) for c in info["concepts"]][:2] == [("nudity", "clothed"),
+                                                                         ("a photo of nudity", "a photo of clothed")]
 
 
 def test_sd15_loader_errors(tmp_path, sd15):

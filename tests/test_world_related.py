@@ -7,6 +7,7 @@ import torch
 from bierasing.erase import Concept, EraseConfig
 from bierasing.erase.config import MAP_AUTO, MAP_AUTO_KEEP
 from bierasing.erase.engine import Eraser, resolve_for_model
+from bierasing.related import suggest as model_suggest
 from bierasing.world import data, related
 from bierasing.world.evaluate import erasure_prompts
 
@@ -55,11 +56,13 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     cfg = EraseConfig(steps=1)
     assert cfg.preserve == "auto" and cfg.contexts == -1 and cfg.map_target_to_safe == -1
     got, concepts = resolve_for_model(tiny_world, cfg, [_concept()])
-    near = related.context_neighbours("circle", "square")
-    assert got.preserved() == related.context_preserve("circle") + near
-    assert "a yellow triangle on a black background" in near  # beside 'a yellow circle on a black background'
+    # the same mechanism as on every backbone (bierasing.related), over the world's words and contexts
+    keep, pairs = model_suggest(tiny_world, [("a circle", "a square")], 4)
+    assert got.preserved() == keep and len(keep) >= 8
     assert got.contexts == 4 and got.map_target_to_safe == MAP_AUTO_KEEP
-    assert [(c.target, c.safe) for c in concepts[1:]] == related.context_pairs("circle", "square")
+    assert [(c.target, c.safe) for c in concepts[1:]] == pairs[0]
+    assert set(pairs[0]) <= set(related.context_pairs("circle", "square", 5))  # the world's own contexts
+    assert not set(keep) & related.evaluated_prompts("circle")
     assert all(c.negative_images is concepts[0].negative_images for c in concepts)
     # explicit settings win; an empty preserve gives the weaker pull
     got, concepts = resolve_for_model(tiny_world, EraseConfig(preserve="", contexts=0), [_concept()])
@@ -71,7 +74,7 @@ def test_engine_resolves_auto_with_the_models_suggestions(tiny_world):
     assert got.preserved() == [] and got.contexts == 0 and len(concepts) == 1
     # the resolved config is what the run records
     er = Eraser(tiny_world, [_concept()], EraseConfig(steps=1, adversarial=0.0))
-    assert er.cfg.to_dict()["preserve"] == ", ".join(related.context_preserve("circle") + near)
+    assert er.cfg.to_dict()["preserve"] == ", ".join(keep)
     with pytest.raises(ValueError, match="resolved against a model"):
         EraseConfig().preserved()
 
@@ -81,4 +84,5 @@ def test_contexts_on_a_model_that_cannot_suggest_them_is_a_clear_error(tiny_worl
         resolve_for_model(tiny_world, EraseConfig(contexts=2), [Concept("a dragon", "a cat", torch.rand(1, 3, 32, 32),
                                                                    torch.rand(1, 3, 32, 32))])
     got, concepts = resolve_for_model(tiny_world, EraseConfig(), [Concept("a dragon", "a cat")])
-    assert got.preserved() == [] and got.contexts == 0 and len(concepts) == 1
+    # a phrase outside the world's words: its nearest world concepts are held, no contexts
+    assert len(got.preserved()) == 8 and got.contexts == 0 and len(concepts) == 1

@@ -39,3 +39,31 @@ def unprompted_ratio(backbone, target: str, safe: str, samples: int = 32, seed: 
         moved["target"] += (eps[1] - eps[0]).pow(2).flatten(1).sum(1).sum().item()
         moved["safe"] += (eps[2] - eps[0]).pow(2).flatten(1).sum(1).sum().item()
     return moved["target"] / max(moved["safe"], 1e-12)
+
+
+#: the anchor share a concept gets wherever naming it moves the prediction at least as much as
+#: naming its safe alternative does (the fixed default of 2026-11-25 .. 12-05)
+ANCHOR_FLOOR = 0.5
+
+
+def anchor_from_ratio(q: float) -> float:
+    """The negative anchor's share a of the safe prediction for unprompted ratio ``q``.
+
+    The push is along d - a d+ (d = eps(c) - eps({}), d+ = eps(c+) - eps({})); with d orthogonal to
+    d+ its length reaches |d+| at a = sqrt(1 - q). Floored at :data:`ANCHOR_FLOOR`; 1 where q = 0."""
+    return round(max(ANCHOR_FLOOR, min(1.0, max(0.0, 1.0 - q) ** 0.5)), 3)
+
+
+def measured_anchors(backbone, pairs: list[tuple[str, str]], samples: int = 64, seed: int = 0
+                     ) -> list[tuple[float, float | None]]:
+    """(anchor share, q) per (target, safe) pair: :func:`anchor_from_ratio` of its
+    :func:`unprompted_ratio`; a pair without a safe alternative gets (0, None), the empty-prompt
+    anchor (ESD), since there is nothing else to anchor on."""
+    out = []
+    for target, safe in pairs:
+        if not safe.strip():
+            out.append((0.0, None))
+            continue
+        q = unprompted_ratio(backbone, target, safe, samples=samples, seed=seed)
+        out.append((anchor_from_ratio(q), round(q, 4)))
+    return out

@@ -31,8 +31,6 @@ ADVERSARIAL_AUTO = _BI["adversarial"]
 MAP_AUTO, MAP_AUTO_KEEP = _BI["map_target_to_safe"], _BI["map_target_to_safe_keep"]
 #: contexts per concept that ``contexts=-1`` gives Bi-Erasing where the model can suggest them
 CONTEXTS_AUTO = _BI["contexts"]
-#: share of the safe prediction in the negative anchor that ``neg_anchor=AUTO`` gives Bi-Erasing
-NEG_ANCHOR_AUTO = _BI["neg_anchor"]
 #: names ``neg_anchor`` took before it was a number (workflows saved before 2026-11-25)
 NEG_ANCHOR_NAMES = {"empty": 0.0, "safe": 1.0}
 #: "choose for me" value of integer settings resolved against the model
@@ -101,9 +99,9 @@ class EraseConfig:
     loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
                                 max=1000.0)
     neg_anchor: float = _f(AUTO, "share a of the safe prediction in the negative branch's anchor: 0 = the "
-                           "empty prompt (ESD, the paper), 1 = the safe alternative. -1 = auto: "
-                           f"{NEG_ANCHOR_AUTO:g} for bi-erasing, 0 for the baselines. Use 1 for a concept the "
-                           "model draws unprompted", min=AUTO, max=1.0)
+                           "empty prompt (ESD, the paper), 1 = the safe alternative. -1 = auto: for bi-erasing "
+                           "measured per concept, 0.5 unless the model draws the concept unprompted (then up "
+                           "to 1); 0 for the baselines", min=AUTO, max=1.0)
     text_uncond: bool = _f(False, "co-erasing: unconditional teacher term without the image (Co-Erasing's option)")
     xt_source: str = _f("cache", "where x_t comes from: cache = the frozen model's trajectories, sampled once "
                         "(default); esd = fresh each step; noised = noised exemplars (fastest); reproduce = "
@@ -141,7 +139,9 @@ class EraseConfig:
         m = registry.get(self.method)
         auto = m.auto
         self._resolve_auto("adversarial", auto["adversarial"])
-        self._resolve_auto("neg_anchor", auto["neg_anchor"])
+        if auto["neg_anchor"] != registry.ANCHOR_MEASURED:  # else measured per concept (resolve_for_model)
+            self._resolve_auto("neg_anchor", auto["neg_anchor"])
+        self._is_auto("neg_anchor")
         if self.loss_weighting == "auto":
             self.loss_weighting = auto["loss_weighting"]
         if self.auto_preserve and auto["preserve"] != PRESERVE_AUTO:
@@ -174,7 +174,8 @@ class EraseConfig:
 
     def images_needed(self) -> tuple[bool, bool]:
         """(negative, positive): which exemplar sets this run uses (see :func:`bierasing.methods.images_needed`)."""
-        return registry.images_needed(self.method, self.pos_weight, abs(self.map_target_to_safe), self.neg_anchor)
+        return registry.images_needed(self.method, self.pos_weight, abs(self.map_target_to_safe),
+                                      abs(self.neg_anchor))  # AUTO: measured, may lean on the safe images
 
     def exemplars_to_load(self) -> tuple[bool, bool]:
         """(negative, positive): the exemplar sets worth making for this run: those the method needs,

@@ -20,7 +20,7 @@ from .. import methods as registry
 from ..backbone import Backbone
 from . import xt as xt_sources
 from .adapters import AdapterSet
-from .config import AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
+from .config import AUTO, AUTO_INT, CONTEXTS_AUTO, MICRO_AUTO_PARAMS, EraseConfig
 from .export import save_erasure
 from .objectives import (LossWeights, branch_weights, erasure_loss, loss_targets, timestep_weights,
                          velocity_weights)
@@ -66,9 +66,14 @@ class Concept:
     safe: str = ""
     negative_images: torch.Tensor | None = None
     positive_images: torch.Tensor | None = None
+    #: this concept's share of the safe prediction in the negative anchor (None: the run's
+    #: ``neg_anchor``; its auto value measures one per concept)
+    neg_anchor: float | None = None
 
     def __post_init__(self):
         check_concept_text(self.target, self.safe)
+        if self.neg_anchor is not None and not 0.0 <= self.neg_anchor <= 1.0:
+            raise ValueError(f"neg_anchor of {self.target!r} must be in [0, 1]; got {self.neg_anchor}")
         for name in ("negative_images", "positive_images"):
             imgs = getattr(self, name)
             if imgs is not None and (imgs.ndim != 4 or imgs.shape[1] != 3 or imgs.shape[0] == 0):
@@ -89,11 +94,14 @@ class ErasureResult:
     adversarial: list[dict] = field(default_factory=list)
     #: peak memory allocated on the accelerator during the run (None on the CPU)
     peak_device_mb: float | None = None
+    #: each concept's share of the safe prediction in its negative anchor
+    neg_anchors: list[float] = field(default_factory=list)
 
     def info(self) -> dict:
         steps = max(1, self.config.steps)
         return {"library": f"bierasing {__version__}", "method": self.config.method,
-                "concepts": [{"target": t, "safe": s} for t, s in self.concepts],
+                "concepts": [{"target": t, "safe": s, **({"neg_anchor": a} if a is not None else {})}
+                             for (t, s), a in zip(self.concepts, self.neg_anchors or [None] * len(self.concepts))],
                 "config": self.config.to_dict(), "seconds": round(self.seconds, 2),
                 "peak_rss_mb": round(self.peak_rss_mb, 1),
                 **({"peak_device_mb": round(self.peak_device_mb, 1)} if self.peak_device_mb is not None else {}),
@@ -116,6 +124,8 @@ def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Conce
     suggestions, ``micro_batch=-1`` from the UNet's size. Returns the config with explicit values
     (what gets recorded) and the concepts followed by their context pairs, which share the
     concept's exemplars."""
+    if cfg.neg_anchor == AUTO:
+        concepts = _with_measured_anchors(backbone, concepts)
     cfg, concepts = _with_related(backbone, cfg, concepts)
     large = sum(p.numel() for p in backbone.unet.parameters()) >= MICRO_AUTO_PARAMS  # SD-size
     if cfg.micro_batch == AUTO_INT:  # one call on a small UNet, one x_t sample per call on a large one
@@ -135,10 +145,23 @@ def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
         raise ValueError(f"contexts {cfg.contexts}: this model cannot suggest contexts for "
                          f"{', '.join(repr(c.target) for c in concepts)}; set contexts 0 (or -1, auto) and give "
                          "the concept in context as extra concept / safe pairs instead")
-    extra = [Concept(t, s, c.negative_images, c.positive_images) for c, ps in zip(concepts, pairs) for t, s in ps]
+    extra = [Concept(t, s, c.negative_images, c.positive_images, c.neg_anchor)
+             for c, ps in zip(concepts, pairs) for t, s in ps]
     cfg = dataclasses.replace(cfg, preserve=", ".join(keep) if cfg.auto_preserve else cfg.preserve,
                               contexts=max((len(p) for p in pairs), default=0))
     return cfg, concepts + extra
+
+
+def _with_measured_anchors(backbone: Backbone, concepts: list[Concept]) -> list[Concept]:
+    """Each concept with its measured anchor share (:func:`bierasing.erase.anchor.measured_anchors`),
+    unless it already has one."""
+    from .anchor import measured_anchors
+
+    todo = [c for c in concepts if c.neg_anchor is None]
+    found = dict(zip(((c.target, c.safe) for c in todo), (a for a, _ in measured_anchors(
+        backbone, [(c.target, c.safe) for c in todo]))))
+    return [c if c.neg_anchor is not None else dataclasses.replace(c, neg_anchor=found[(c.target, c.safe)])
+            for c in concepts]
 
 
 def peak_rss_mb() -> float:
@@ -171,9 +194,9 @@ class Eraser:
                 raise ValueError(f"{cfg.method} needs positive exemplar images of {c.safe or 'the safe concept'!r}")
             if (cfg.pos_weight > 0 or cfg.map_target_to_safe > 0) and not c.safe.strip():
                 raise ValueError(f"{cfg.method} needs a safe alternative for {c.target!r} (e.g. 'clothed' for 'nudity')")
-            if cfg.neg_anchor > 0 and not c.safe.strip():
-                raise ValueError(f"neg_anchor {cfg.neg_anchor:g} needs a safe alternative for {c.target!r}; give "
-                                 "one or use neg_anchor 0 (the empty prompt)")
+            if self._anchor(c, cfg) > 0 and not c.safe.strip():
+                raise ValueError(f"neg_anchor {self._anchor(c, cfg):g} needs a safe alternative for {c.target!r}; "
+                                 "give one or use neg_anchor 0 (the empty prompt)")
             if cfg.xt_source == "noised" and c.negative_images is None:
                 raise ValueError("xt_source 'noised' needs negative exemplar images")
             if cfg.adversarial > 0 and (c.negative_images is None or not backbone.can_encode_images) \
@@ -198,6 +221,10 @@ class Eraser:
         self.forward_rows = 0
         self.seconds = 0.0
         self.prepare_seconds: float | None = None  # set by prepare()
+
+    @staticmethod
+    def _anchor(c: Concept, cfg: EraseConfig) -> float:
+        return cfg.neg_anchor if c.neg_anchor is None else c.neg_anchor
 
     # ---- setup: everything constant is computed once ------------------------------------------
     def prepare(self) -> None:
@@ -291,8 +318,8 @@ class Eraser:
             return None
         return toks[torch.randint(0, toks.shape[0], (B,), generator=self.gen)]
 
-    def loss_weights(self) -> LossWeights:
-        """This step's weights: the schedule's branch weights and the settings' extra rows."""
+    def loss_weights(self, ci: int = 0) -> LossWeights:
+        """This step's weights for concept ``ci``: the schedule's branch weights and the settings' extra rows."""
         cfg = self.cfg
         lam_neg, lam_pos = branch_weights(cfg.schedule, self.step / cfg.steps, cfg.neg_weight,
                                           cfg.pos_weight, cfg.stage_threshold)
@@ -300,7 +327,7 @@ class Eraser:
                            adv=cfg.adversarial if lam_neg > 0 else 0.0,
                            keep=cfg.preserve_weight if self.c_keep is not None else 0.0,
                            neg_guidance=cfg.neg_guidance, pos_guidance=cfg.pos_guidance,
-                           neg_anchor=cfg.neg_anchor)
+                           neg_anchor=self._anchor(self.concepts[ci], cfg))
 
     def training_step(self) -> dict:
         bb, cfg = self.bb, self.cfg
@@ -310,7 +337,7 @@ class Eraser:
         self.xt_forward_rows += fw
         x, t = x.to(bb.device), t.to(bb.device)
         w = self._t_weight(t)
-        lw = self.loss_weights()
+        lw = self.loss_weights(ci)
         rep = lambda e: e.expand(B, -1, -1)  # noqa: E731
         teacher_names = lw.teacher_rows()
         i_neg = self._tokens(self.tok_neg, ci, B)
@@ -514,7 +541,8 @@ class Eraser:
         self.seconds += time.time() - t0
         return ErasureResult(self.adapters, self.cfg, [(c.target, c.safe) for c in self.concepts],
                              self.history, self.seconds, peak_rss_mb(), self.forward_rows,
-                             self.xt_forward_rows, self.adv_log, peak_device_mb(self.bb.device))
+                             self.xt_forward_rows, self.adv_log, peak_device_mb(self.bb.device),
+                             [self._anchor(c, self.cfg) for c in self.concepts])
 
 
 def erase(backbone: Backbone, concepts: list[Concept], cfg: EraseConfig | None = None, **kw) -> ErasureResult:

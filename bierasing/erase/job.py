@@ -139,6 +139,7 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     if ckpt.exists():
         ckpt.unlink()
     report = {"output": str(path), "method": cfg.method, "concepts": [[s.target, s.safe] for s in specs],
+              "erased": result.info()["concepts"],  # with the contexts and each one's negative anchor
               "config": result.config.to_dict(), "erase_seconds": round(result.seconds, 2),
               "unet_forward_equivalents_per_sample": result.info()["unet_forward_equivalents_per_sample"],
               "adapter_parameters": result.adapters.num_parameters(),
@@ -163,7 +164,11 @@ def _markdown(r: dict) -> str:
              + (f", peak GPU memory {r['peak_device_mb']} MB" if "peak_device_mb" in r else ""),
              f"- trained parameters: {r['adapter_parameters']}; UNet forward-equivalents per x_t sample: "
              f"{r['unet_forward_equivalents_per_sample']}",
-             f"- loss {r['loss_first']} -> {r['loss_last']}", ""]
+             f"- loss {r['loss_first']} -> {r['loss_last']}",
+             "- erased (target -> safe, negative anchor): " + "; ".join(
+                 f"{e['target']} -> {e['safe'] or '(none)'}" + (f", {e['neg_anchor']:g}" if "neg_anchor" in e else "")
+                 for e in r.get("erased", [])),
+             f"- held unchanged: {r['config']['preserve'] or '(nothing)'}", ""]
     if "acc_e" in r:
         lines += ["| concept | safe | ACC_e before | ACC_e after | ACC_e synonyms | ACC_p before | ACC_p after | H before | H after |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -187,11 +187,6 @@ class ShapesWorldBackbone(Backbone):
 
         return world_vocabulary(concept)
 
-    def suggest_related(self, pairs, n_contexts):
-        from .related import suggest
-
-        return suggest(pairs, n_contexts)
-
     def networks(self) -> tuple:
         """The trained networks (what ``eval`` freezes and ``load`` moves to a device)."""
         return self.text_encoder, self.image_encoder, self.unet, self.image_proj
