@@ -77,10 +77,12 @@ RUNS = {
                                         "_auto_mask": "attention"}),  # before auto masks
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
+    "esd-x-seed1": ("engine", {"method": "esd-x", "seed": 1}),
     # EraseAnything's loss: ESD negative guidance on the text-side projections, velocity MSE (flow models)
     "esd-velocity": ("engine", {"method": "esd-x", "loss_weighting": "velocity"}),
     "esd-u": ("engine", {"method": "esd-u"}),
     "co-erasing": ("engine", {"method": "co-erasing"}),
+    "co-erasing-seed1": ("engine", {"method": "co-erasing", "seed": 1}),
     "uce": ("uce", {}),
     "released": ("released", {"steps": 400, "lr": 1e-4}),  # shortened: 400 steps at 10x the learning rate
     "released-1500": ("released", {"steps": 1500, "lr": 1e-5}),  # the released defaults (digest 2.9)
@@ -142,11 +144,17 @@ RELEASED = ("released", "released-1500")
 # released code edit a UNet's cross-attention and are not defined on a joint-attention transformer)
 FLOW_MAIN = ["bi-default", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
 MODEL = "shapesworld"  # --model: which shipped world the rows measure
+SAMPLES = 8  # --samples: evaluation samples per prompt
+
+
+def world_stem() -> str:
+    """erasure (the UNet world) or erasure_flow: the rows that train, at 8 samples per prompt."""
+    return "erasure" if MODEL == "shapesworld" else "erasure_" + MODEL.split("-")[-1]
 
 
 def stem() -> str:
-    """File stem of the results: erasure (the UNet world) or erasure_flow."""
-    return "erasure" if MODEL == "shapesworld" else "erasure_" + MODEL.split("-")[-1]
+    """File stem of the results: :func:`world_stem`, + _s16 at 16 samples per prompt."""
+    return world_stem() + ("" if SAMPLES == 8 else f"_s{SAMPLES}")
 ABLATIONS = [r for r in RUNS if r not in MAIN]
 
 
@@ -181,7 +189,7 @@ def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
 
 def _erasure_path(target: str, run: str) -> Path:
     """Where a row's erasure is kept for later attacks (not committed; rerun the bench to rebuild)."""
-    folder = ROOT / "runs" / ("bench_erasures" if MODEL == "shapesworld" else f"bench_erasures_{stem()}")
+    folder = ROOT / "runs" / ("bench_erasures" if MODEL == "shapesworld" else f"bench_erasures_{world_stem()}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{target}__{run}.safetensors"
 
@@ -203,6 +211,8 @@ def single(spec: dict) -> dict:
     kind, settings = RUNS[run][0], dict(RUNS[run][1])
     safe = data.DEFAULT_SAFE[target]
     bb = ShapesWorldBackbone.load(MODEL)
+    if spec.get("from_kept"):
+        return _reevaluate(bb, target, run, spec.get("samples", 8))
     # "auto" (the default since 2026-11-25) = attention masks, none for the style targets (backgrounds)
     mask = settings.pop("_auto_mask", "auto")
     quiet = lambda m: None  # noqa: E731
@@ -272,6 +282,27 @@ def single(spec: dict) -> dict:
             "unet_forward_equivalents_per_sample": fe, "xt_cache_forward_rows": xt_rows,
             "trained_parameters": params, "samples_per_prompt": spec.get("samples", 8),
             "image_branch": image_branch_id(), "auto_mask": mask, **extra}
+
+
+def _reevaluate(bb, target: str, run: str, samples: int) -> dict:
+    """A row's kept erasure scored again at ``samples`` per prompt; the training columns (seconds,
+    FE, config) are the row's own from the 8-sample file, whose erasure this is."""
+    from bierasing.erase.export import load_erasure, read_erasure
+    from bierasing.world.evaluate import measure_erasure
+
+    rows = json.loads((RESULTS / f"{world_stem()}.json").read_text())["rows"]
+    trained = next((r for r in rows if (r["target"], r["run"]) == (target, run)), None)
+    path = _erasure_path(target, run)
+    if trained is None or not path.exists() or RUNS[run][0] == "released":
+        raise SystemExit(f"no kept LoRA erasure of {run} on {target}: run it at 8 samples first")
+    if "config" in trained and read_erasure(path)[1].get("config") != trained["config"]:
+        raise SystemExit(f"{path} is not the erasure of the {run} row on {target} (configs differ); rerun that row")
+    load_erasure(bb.unet, path)
+    ev = measure_erasure(bb, target, samples)
+    syn = measure_erasure(bb, target, samples, synonym=1, target_only=True)
+    return {**trained, "acc_e": round(ev["acc_e"], 4), "acc_p": round(ev["acc_p"], 4), "h": round(ev["h"], 4),
+            "acc_e_synonyms": round(syn["acc_e"], 4), "samples_per_prompt": samples,
+            "erasure_from": f"{world_stem()}.json row (trained once, scored again)"}
 
 
 def _baseline(samples: int, targets: list[str]) -> dict:
@@ -406,19 +437,22 @@ def _plot(rows: list[dict]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    global MODEL
+    global MODEL, SAMPLES
     p.add_argument("--model", default="shapesworld", choices=("shapesworld", "shapesworld-flow"),
                    help="the shipped world the rows measure (results: erasure.* or erasure_flow.*)")
     p.add_argument("--targets", default=",".join(BENCH_TARGETS))
     p.add_argument("--runs", default=None, help="comma-separated run names (default: the world's main table)")
     p.add_argument("--ablations", default="", help="ablation runs on the first target: comma-separated names or 'all'")
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8,
+                   help="evaluation samples per prompt; other than 8, results go to erasure_s<N>.*")
+    p.add_argument("--from-kept", action="store_true",
+                   help="score the erasures the 8-sample rows kept instead of training again (with --samples)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    MODEL = args.model
+    MODEL, SAMPLES = args.model, args.samples
     if args.single:
         spec = json.loads(args.single)
-        MODEL = spec.get("model", MODEL)
+        MODEL, SAMPLES = spec.get("model", MODEL), spec.get("samples", SAMPLES)
         print(json.dumps(single(spec)))
         return 0
     runs = args.runs or ",".join(MAIN if MODEL == "shapesworld" else FLOW_MAIN)
@@ -446,7 +480,8 @@ def main() -> int:
             continue
         print(f"[bench] {r} on {t} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--single",
-                               json.dumps({"target": t, "run": r, "samples": args.samples, "model": MODEL})],
+                               json.dumps({"target": t, "run": r, "samples": args.samples, "model": MODEL,
+                                           "from_kept": args.from_kept})],
                               capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

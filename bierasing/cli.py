@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=2)
     ev.set_defaults(func=_cmd_eval)
 
-    sg = sub.add_parser("suggest", help="related concepts from the model's own text encoder: the nearest phrases "
-                        "of a shipped vocabulary (what an erasure should preserve) and context pairs")
+    sg = sub.add_parser("suggest", help="what preserve auto and contexts auto will use: the nearest phrases of a "
+                        "shipped vocabulary by the model's own text encoder, and context pairs")
     _add_model_args(sg)
     sg.add_argument("--concept", required=True, help="concept(s) to erase, comma-separated")
     sg.add_argument("--safe", default="", help="safe alternative per concept, comma-separated")

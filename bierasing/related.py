@@ -73,8 +73,22 @@ def conditioning_vectors(backbone, prompts: Sequence[str], batch: int = 32) -> t
     return torch.cat(out)
 
 
-def _words(text: str) -> set[str]:
-    return set(text.lower().replace(",", " ").split()) - {"a", "an", "the", "of", "in", "on"}
+_STOP = frozenset({"a", "an", "the", "of", "in", "on"})
+
+
+def _content(text: str) -> tuple[str, ...]:
+    return tuple(w for w in text.lower().replace(",", " ").split() if w not in _STOP)
+
+
+def names(phrase: str, concept: str) -> bool:
+    """Whether ``phrase`` names ``concept``: the concept's words, in order, appear in it ("a hot dog"
+    names "dog"; "manga style" does not name "anime style", though both say "style")."""
+    c, p = _content(concept), _content(phrase)
+    return bool(c) and any(p[i:i + len(c)] == c for i in range(len(p) - len(c) + 1))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return names(a, b) or names(b, a)
 
 
 def nearest(backbone, concept: str, vocabulary: Vocabulary, k: int, exclude: Sequence[str] = (),
@@ -82,10 +96,10 @@ def nearest(backbone, concept: str, vocabulary: Vocabulary, k: int, exclude: Seq
     """The ``k`` vocabulary phrases nearest ``concept`` in the model's conditioning, with cosines.
 
     Every phrase is read as the model reads a concept (``backbone.concept_text``). Left out:
-    synonyms (cosine >= ``same_above``) and phrases sharing a word (as written) with the concept or
-    with any of ``exclude`` (erasing "dog" holds neither "a hot dog" nor the safe "a cat" twice)."""
-    banned = _words(concept).union(*(_words(e) for e in exclude if e))
-    candidates = [p for p in vocabulary.phrases if not _words(p) & banned]
+    synonyms (cosine >= ``same_above``) and phrases that name the concept or one of ``exclude``, or
+    are named by it (erasing "dog" holds neither "a hot dog" nor the safe "a cat" twice)."""
+    banned = [concept, *(e for e in exclude if e.strip())]
+    candidates = [p for p in vocabulary.phrases if not any(_overlaps(p, b) for b in banned)]
     if not candidates or k <= 0:
         return []
     vecs = conditioning_vectors(backbone, [backbone.concept_text(p) for p in (concept, *candidates)])
@@ -114,8 +128,8 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
     target nor one the vocabulary rules out. A pair without a safe alternative gets no contexts
     (nothing to pull the target towards in them). Templates take the concepts as written.
     ``neighbours``: each pair's whole :func:`nearest` ranking, if already computed."""
-    targets = [t for t, _ in pairs]
-    erased = set().union(*(_words(t) for t in targets))
+    # an erased concept as a template takes it ("on a gray background" -> "gray" in ShapesWorld)
+    erased = [backbone.related_vocabulary(t).fill("{}", t) for t, _ in pairs]
     keep: list[str] = []
     contexts = []
     for i, (target, safe) in enumerate(pairs):
@@ -129,5 +143,5 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
         held = [backbone.concept_text(p) for p in near[:hold]]
         fits = [p for p in near if vocab.slot is None or p in vocab.slot][:hold_in_context]
         held += [vocab.fill(tpl, p) for tpl in templates for p in fits]
-        keep.extend(p for p in held if p not in keep and p not in vocab.never and not _words(p) & erased)
+        keep.extend(p for p in held if p not in keep and p not in vocab.never and not any(names(p, e) for e in erased))
     return keep, contexts

@@ -95,3 +95,16 @@ def test_cli_suggest_prints_json(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["concepts"][0]["safe"] == "circle" and len(out["concepts"][0]["nearest"]) == 8
     assert len(out["contexts"][0]) == 4 and out["preserve"]
+
+
+def test_a_phrase_is_left_out_only_when_it_names_an_erased_concept(world):
+    assert related.names("a hot dog", "dog") and related.names("a red square", "red")
+    assert not related.names("manga style", "anime style") and not related.names("on a white background", "gray")
+    # ShapesWorld's backgrounds all end in "background": erasing gray still holds the other backgrounds,
+    # alone and in context, and a colour erasure holds the other colours ("something purple")
+    keep, _ = related.suggest(world, [("on a gray background", "on a black background")], 4)
+    assert "on a white background" in keep and any(p.endswith("on a white background") and p != "on a white background"
+                                                   for p in keep), keep
+    assert not any("gray" in p or "black" in p for p in keep), keep
+    keep, _ = related.suggest(world, [("something blue", "something yellow")], 4)
+    assert "something purple" in keep and not any("blue" in p or "yellow" in p for p in keep), keep

@@ -78,16 +78,16 @@ class EraseConfig:
     map_text_only: bool = _f(True, "the target->safe row sees the concept prompt alone, as prompts are at "
                              "inference; off: with the safe exemplars' image tokens")
     preserve: str = _f("auto", "prompts the erasure must leave intact, comma-separated ('a dog, a cat'). auto: "
-                       "what the model suggests (ShapesWorld: its neighbours), nothing elsewhere; empty: none. "
-                       "Name neighbours that drift after erasing")
+                       "the concept's nearest phrases by the model's own text encoder, alone and in context; "
+                       "empty: none. Name neighbours that drift after erasing")
     preserve_weight: float = _f(1.0, "weight of the preservation loss (when preserve names prompts); raise "
                                 "it if other concepts change, lower it if the concept survives",
                                 min=0.0, max=10.0)
     preserve_xt: str = _f("target", "x_t of the preservation rows: target = the erasure rows' x_t; own = "
                           "the frozen model's trajectories of the preserved prompts", choices=("target", "own"))
-    contexts: int = _f(-1, "extra contexts the concept is also erased in ('a red square on white' -> 'a green "
-                       f"square on white'). -1 = auto: {CONTEXTS_AUTO} for bi-erasing where the model suggests "
-                       "contexts (ShapesWorld), else 0", min=-1, max=64)
+    contexts: int = _f(-1, "extra contexts the concept is also erased in ('a photo of a dog' -> 'a photo of a "
+                       f"cat'). -1 = auto: {CONTEXTS_AUTO} for bi-erasing when a safe concept is given, else 0",
+                       min=-1, max=64)
     schedule: str = _f("joint", "joint: both branches every step; guide-then-erase: positive only for the first "
                        "stage_threshold of the steps, then negative only (the released --dynamic_weights)",
                        choices=("joint", "guide-then-erase"))
