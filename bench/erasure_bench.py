@@ -14,6 +14,7 @@ x_t sample (forward = 1, backward = 2, x_t sampling included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,7 +64,8 @@ RUNS = {
     "bi-anchor-safe-keep1": ("engine", {**HAND, "neg_anchor": 1.0}),  # 2026-12-03, gray
     # preserve set and contexts from bierasing.related (the model's own text conditioning over the
     # world's words and context templates) instead of the world's hand-made suggestions (2026-12-05):
-    # 2 neighbours held per context, from the 8 nearest
+    # 2 neighbours held per context, from the 8 nearest (a rerun gets today's filter of what names the
+    # target, not that day's shared-word filter)
     "bi-default-related": ("engine", {**DEFAULT, "neg_anchor": 0.5, "_related": "nearest-2"}),
     # negative anchor from the unprompted ratio q (bierasing.erase.anchor): a = max(0.5, sqrt(1 - q)), the
     # share of eps*(c+) that gives the push |eps(c) - A| the strength of |eps(c+) - eps({})| when eps(c) is
@@ -238,7 +240,11 @@ def single(spec: dict) -> dict:
             keep, pairs = hand_made(pair, CONTEXTS_AUTO) if related == "hand" else suggest(
                 bb, pair, CONTEXTS_AUTO, hold_in_context=2, neighbours=[
                     nearest(bb, concept.target, bb.related_vocabulary(concept.target), 8, [concept.safe])])
-            concepts += [Concept(t, s, neg, pos) for t, s in pairs[0]]
+            if settings.get("neg_anchor") == -1.0:  # measured for the concept; its contexts share it
+                from bierasing.erase.anchor import measured_anchors
+
+                concepts = [dataclasses.replace(concept, neg_anchor=measured_anchors(bb, pair)[0][0])]
+            concepts += [Concept(t, s, neg, pos, concepts[0].neg_anchor) for t, s in pairs[0]]
             settings.update(preserve=", ".join(keep), contexts=0)
         eraser = Eraser(bb, concepts, EraseConfig(**settings))
         cfg, pairs = eraser.cfg, [(c.target, c.safe) for c in eraser.concepts[1:]]

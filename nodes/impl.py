@@ -181,7 +181,10 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
 
     preview = LivePreview(bb.concept_text(pairs[0][0]), sample_every=preview_every, seed=cfg.seed)
     progress = glue.Progress(cfg.steps, preview)
-    eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
+    with torch.inference_mode(False):  # the suggestions (preserve / contexts auto) are text conditioning too
+        eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
+        bb.encode_text(sorted({*(c.target for c in eraser.concepts), *(c.safe for c in eraser.concepts),
+                               *eraser.cfg.preserved()}))
     preview.attach(eraser)
     with glue.unet_session(bb, train=True):
         try:

@@ -178,6 +178,22 @@ def test_interrupted_erasure_resumes_to_identical_tensors(tiny_world, tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
+def test_a_resumed_run_keeps_the_anchors_it_started_with(tiny_world, tmp_path):
+    from bierasing import io
+
+    cfg, ckpt = _cfg(steps=4), tmp_path / "ck.safetensors"
+    eraser = Eraser(tiny_world, [_concept()], cfg, checkpoint_path=ckpt, should_stop=lambda: eraser.step == 2)
+    with pytest.raises(ErasureInterrupted):
+        eraser.run()
+    eraser.adapters.remove(tiny_world.unet)
+    tensors, meta = io.load_checkpoint(ckpt)
+    assert meta["neg_anchors"] == [eraser.concepts[0].neg_anchor] and 0.5 <= meta["neg_anchors"][0] <= 1.0
+    io.save_checkpoint(ckpt, tensors, {**meta, "neg_anchors": [0.8]})  # as if measured otherwise back then
+    resumed = Eraser(tiny_world, [_concept()], cfg, checkpoint_path=ckpt).run()
+    resumed.adapters.remove(tiny_world.unet)
+    assert resumed.neg_anchors == [0.8] and resumed.info()["concepts"][0]["neg_anchor"] == 0.8
+
+
 def test_nan_loss_is_reported_clearly(tiny_world):
     bad = Concept("a circle", "a square", torch.full((2, 3, 32, 32), float("nan")), _images(2))
     eraser = Eraser(tiny_world, [bad], _cfg(xt_source="cache"))

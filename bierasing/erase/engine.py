@@ -117,29 +117,40 @@ class ErasureResult:
         return save_erasure(path, self.adapters, self.info(), precision=self.config.save_precision)
 
 
-def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
+def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept], measure_anchors: bool = True
                       ) -> tuple[EraseConfig, list[Concept]]:
     """Resolve the settings whose auto value depends on the model (the others resolve in
     ``EraseConfig``): ``preserve='auto'``, ``contexts=-1`` and the target->safe pull from the model's
-    suggestions, ``micro_batch=-1`` from the UNet's size. Returns the config with explicit values
-    (what gets recorded) and the concepts followed by their context pairs, which share the
+    suggestions, ``micro_batch=-1`` from the UNet's size and, with ``measure_anchors``,
+    ``neg_anchor=-1`` per concept from the model's predictions (a context shares its concept's).
+    Returns the config with explicit values (what gets recorded; ``neg_anchor`` stays -1, each
+    concept carries its own) and the concepts followed by their context pairs, which share the
     concept's exemplars."""
-    if cfg.neg_anchor == AUTO:
-        concepts = _with_measured_anchors(backbone, concepts)
-    cfg, concepts = _with_related(backbone, cfg, concepts)
+    cfg, concepts, parents = _resolve(backbone, cfg, concepts)
+    if measure_anchors:
+        concepts = with_measured_anchors(backbone, cfg, concepts, parents)
+    return cfg, concepts
+
+
+def _resolve(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
+             ) -> tuple[EraseConfig, list[Concept], list[int]]:
+    """:func:`resolve_for_model` without the anchors (text only, no UNet call), and the index of the
+    given concept each returned concept belongs to."""
+    cfg, concepts, parents = _with_related(backbone, cfg, concepts)
     large = sum(p.numel() for p in backbone.unet.parameters()) >= MICRO_AUTO_PARAMS  # SD-size
     if cfg.micro_batch == AUTO_INT:  # one call on a small UNet, one x_t sample per call on a large one
         cfg = dataclasses.replace(cfg, micro_batch=1 if large else 0)
     if cfg.save_precision == "auto":
         cfg = dataclasses.replace(cfg, save_precision="fp16" if large else "fp32")
-    return cfg, concepts
+    return cfg, concepts, parents
 
 
 def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
-                  ) -> tuple[EraseConfig, list[Concept]]:
+                  ) -> tuple[EraseConfig, list[Concept], list[int]]:
     n = CONTEXTS_AUTO if cfg.contexts < 0 else cfg.contexts
+    own = list(range(len(concepts)))
     if not cfg.auto_preserve and n == 0:
-        return dataclasses.replace(cfg, contexts=0), concepts
+        return dataclasses.replace(cfg, contexts=0), concepts, own
     keep, pairs = backbone.suggest_related([(c.target, c.safe) for c in concepts], n)
     if cfg.contexts > 0 and not any(pairs):
         raise ValueError(f"contexts {cfg.contexts}: this model cannot suggest contexts for "
@@ -149,19 +160,22 @@ def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
              for c, ps in zip(concepts, pairs) for t, s in ps]
     cfg = dataclasses.replace(cfg, preserve=", ".join(keep) if cfg.auto_preserve else cfg.preserve,
                               contexts=max((len(p) for p in pairs), default=0))
-    return cfg, concepts + extra
+    return cfg, concepts + extra, own + [i for i, ps in enumerate(pairs) for _ in ps]
 
 
-def _with_measured_anchors(backbone: Backbone, concepts: list[Concept]) -> list[Concept]:
-    """Each concept with its measured anchor share (:func:`bierasing.erase.anchor.measured_anchors`),
-    unless it already has one."""
+def with_measured_anchors(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept], parents: list[int]
+                          ) -> list[Concept]:
+    """With ``neg_anchor`` auto, each concept without an anchor gets the one measured for the given
+    concept it belongs to (``parents``; :func:`bierasing.erase.anchor.measured_anchors`)."""
+    if cfg.neg_anchor != AUTO:
+        return concepts
     from .anchor import measured_anchors
 
-    todo = [c for c in concepts if c.neg_anchor is None]
-    found = dict(zip(((c.target, c.safe) for c in todo), (a for a, _ in measured_anchors(
-        backbone, [(c.target, c.safe) for c in todo]))))
-    return [c if c.neg_anchor is not None else dataclasses.replace(c, neg_anchor=found[(c.target, c.safe)])
-            for c in concepts]
+    todo = sorted({p for c, p in zip(concepts, parents) if c.neg_anchor is None})
+    measured = dict(zip(todo, (a for a, _ in measured_anchors(
+        backbone, [(concepts[p].target, concepts[p].safe) for p in todo]))))
+    return [c if c.neg_anchor is not None else dataclasses.replace(c, neg_anchor=measured[p])
+            for c, p in zip(concepts, parents)]
 
 
 def peak_rss_mb() -> float:
@@ -184,7 +198,8 @@ class Eraser:
                  checkpoint_path: str | Path | None = None):
         if not concepts:
             raise ValueError("give at least one concept to erase")
-        cfg, concepts = resolve_for_model(backbone, cfg, concepts)
+        # text only here (suggestions); the anchors need the UNet and are measured in prepare()
+        cfg, concepts, self.parents = _resolve(backbone, cfg, concepts)
         need_neg, need_pos = cfg.images_needed()
         for c in concepts:
             if need_neg and c.negative_images is None:
@@ -232,6 +247,7 @@ class Eraser:
         calls it unless it was called first (to report the setup before the training loop starts)."""
         t_prep = time.time()
         bb, cfg = self.bb, self.cfg
+        self.concepts = with_measured_anchors(bb, cfg, self.concepts, self.parents)
         if bb.device.type == "cuda":  # the run's peak, reported as peak_device_mb
             torch.cuda.reset_peak_memory_stats(bb.device)
         with torch.no_grad():
@@ -471,7 +487,7 @@ class Eraser:
                 "step": self.step, "history": self.history, "optim": om,
                 "forward_rows": self.forward_rows, "xt_forward_rows": self.xt_forward_rows,
                 "seconds": self.seconds, "adversarial": self.adv_log, "adv_draws": self.adv_draws,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "neg_anchors": [self._anchor(c, self.cfg) for c in self.concepts]}
         io.save_checkpoint(self.checkpoint_path, tensors, meta)
 
     def _try_resume(self) -> bool:
@@ -498,6 +514,9 @@ class Eraser:
                 self.adv_delta[i] = tensors[f"adv.{i}"].to(self.bb.device)
         self.adv_log = meta.get("adversarial", [])
         self.adv_draws = meta.get("adv_draws", self.adv_draws)
+        if "neg_anchors" in meta:  # the run's own objective, even where a new measurement would round otherwise
+            self.concepts = [dataclasses.replace(c, neg_anchor=a) if a >= 0 else c
+                             for c, a in zip(self.concepts, meta["neg_anchors"])]
         return True
 
     def run(self) -> ErasureResult:
