@@ -129,11 +129,11 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
     (nothing to pull the target towards in them). Templates take the concepts as written.
     ``neighbours``: each pair's whole :func:`nearest` ranking, if already computed."""
     # an erased concept as a template takes it ("on a gray background" -> "gray" in ShapesWorld)
-    erased = [backbone.related_vocabulary(t).fill("{}", t) for t, _ in pairs]
+    vocabs = [backbone.related_vocabulary(t) for t, _ in pairs]
+    erased = [v.fill("{}", t) for v, (t, _) in zip(vocabs, pairs)]
     keep: list[str] = []
     contexts = []
-    for i, (target, safe) in enumerate(pairs):
-        vocab = backbone.related_vocabulary(target)
+    for i, ((target, safe), vocab) in enumerate(zip(pairs, vocabs)):
         ranked = neighbours[i] if neighbours is not None else nearest(
             backbone, target, vocab, len(vocab.phrases), related_excluded(pairs, i))
         near = [p for p, _ in ranked]

@@ -117,19 +117,16 @@ class ErasureResult:
         return save_erasure(path, self.adapters, self.info(), precision=self.config.save_precision)
 
 
-def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept], measure_anchors: bool = True
+def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
                       ) -> tuple[EraseConfig, list[Concept]]:
     """Resolve the settings whose auto value depends on the model (the others resolve in
     ``EraseConfig``): ``preserve='auto'``, ``contexts=-1`` and the target->safe pull from the model's
-    suggestions, ``micro_batch=-1`` from the UNet's size and, with ``measure_anchors``,
-    ``neg_anchor=-1`` per concept from the model's predictions (a context shares its concept's).
-    Returns the config with explicit values (what gets recorded; ``neg_anchor`` stays -1, each
+    suggestions, ``micro_batch=-1`` from the UNet's size and ``neg_anchor=-1`` per concept from the
+    model's predictions (a context shares its concept's). Returns the config with explicit values (what gets recorded; ``neg_anchor`` stays -1, each
     concept carries its own) and the concepts followed by their context pairs, which share the
     concept's exemplars."""
     cfg, concepts, parents = _resolve(backbone, cfg, concepts)
-    if measure_anchors:
-        concepts = with_measured_anchors(backbone, cfg, concepts, parents)
-    return cfg, concepts
+    return cfg, with_measured_anchors(backbone, cfg, concepts, parents)
 
 
 def _resolve(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
