@@ -199,7 +199,7 @@ def _cmd_erase(args) -> int:
             report = run_erase_job(bb, specs, cfg, args.out, name=args.name, eval_samples=args.eval_samples,
                                    mask_filter=MaskFilter(threshold=args.mask_threshold),
                                    progress=not args.json, should_stop=stop,
-                                   log=(lambda m: print(m, file=sys.stderr)))
+                                   log=(lambda m: print(m, file=sys.stderr)), on=_split(args.on))
         except ErasureInterrupted as e:
             print(f"bierasing: {e}", file=sys.stderr)
             return 130
@@ -270,6 +270,21 @@ def _cmd_suggest(args) -> int:
     print("preserve: " + ", ".join(keep))
     for (t, _), ctx in zip(pairs, contexts):
         print(f"contexts of {t}: " + "; ".join(f"{a} -> {b}" for a, b in ctx))
+    return 0
+
+
+def _cmd_fuse(args) -> int:
+    from .erase.fuse import fuse_single_file
+
+    erasures = _split(args.erasure)
+    strengths = [float(v) for v in _split(args.strength)] or None
+    if strengths is not None and len(strengths) == 1:
+        strengths = strengths * len(erasures)
+    fused = fuse_single_file(args.model, erasures, args.out, strengths, args.model_config)
+    if args.json:
+        print(json.dumps({"output": args.out, **fused}))
+    else:
+        print(f"wrote {args.out}: {len(fused['erasures'])} erasure(s) merged into {fused['layers']} UNet layers")
     return 0
 
 
@@ -376,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "stay unmasked. Use none for an artist's style")
     er.add_argument("--out", default="outputs/erase", help="output folder")
     er.add_argument("--name", default="erasure", help="file name of the LoRA (without .safetensors)")
+    er.add_argument("--on", default="", help="erasure file(s) the model already carries, comma-separated in the "
+                    "order they were made: this erasure is trained on top and its file holds them all. Use it to "
+                    "add a concept to an erased model without bringing the others back")
     er.add_argument("--eval-samples", type=int, default=8, help="samples per prompt for the before/after report (0: skip)")
     er.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     er.add_argument("--threads", type=int, default=2)
@@ -410,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--json", action="store_true")
     sg.add_argument("--threads", type=int, default=2)
     sg.set_defaults(func=_cmd_suggest)
+
+    fu = sub.add_parser("fuse", help="merge erasure(s) into a copy of a single-file SD1.x or SDXL checkpoint, so "
+                        "the erasure cannot be switched off (ComfyUI: Save Checkpoint on the erased MODEL)")
+    fu.add_argument("--model", required=True, help="the single-file .safetensors checkpoint the erasures were made for")
+    fu.add_argument("--erasure", required=True, help="erasure file(s), comma-separated, in the order they were made")
+    fu.add_argument("--strength", default="1", help="LoRA strength, one for all or one per erasure")
+    fu.add_argument("--out", required=True, help="the new checkpoint (.safetensors); the original is not changed")
+    fu.add_argument("--model-config", default=None, help="diffusers config folder of a checkpoint whose sizes "
+                    "differ from SD1.5's or SDXL base's (as for erase)")
+    fu.add_argument("--json", action="store_true")
+    fu.set_defaults(func=_cmd_fuse)
 
     st = sub.add_parser("standins", help="write random-weight stand-ins for the models the shipped templates "
                                          "name into a ComfyUI folder, to try every template without downloads; "

@@ -481,6 +481,21 @@ def apply_lora(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):
     return new_model
 
 
+#: model_options key: the erasure files (Load Erasure) a MODEL carries, in the order applied
+CARRIED = "bierasing_erasures"
+
+
+def carry(model, path: str, strength: float) -> None:
+    """Record on ``model`` (a clone of ours) that it carries the erasure file ``path``; a clone
+    copies its model_options, so the record follows the MODEL downstream."""
+    model.model_options[CARRIED] = [*model.model_options.get(CARRIED, []), {"file": path, "strength": strength}]
+
+
+def carried(model) -> list[dict]:
+    """The erasure files ``model`` carries ({"file", "strength"}, oldest first)."""
+    return list(model.model_options.get(CARRIED, []))
+
+
 def sample(model, clip, vae, prompts: Sequence[str], negative: str, seeds: Sequence[int], steps: int,
            cfg: float, resolution: int) -> torch.Tensor:
     """One image per (prompt, seed) with ComfyUI's own sampler (euler, normal) -> IMAGE [B, H, W, 3]."""

@@ -202,6 +202,13 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             result.adapters.remove(bb.unet)
     info = result.info()
     erased = glue.apply_lora(model, tensors)
+    carried = [c for c in glue.carried(model) if os.path.isfile(c["file"])]
+    if carried:  # the LoRA holds the erasures the MODEL came with too (bierasing.erase.stack)
+        from bierasing.erase.stack import stack
+
+        tensors, info = stack([*(c["file"] for c in carried), (tensors, info)],
+                              scales=[c["strength"] for c in carried] + [1.0],
+                              precision=result.config.save_precision)
     curve = torch.from_numpy(loss_curve(result.history, f"{cfg.method}: {concept} -> {safe_concept}")).float()[None] / 255
     return erased, tensors, curve, json.dumps(info, indent=1)
 
@@ -232,7 +239,9 @@ def load_erasure(model, erasure_name: str, strength: float):
 
     path = glue.file_path("loras", erasure_name)
     tensors, info = read_erasure(path)
-    return glue.apply_lora(model, tensors, strength), json.dumps(info, indent=1)
+    erased = glue.apply_lora(model, tensors, strength)
+    glue.carry(erased, path, strength)
+    return erased, json.dumps(info, indent=1)
 
 
 # ---- looking at the result -----------------------------------------------------------------------

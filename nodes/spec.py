@@ -168,7 +168,8 @@ SPECS: list[NodeSpec] = [
         "Erase", "Erase Concept (Bi-Erasing)",
         "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from the concept (text "
         "+ images), pulled toward the safe alternative. Baselines (ESD-x, ESD-u, Co-Erasing) run in the "
-        "same engine. Returns the erased MODEL, the LoRA, a loss curve and a JSON report.",
+        "same engine. Returns the erased MODEL, the LoRA, a loss curve and a JSON report. On a MODEL from Load "
+        "Erasure the LoRA holds that erasure too, so earlier concepts stay erased.",
         inputs=[Port("model", "MODEL", "SD1.x or SDXL model to erase from"),
                 Port("clip", "CLIP", "its text encoder"),
                 Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
@@ -206,7 +207,7 @@ SPECS: list[NodeSpec] = [
     NodeSpec(
         "LoadErasure", "Load Erasure",
         "Applies a saved erasure (from models/loras) to a MODEL; the same as LoraLoader with no CLIP part, "
-        "and it shows the erasure's settings.",
+        "and it shows the erasure's settings. Erase Concept on its MODEL adds a concept and saves both.",
         inputs=[Port("model", "MODEL", "the model to erase from"),
                 Port("erasure_name", "COMBO", "erasure file in models/loras", options=("erasure.safetensors",),
                      files="loras"),

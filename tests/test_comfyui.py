@@ -163,6 +163,62 @@ def test_erase_save_loraloader_ksampler(comfy, caplog):
     assert not torch.allclose(outs[0], outs[1], atol=1e-6)  # the erasure changed the model
 
 
+def test_erase_on_a_loaded_erasure_keeps_it_and_saves_both(comfy):
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, resolution=64, preserve="",
+                    contexts=0, preview_every=0)
+    _, lora_a, _, report_a = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat",
+                                 safe_concept="dog", **settings)
+    run(comfy, "BiErasingSaveErasure", lora=lora_a, filename="erasures/seq_a", report=report_a)
+    m_a, _ = run(comfy, "BiErasingLoadErasure", model=comfy.model, erasure_name="erasures/seq_a.safetensors",
+                 strength=1.0)
+    erased, lora_ab, _, report_ab = run(comfy, "BiErasingErase", model=m_a, clip=comfy.clip, concept="horse",
+                                        safe_concept="cow", **settings)
+    info = json.loads(report_ab)
+    assert [r["file"] for r in info["stack"]] == ["seq_a.safetensors", "(this run)"]
+    assert [c["target"] for c in info["concepts"]] == ["cat", "horse"]
+    key = next(k for k in lora_a if k.endswith(".lora_down.weight"))
+    assert lora_ab[key].shape[0] == 2 * lora_a[key].shape[0]  # A's rank + B's
+    assert len(comfy.glue.carried(m_a)) == 1 and not comfy.glue.carried(comfy.model)  # inputs untouched
+    run(comfy, "BiErasingSaveErasure", lora=lora_ab, filename="erasures/seq_ab", report=report_ab)
+    with torch.inference_mode():
+        m_ab, _ = comfy.nodes.LoraLoader().load_lora(comfy.model, comfy.clip, "erasures/seq_ab.safetensors", 1.0, 0.0)
+        c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "a photo of a cat")[0]
+        u = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "")[0]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        outs = [comfy.nodes.common_ksampler(m, 3, 2, 5.0, "euler", "normal", c, u, latent)[0]["samples"]
+                for m in (erased, m_ab, m_a)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)  # the one file = A, then B on top
+    assert not torch.allclose(outs[1], outs[2], atol=1e-6)  # and B did something
+
+
+def test_stock_save_checkpoint_fuses_the_erasure_into_the_weights(comfy, tmp_path):
+    import shutil
+
+    from comfy_extras import nodes_model_merging
+
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, resolution=64, preserve="",
+                    contexts=0, preview_every=0)
+    erased, _, _, _ = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat",
+                          safe_concept="dog", **settings)
+    saver = nodes_model_merging.CheckpointSave()
+    saver.output_dir = str(tmp_path)
+    with torch.inference_mode():
+        saver.save(erased, comfy.clip, comfy.vae, "fused/erased")
+    (saved,) = (tmp_path / "fused").glob("erased*.safetensors")
+    shutil.copy2(saved, comfy.root / "checkpoints" / "fused_erased.safetensors")
+    with torch.inference_mode():
+        fused = comfy.nodes.CheckpointLoaderSimple().load_checkpoint("fused_erased.safetensors")[0]
+        c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "a photo of a cat")[0]
+        u = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "")[0]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        outs = [comfy.nodes.common_ksampler(m, 5, 2, 5.0, "euler", "normal", c, u, latent)[0]["samples"]
+                for m in (erased, fused, comfy.model)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)  # the checkpoint draws as the erased MODEL
+    assert not torch.allclose(outs[1], outs[2], atol=1e-6)  # with no LoRA left to switch off
+
+
 def test_grid_and_evaluate_nodes(comfy):
     grid, before, after = run(comfy, "BiErasingCompareGrid", original_model=comfy.model, erased_model=comfy.model,
                               clip=comfy.clip, vae=comfy.vae, prompts="a cat\na dog", negative="",

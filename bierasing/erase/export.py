@@ -128,11 +128,15 @@ def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0
     return adapters, info
 
 
-def merge_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> dict:
-    """Add a saved erasure into the UNet's weights in place (what LoraLoader does)."""
+def merge_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0,
+                  originals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+    """Add a saved erasure into the UNet's weights in place (what LoraLoader does); ``originals``
+    collects (the weight, a copy of it) before its first change, to restore it exactly."""
     adapters, info = load_erasure(unet, path, strength)
     with torch.no_grad():
-        for layer in adapters.layers.values():
+        for name, layer in adapters.layers.items():
+            if originals is not None and name not in originals:
+                originals[name] = (layer.base.weight, layer.base.weight.detach().clone())
             layer.base.weight += strength * layer.delta_weight().to(layer.base.weight)
     adapters.remove(unet)
     return info

@@ -6,6 +6,7 @@ This is what ``bierasing erase`` runs; it writes into one output folder:
   report.md / .json     time, memory, every setting; what the model's scorer measured (ShapesWorld:
                         ACC_e, ACC_p, H before and after; nudity: NudeNet counts)
   checkpoint.safetensors while running; a re-run resumes from it, it is removed when done
+Built ``on`` earlier erasures, the LoRA holds them too (one file, each erasure's record in its metadata).
 """
 
 from __future__ import annotations
@@ -89,10 +90,28 @@ def load_exemplars(backbone, spec: ExemplarSpec, concept: str, seed: int,
 def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str | Path,
                   name: str = "erasure", eval_samples: int = 8, mask_filter: MaskFilter | None = None,
                   progress: bool = True, should_stop: Callable[[], bool] | None = None,
-                  log: Callable[[str], None] = logger.info) -> dict:
+                  log: Callable[[str], None] = logger.info, on: list[str | Path] = ()) -> dict:
+    """``on``: erasure files the model already carries, in the order they were made. The new
+    erasure is trained on the model with them merged (so it cannot bring their concepts back) and
+    the saved file holds them all (:mod:`bierasing.erase.stack`); ``backbone`` is left as given."""
+    from .stack import carrying
+
+    output = (Path(out) / f"{name}.safetensors").resolve()
+    for p in on:
+        if Path(p).resolve() == output:
+            raise ValueError(f"{output.name} is both an erasure to build on and this run's output; give another "
+                             "--name or --out")
+        if not Path(p).is_file():
+            raise ValueError(f"erasure to build on {str(p)!r} does not exist; give the .safetensors an earlier "
+                             "erasure wrote")
+    with carrying(backbone.unet, list(on)):
+        return _run(backbone, specs, cfg, Path(out), name, eval_samples, mask_filter, progress, should_stop,
+                    log, list(on))
+
+
+def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progress, should_stop, log, on) -> dict:
     from tqdm.auto import tqdm
 
-    out = Path(out)
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"output name {name!r} must be a plain file name (no folders, not hidden)")
     try:
@@ -136,9 +155,16 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
     finally:
         bar.close()
     path = result.save(out / f"{name}.safetensors")
+    if on:
+        from .export import read_erasure
+        from .stack import stack_erasures
+
+        stack_erasures(path, [*on, read_erasure(path)], precision=result.config.save_precision)
+        log(f"{path.name} holds the {len(on)} erasure(s) the model carried and this one")
     if ckpt.exists():
         ckpt.unlink()
     report = {"output": str(path), "method": cfg.method, "concepts": [[s.target, s.safe] for s in specs],
+              "on": [Path(p).name for p in on],
               "erased": result.info()["concepts"],  # with the contexts and each one's negative anchor
               "config": result.config.to_dict(), "erase_seconds": round(result.seconds, 2),
               "unet_forward_equivalents_per_sample": result.info()["unet_forward_equivalents_per_sample"],
@@ -148,6 +174,7 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
         log(f"scoring the erasure: {eval_samples} samples per prompt before and after")
         report.update(backbone.erasure_scorer().score(backbone, result.adapters, [(s.target, s.safe) for s in specs],
                                                       eval_samples, out, progress=progress))
+    result.adapters.remove(backbone.unet)  # the model as it came (the erasure is in the file)
     report["seconds"] = round(time.time() - t_start, 2)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if result.peak_device_mb is not None:
@@ -168,7 +195,11 @@ def _markdown(r: dict) -> str:
              "- erased (target -> safe, negative anchor): " + "; ".join(
                  f"{e['target']} -> {e['safe'] or '(none)'}" + (f", {e['neg_anchor']:g}" if "neg_anchor" in e else "")
                  for e in r.get("erased", [])),
-             f"- held unchanged: {r['config']['preserve'] or '(nothing)'}", ""]
+             f"- held unchanged: {r['config']['preserve'] or '(nothing)'}"]
+    if r.get("on"):
+        lines.append(f"- trained on the model carrying {', '.join(r['on'])}; the file holds them too "
+                     "(\"before\" below is that model)")
+    lines.append("")
     if "acc_e" in r:
         lines += ["| concept | safe | ACC_e before | ACC_e after | ACC_e synonyms | ACC_p before | ACC_p after | H before | H after |",
                   "|---|---|---|---|---|---|---|---|---|"]
