@@ -167,13 +167,13 @@ def test_erase_on_a_loaded_erasure_keeps_it_and_saves_both(comfy):
     settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
     settings.update(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, resolution=64, preserve="",
                     contexts=0, preview_every=0)
-    _, lora_a, _, report_a = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat",
-                                 safe_concept="dog", **settings)
+    _, lora_a, _, report_a = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip,
+                                 **{**settings, "concept": "cat", "safe_concept": "dog"})
     run(comfy, "BiErasingSaveErasure", lora=lora_a, filename="erasures/seq_a", report=report_a)
     m_a, _ = run(comfy, "BiErasingLoadErasure", model=comfy.model, erasure_name="erasures/seq_a.safetensors",
                  strength=1.0)
-    erased, lora_ab, _, report_ab = run(comfy, "BiErasingErase", model=m_a, clip=comfy.clip, concept="horse",
-                                        safe_concept="cow", **settings)
+    erased, lora_ab, _, report_ab = run(comfy, "BiErasingErase", model=m_a, clip=comfy.clip,
+                                        **{**settings, "concept": "horse", "safe_concept": "cow"})
     info = json.loads(report_ab)
     assert [r["file"] for r in info["stack"]] == ["seq_a.safetensors", "(this run)"]
     assert [c["target"] for c in info["concepts"]] == ["cat", "horse"]
@@ -188,7 +188,8 @@ def test_erase_on_a_loaded_erasure_keeps_it_and_saves_both(comfy):
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         outs = [comfy.nodes.common_ksampler(m, 3, 2, 5.0, "euler", "normal", c, u, latent)[0]["samples"]
                 for m in (erased, m_ab, m_a)]
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)  # the one file = A, then B on top
+    rel = float((outs[0] - outs[1]).norm() / outs[0].norm())
+    assert rel < 1e-5, rel  # the one file = A, then B on top (up to float sums)
     assert not torch.allclose(outs[1], outs[2], atol=1e-6)  # and B did something
 
 
@@ -200,8 +201,8 @@ def test_stock_save_checkpoint_fuses_the_erasure_into_the_weights(comfy, tmp_pat
     settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
     settings.update(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, resolution=64, preserve="",
                     contexts=0, preview_every=0)
-    erased, _, _, _ = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, concept="cat",
-                          safe_concept="dog", **settings)
+    erased, _, _, _ = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip,
+                          **{**settings, "concept": "cat", "safe_concept": "dog"})
     saver = nodes_model_merging.CheckpointSave()
     saver.output_dir = str(tmp_path)
     with torch.inference_mode():
@@ -215,7 +216,8 @@ def test_stock_save_checkpoint_fuses_the_erasure_into_the_weights(comfy, tmp_pat
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         outs = [comfy.nodes.common_ksampler(m, 5, 2, 5.0, "euler", "normal", c, u, latent)[0]["samples"]
                 for m in (erased, fused, comfy.model)]
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)  # the checkpoint draws as the erased MODEL
+    rel = float((outs[0] - outs[1]).norm() / outs[0].norm())
+    assert rel < 1e-5, rel  # the checkpoint draws as the erased MODEL
     assert not torch.allclose(outs[1], outs[2], atol=1e-6)  # with no LoRA left to switch off
 
 
