@@ -64,6 +64,9 @@ def one(a: str, b: str, samples: int) -> dict:
     row["a_then_b"] = {"acc_e_a": acc_e(a), "acc_e_b": acc_e(b), "acc_p_kept": _kept_acc(bb, {a, b}, samples)}
     adapters.remove(bb.unet)
     row["stack"] = [r.get("file") for r in info["stack"]]
+    bench = json.loads((RESULTS / "erasure.json").read_text())["rows"]
+    b_alone = next((r for r in bench if (r["target"], r["run"]) == (b, "bi-default")), None)
+    row["b_alone_acc_e"] = b_alone["acc_e"] if b_alone else None  # same scorer and seeds, B erased alone
     return row
 
 
@@ -72,6 +75,7 @@ def markdown(rows: list[dict]) -> str:
              "A: the default erasure of A alone; A then B: B erased with the defaults on the model carrying A "
              "(`bierasing erase --on A.safetensors`), scored with the one file that holds both. ACC_e lower is "
              "better; kept ACC_p: square / cross x yellow / purple on black, those naming neither A nor B.", "",
+             "B alone: ACC_e of B's own default erasure in erasure.json (same scorer and seeds).", "",
              "| A | B | model | ACC_e A | ACC_e B | kept ACC_p | seconds (B) | samples |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for name, key in (("untouched", "untouched"), ("A alone", "a_alone"), ("A then B", "a_then_b")):
@@ -79,6 +83,8 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['a']} | {r['b']} | {name} | {m['acc_e_a']:.3f} | {m['acc_e_b']:.3f} | "
                          f"{m['acc_p_kept']:.3f} | {r['seconds_b'] if key == 'a_then_b' else '-'} | "
                          f"{r['samples_per_prompt']} |")
+        if r.get("b_alone_acc_e") is not None:
+            lines.append(f"| {r['a']} | {r['b']} | B alone | - | {r['b_alone_acc_e']:.3f} | - | - | 8 |")
     return "\n".join(lines) + "\n"
 
 

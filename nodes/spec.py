@@ -166,10 +166,9 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("image_adapter", IMAGE_ADAPTER, "the image branch weights")]),
     NodeSpec(
         "Erase", "Erase Concept (Bi-Erasing)",
-        "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from the concept (text "
-        "+ images), pulled toward the safe alternative. Baselines (ESD-x, ESD-u, Co-Erasing) run in the "
-        "same engine. Returns the erased MODEL, the LoRA, a loss curve and a JSON report. On a MODEL from Load "
-        "Erasure the LoRA holds that erasure too, so earlier concepts stay erased.",
+        "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from it (text + images), "
+        "pulled toward the safe alternative; ESD-x, ESD-u, Co-Erasing run in the same engine. On a MODEL from "
+        "Load Erasure the LoRA holds that erasure too.",
         inputs=[Port("model", "MODEL", "SD1.x or SDXL model to erase from"),
                 Port("clip", "CLIP", "its text encoder"),
                 Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
