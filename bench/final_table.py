@@ -77,6 +77,18 @@ def markdown(rows: list[dict], means: list[dict], samples: int) -> str:
         lines.append(f"| {m['method']} | {m['seed']} | **{m['mean_h_11']:.3f}**{n11} | {m['min_h_11']:.3f} | "
                      f"{', '.join(m['below_bar']) or '-'} | {m['mean_h_all']:.3f} ({m['targets_all']}) | "
                      f"{'yes' if met else 'no'} |")
+    lines += ["", "## Against the best baseline, per target", "",
+              "Bi-Erasing: the mean of its two seeds; baseline: the best single row of any baseline on that target.", "",
+              "| target | bi-default | best baseline | margin |", "|---|---|---|---|"]
+    for t in ELEVEN + NEW:
+        ours = [r["h"] for r in rows if r["method"] == "bi-default" and r["target"] == t]
+        theirs = [r for r in rows if r["method"] != "bi-default" and r["target"] == t]
+        if not ours or not theirs:
+            continue
+        best = max(theirs, key=lambda r: r["h"])
+        mean = sum(ours) / len(ours)
+        lines.append(f"| {t} | {mean:.3f} | {best['method']} seed {best['seed']}: {best['h']:.3f} | "
+                     f"{mean - best['h']:+.3f} |")
     lines += ["", "## Per target and seed", "",
               "| method | target | seed | ACC_e | ACC_p | H | syn ACC_e | soft-prompt ASR | seconds | FE/sample |",
               "|---|---|---|---|---|---|---|---|---|---|"]
