@@ -154,13 +154,16 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
         result = eraser.run()
     finally:
         bar.close()
-    path = result.save(out / f"{name}.safetensors")
-    if on:
-        from .export import read_erasure
-        from .stack import stack_erasures
+    if on:  # one file, written once: the carried erasures, then this one
+        from .export import erasure_tensors, save_erasure_tensors
+        from .stack import stack
 
-        stack_erasures(path, [*on, read_erasure(path)], precision=result.config.save_precision)
+        precision = result.config.save_precision
+        path = save_erasure_tensors(out / f"{name}.safetensors", *stack(
+            [*on, (erasure_tensors(result.adapters, precision=precision), result.info())], precision=precision))
         log(f"{path.name} holds the {len(on)} erasure(s) the model carried and this one")
+    else:
+        path = result.save(out / f"{name}.safetensors")
     if ckpt.exists():
         ckpt.unlink()
     report = {"output": str(path), "method": cfg.method, "concepts": [[s.target, s.safe] for s in specs],
