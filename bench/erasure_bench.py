@@ -77,6 +77,14 @@ RUNS = {
     "bi-uniform-300": ("engine", {**HAND, **UNIFORM, "steps": 300}),
     "bi-default-attn-mask": ("engine", {**HAND, **UNIFORM,
                                         "_auto_mask": "attention"}),  # before auto masks
+    # bi-instant (closed form, 2026-12-06) and bi-erasing warm-started from it, against cold starts at the
+    # same step counts (bi-default is the cold start at 200)
+    "bi-instant": ("instant", {}),
+    "bi-warm-25": ("engine", {**DEFAULT, "warm_start": True, "steps": 25}),
+    "bi-warm-50": ("engine", {**DEFAULT, "warm_start": True, "steps": 50}),
+    "bi-warm-100": ("engine", {**DEFAULT, "warm_start": True, "steps": 100}),
+    "bi-cold-50": ("engine", {**DEFAULT, "steps": 50}),
+    "bi-cold-100": ("engine", {**DEFAULT, "steps": 100}),
     "bi-erasing": ("engine", {**PAPER}),  # the paper's two branches, as released
     "esd-x": ("engine", {"method": "esd-x"}),
     "esd-x-seed1": ("engine", {"method": "esd-x", "seed": 1}),
@@ -134,7 +142,7 @@ RUNS = {
     "bi-keep-map-0.3-300": ("engine", {**UNIFORM, "preserve": "axis", "map_target_to_safe": 0.3, "preserve_xt": "target",
                                        "steps": 300}),
 }
-TEXT_ONLY = ("esd-x", "esd-u", "uce", "esd-velocity")  # runs that never use the image branch
+TEXT_ONLY = ("esd-x", "esd-u", "uce", "bi-instant", "esd-velocity")  # runs that never use the image branch
 MAIN = ["bi-default", "bi-default-seed1", "bi-hand-made", "bi-hand-made-seed1", "bi-full-rows", "bi-full-rows-seed1", "bi-keep-half", "bi-keep-half-seed1", "bi-keep-half-300", "bi-empty", "bi-empty-300", "bi-empty-400", "bi-anchor-safe", "bi-anchor-safe-keep1", "bi-uniform", "bi-uniform-300", "bi-erasing", "bi-map-target", "bi-adversarial-0.3", "bi-text-map", "bi-keep-map-0.3", "bi-context-ctx",
         "bi-adversarial", "esd-x", "esd-u", "co-erasing", "uce", "uce-context", "uce-context-ctx", "released",
         "released-1500"]
@@ -218,8 +226,11 @@ def single(spec: dict) -> dict:
     # "auto" (the default since 2026-11-25) = attention masks, none for the style targets (backgrounds)
     mask = settings.pop("_auto_mask", "auto")
     quiet = lambda m: None  # noqa: E731
-    neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
-    pos = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), safe, 500, None, quiet)
+    if kind == "instant":  # text only: no exemplars
+        neg = pos = None
+    else:
+        neg = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), target, 0, None, quiet)
+        pos = load_exemplars(bb, ExemplarSpec("generate", 16, auto_mask=mask), safe, 500, None, quiet)
     concept = Concept(data.concept_prompt(target), data.concept_prompt(safe), neg, pos)
     rss0 = peak_rss_mb()
     t0 = time.time()
@@ -246,14 +257,28 @@ def single(spec: dict) -> dict:
                 concepts = [dataclasses.replace(concept, neg_anchor=measured_anchors(bb, pair)[0][0])]
             concepts += [Concept(t, s, neg, pos, concepts[0].neg_anchor) for t, s in pairs[0]]
             settings.update(preserve=", ".join(keep), contexts=0)
+        warm = _warm_start(bb, concept, EraseConfig(**settings)) if settings.get("warm_start") else None
         eraser = Eraser(bb, concepts, EraseConfig(**settings))
         cfg, pairs = eraser.cfg, [(c.target, c.safe) for c in eraser.concepts[1:]]
         res = eraser.run()
-        res.save(_erasure_path(target, run))
+        if warm:  # the kept file holds the edit and the training on top of it, as the job writes it
+            from bierasing.erase.export import erasure_tensors
+            from bierasing.erase.stack import stack_erasures
+
+            stack_erasures(_erasure_path(target, run), [warm, (erasure_tensors(res.adapters), res.info())])
+        else:
+            res.save(_erasure_path(target, run))
         fe = res.info()["unet_forward_equivalents_per_sample"]
         xt_rows = res.xt_forward_rows
         params = res.adapters.num_parameters()
         extra = {"config": cfg.to_dict(), **({"contexts": pairs} if pairs else {})}
+    elif kind == "instant":
+        from bierasing.erase.instant import instant_erasure
+
+        res = instant_erasure(bb, [Concept(concept.target, concept.safe)], EraseConfig(method="bi-instant", **settings))
+        res.save(_erasure_path(target, run))
+        fe, xt_rows, params = 0.0, 0, res.adapters.num_parameters()
+        extra = {"config": res.config.to_dict(), "contexts": res.concepts[1:]}
     elif kind == "uce":
         from bierasing.erase.uce import uce_edit
 
@@ -288,6 +313,20 @@ def single(spec: dict) -> dict:
             "unet_forward_equivalents_per_sample": fe, "xt_cache_forward_rows": xt_rows,
             "trained_parameters": params, "samples_per_prompt": spec.get("samples", 8),
             "image_branch": image_branch_id(), "auto_mask": mask, **extra}
+
+
+def _warm_start(bb, concept, cfg) -> tuple[dict, dict]:
+    """The bi-instant edit with ``cfg``'s shared settings merged into this process's UNet (each row
+    runs in its own process), as the (tensors, info) it was."""
+    from bierasing.erase import Concept
+    from bierasing.erase.export import erasure_tensors, merge_erasure
+    from bierasing.erase.instant import instant_config, instant_erasure
+
+    res = instant_erasure(bb, [Concept(concept.target, concept.safe)], instant_config(cfg))
+    warm = (erasure_tensors(res.adapters), res.info())
+    res.adapters.remove(bb.unet)
+    merge_erasure(bb.unet, warm)
+    return warm
 
 
 def _reevaluate(bb, target: str, run: str, samples: int) -> dict:

@@ -180,6 +180,19 @@ class Backbone(abc.ABC):
         return [m.processor for m in self.attn2_modules().values()
                 if isinstance(getattr(m, "processor", None), DecoupledCrossAttnProcessor)]
 
+    def frozen_weight(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight as the model computes with it (a closed-form edit solves against it)."""
+        return module.weight
+
+    def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        """The tokens of :meth:`encode_text`'s output [B, L, D] that cross-attention reads as keys and
+        values (a model that packs more into it, SDXL's pooled vector, drops that)."""
+        return text
+
+    def content_token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` between BOS and EOS."""
+        return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
     def word_positions(self, prompt: str, word: str) -> list[int]:
         """Token positions (BOS = 0) of ``word`` inside ``prompt``, for attention maps."""
         p = self.tokenizer(prompt, add_special_tokens=False).input_ids

@@ -47,7 +47,7 @@ from .io import NAME_PROBLEMS, atomic_write_json, atomic_write_text, name_proble
 logger = logging.getLogger(__name__)
 
 # the methods the Erase node trains, and which exemplars each needs (bierasing.methods, torch-free)
-METHODS = registry.TRAINED
+METHODS = registry.JOB_METHODS
 NEEDS_NEGATIVE_IMAGES = tuple(m for m in METHODS if registry.get(m).negative_images)
 NEEDS_POSITIVE_IMAGES = tuple(m for m in METHODS if registry.get(m).positive_images)
 NEEDS_IMAGE_ENCODER = tuple(m for m in METHODS if registry.get(m).needs_image_encoder)

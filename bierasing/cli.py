@@ -288,6 +288,35 @@ def _cmd_fuse(args) -> int:
     return 0
 
 
+def _cmd_merge(args) -> int:
+    from .erase.export import save_erasure_tensors
+    from .erase.stack import stack
+
+    _threads(args.threads)
+    erasures = _split(args.erasure)
+    if len(erasures) < 2:
+        raise ValueError("give at least two erasure files to merge, comma-separated, with --erasure")
+    out = Path(args.out).resolve()
+    if any(Path(e).resolve() == out for e in erasures):
+        raise ValueError(f"{out.name} is both an erasure to merge and the output; give another --out")
+    if args.precision == "auto":  # the first file's own
+        from .erase.export import SAVE_DTYPES, read_erasure
+
+        dt = next(v.dtype for k, v in read_erasure(erasures[0])[0].items() if not k.endswith(".alpha"))
+        args.precision = next((n for n, d in SAVE_DTYPES.items() if d == dt), "fp32")
+    if args.how == "kv":
+        from .erase.merge import merge_kv
+
+        tensors, info = merge_kv(_load_backbone(args), erasures, precision=args.precision)
+    else:
+        tensors, info = stack(erasures, precision=args.precision)
+    path = save_erasure_tensors(out, tensors, info)
+    summary = {"output": str(path), "how": args.how, "concepts": [c["target"] if isinstance(c, dict) else c
+                                                                  for c in info.get("concepts", [])]}
+    print(json.dumps(summary) if args.json else f"wrote {path}: {len(erasures)} erasures merged ({args.how})")
+    return 0
+
+
 def _cmd_standins(args) -> int:
     from . import comfy_standins
 
@@ -439,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "differ from SD1.5's or SDXL base's (as for erase)")
     fu.add_argument("--json", action="store_true")
     fu.set_defaults(func=_cmd_fuse)
+
+    me = sub.add_parser("merge", help="erasures trained one concept at a time, as one LoRA: their key/value edits "
+                        "fused so each concept keeps what its own erasure gave it (kv), or simply added (sum)")
+    me.add_argument("--erasure", required=True, help="erasure files made for the same model, comma-separated")
+    me.add_argument("--out", required=True, help="the merged erasure (.safetensors)")
+    me.add_argument("--how", default="kv", choices=("kv", "sum"),
+                    help="kv: fuse the cross-attention key/value edits in closed form (needs --model; default); "
+                         "sum: add the deltas (the same as loading every file)")
+    me.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                    help="precision of the merged weights; auto: the first file's")
+    me.add_argument("--json", action="store_true")
+    me.add_argument("--threads", type=int, default=2)
+    _add_model_args(me)
+    me.set_defaults(func=_cmd_merge)
 
     st = sub.add_parser("standins", help="write random-weight stand-ins for the models the shipped templates "
                                          "name into a ComfyUI folder, to try every template without downloads; "

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 class Method:
     name: str
     help: str
-    #: trained by the step loop (False: closed form or its own loop, not an ``EraseConfig`` method)
+    #: trained by the step loop (False: closed form or its own loop)
     trained: bool = True
+    #: a closed-form edit the erase job runs instead of the step loop (an ``EraseConfig`` method)
+    closed_form: bool = False
     #: the negative branch sees concept exemplars through the image branch
     negative_images: bool = False
     #: the positive branch (and the target->safe pull) see safe-alternative exemplars
@@ -57,13 +59,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            single_branch=True, default_trainable="no_attn2", auto=BASELINE_AUTO),
     Method("co-erasing", "negative branch with concept images only (Co-Erasing, ICML 2025)",
            negative_images=True, single_branch=True, auto=BASELINE_AUTO),
+    Method("bi-instant", "closed-form edit of the cross-attention keys and values with both branches' targets "
+           "(seconds, text only): a preview, or a warm start for bi-erasing",
+           trained=False, closed_form=True, default_trainable="attn2_kv",
+           auto={**BI_ERASING_AUTO, "adversarial": 0.0, "neg_anchor": 0.5, "loss_weighting": "uniform",
+                 "map_target_to_safe": 0.0, "map_target_to_safe_keep": 0.0}),
     Method("uce", "UCE: closed-form edit of every attn2 to_k / to_v (no training loop)", trained=False),
     Method("released", "a re-run of the released Bi-Erasing training loop (two UNets, for comparison)",
            trained=False, negative_images=True, positive_images=True),
 )}
 
-#: the methods ``EraseConfig.method`` accepts (the step-loop methods)
+#: the step-loop methods
 TRAINED = tuple(n for n, m in METHODS.items() if m.trained)
+#: the methods ``EraseConfig.method`` accepts: the step loop's and the job's closed-form edits
+JOB_METHODS = TRAINED + tuple(n for n, m in METHODS.items() if m.closed_form)
 
 
 def get(name: str) -> Method:

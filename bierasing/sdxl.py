@@ -65,6 +65,9 @@ class SDXLBackbone(SD15Backbone):
         context = torch.cat(hidden, dim=-1)
         return pack_pooled(context, pooled.to(context.dtype))
 
+    def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        return unpack_pooled(text, self.pooled_dim)[0]
+
     def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                      image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         dt = next(self.unet.parameters()).dtype

@@ -23,6 +23,7 @@ RUN = {
     "MaskFilter": impl.mask_filter,
     "ImageAdapterLoader": impl.load_image_adapter,
     "Erase": impl.erase,
+    "EraseInstant": impl.erase_instant,
     "SaveErasure": impl.save_erasure,
     "LoadErasure": impl.load_erasure,
     "CompareGrid": impl.compare_grid,

@@ -369,12 +369,34 @@ class ComfyBackbone(Backbone):
                 if fns and any(id(f) in self._ours for f in fns):
                     setattr(m, attr, [f for f in fns if id(f) not in self._ours])
 
-    def word_positions(self, prompt: str, word: str) -> list[int]:
-        def ids(text):
-            toks = next(iter(self.clip.tokenize(text).values()))[0]
-            return [int(t[0]) for t in toks]
+    def frozen_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """The weight with the clone's patches (a loaded erasure) applied: ComfyUI writes them into
+        the weights when it loads the model whole."""
+        self.ensure_loaded()
+        return module.weight
 
-        p, w = ids(prompt), ids(word)
+    def apply_erasure(self, tensors: dict[str, torch.Tensor], strength: float = 1.0) -> None:
+        """From now on the clone carries this erasure, as a LoRA patch (the stock loader's way)."""
+        self.release()
+        self.patcher = apply_lora(self.patcher, tensors, strength)
+
+    def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        if self.family == "sdxl":
+            from bierasing.sdxl import unpack_pooled
+
+            return unpack_pooled(text, POOLED_DIM)[0]
+        return text
+
+    def _token_ids(self, text: str) -> list[int]:
+        """CLIP token ids of ``text`` as ComfyUI tokenizes it: BOS, the words, EOS, padding."""
+        return [int(t[0]) for t in next(iter(self.clip.tokenize(text).values()))[0]]
+
+    def content_token_count(self, prompt: str) -> int:
+        ids = self._token_ids(prompt)
+        return ids.index(ids[-1], 1) - 1 if ids[-1] in ids[1:] else len(ids) - 1
+
+    def word_positions(self, prompt: str, word: str) -> list[int]:
+        p, w = self._token_ids(prompt), self._token_ids(word)
         end = w[-1]
         w = w[1:w.index(end, 1)] if end in w[1:] else w[1:]
         for i in range(1, len(p) - len(w) + 1):

@@ -177,30 +177,56 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             if (cfg.xt_source == "noised" or (cfg.adversarial > 0 and bb.can_encode_images)) \
                     and c.negative_images is not None:
                 bb.to_x(c.negative_images)
-    from bierasing.erase.preview import LivePreview
-
-    preview = LivePreview(bb.concept_text(pairs[0][0]), sample_every=preview_every, seed=cfg.seed)
-    progress = glue.Progress(cfg.steps, preview)
+    closed = registry.get(cfg.method).closed_form
     with torch.inference_mode(False):  # the suggestions (preserve / contexts auto) are text conditioning too
-        eraser = Eraser(bb, concepts, cfg, callback=progress, should_stop=glue.interrupted)
-        bb.encode_text(sorted({*(c.target for c in eraser.concepts), *(c.safe for c in eraser.concepts),
-                               *eraser.cfg.preserved()}))
-    preview.attach(eraser)
-    with glue.unet_session(bb, train=True):
-        try:
-            result = eraser.run()
-        except Exception as e:
-            from bierasing.erase.engine import ErasureInterrupted
+        if closed or cfg.warm_start:
+            from bierasing.erase.engine import _resolve
+            from bierasing.erase.instant import instant_config
 
-            if isinstance(e, ErasureInterrupted):
-                glue.raise_if_interrupted()
-            raise
-        try:
-            tensors = erasure_tensors(result.adapters, glue.ldm_to_diffusers_names(model),
-                                     result.config.save_precision)
-        finally:
-            result.adapters.remove(bb.unet)
+            resolved, text_concepts, _ = _resolve(bb, cfg if closed else instant_config(cfg), concepts)
+            bb.encode_text(sorted({"", *(c.target for c in text_concepts), *(c.safe for c in text_concepts),
+                                   *resolved.preserved()}))
+        if not closed:
+            eraser = Eraser(bb, concepts, cfg, should_stop=glue.interrupted)
+            bb.encode_text(sorted({*(c.target for c in eraser.concepts), *(c.safe for c in eraser.concepts),
+                                   *eraser.cfg.preserved()}))
+    names = glue.ldm_to_diffusers_names(model)
+    warm = _instant_tensors(bb, concepts, cfg, names) if cfg.warm_start else None
+    if warm is not None:  # trained on top of the edit, which the clone now carries as a LoRA patch
+        bb.apply_erasure(warm[0])
+    if closed:
+        from bierasing.erase.instant import instant_erasure
+
+        with glue.unet_session(bb, train=False):
+            result = instant_erasure(bb, concepts, cfg)
+            try:
+                tensors = erasure_tensors(result.adapters, names, result.config.save_precision)
+            finally:
+                result.adapters.remove(bb.unet)
+    else:
+        from bierasing.erase.preview import LivePreview
+
+        preview = LivePreview(bb.concept_text(pairs[0][0]), sample_every=preview_every, seed=cfg.seed)
+        eraser.callback = glue.Progress(cfg.steps, preview)
+        preview.attach(eraser)
+        with glue.unet_session(bb, train=True):
+            try:
+                result = eraser.run()
+            except Exception as e:
+                from bierasing.erase.engine import ErasureInterrupted
+
+                if isinstance(e, ErasureInterrupted):
+                    glue.raise_if_interrupted()
+                raise
+            try:
+                tensors = erasure_tensors(result.adapters, names, result.config.save_precision)
+            finally:
+                result.adapters.remove(bb.unet)
     info = result.info()
+    if warm is not None:  # one LoRA: the instant edit, then the training on top of it
+        from bierasing.erase.stack import stack
+
+        tensors, info = stack([warm, (tensors, info)], precision=result.config.save_precision)
     erased = glue.apply_lora(model, tensors)
     carried = [c for c in glue.carried(model) if os.path.isfile(c["file"])]
     if carried:  # the LoRA holds the erasures the MODEL came with too (bierasing.erase.stack)
@@ -211,6 +237,26 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
                               precision=result.config.save_precision)
     curve = torch.from_numpy(loss_curve(result.history, f"{cfg.method}: {concept} -> {safe_concept}")).float()[None] / 255
     return erased, tensors, curve, json.dumps(info, indent=1)
+
+
+def _instant_tensors(bb, concepts, cfg: EraseConfig, names) -> tuple[dict, dict]:
+    """The bi-instant edit of ``concepts`` with ``cfg``'s shared settings, as (tensors, info)."""
+    from bierasing.erase.engine import Concept
+    from bierasing.erase.export import erasure_tensors
+    from bierasing.erase.instant import instant_config, instant_erasure
+
+    with glue.unet_session(bb, train=False):
+        res = instant_erasure(bb, [Concept(c.target, c.safe) for c in concepts], instant_config(cfg))
+        try:
+            return erasure_tensors(res.adapters, names), res.info()
+        finally:
+            res.adapters.remove(bb.unet)
+
+
+def erase_instant(model, clip, concept: str, safe_concept: str, **settings):
+    """Erase Concept (instant): the closed-form bi-instant edit through :func:`erase`."""
+    erased, tensors, _, report = erase(model, clip, concept, safe_concept, method="bi-instant", **settings)
+    return erased, tensors, report
 
 
 def save_erasure(lora: dict, filename: str, report: str = ""):

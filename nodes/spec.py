@@ -70,11 +70,13 @@ class NodeSpec:
         return PREFIX + self.key
 
 
-def ports_from_config(cls, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> list[Port]:
-    """Widget ports for the fields of a settings dataclass (help text -> tooltip, limits -> widget)."""
+def ports_from_config(cls, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None,
+                      only: tuple[str, ...] | None = None) -> list[Port]:
+    """Widget ports for the fields of a settings dataclass (help text -> tooltip, limits -> widget);
+    ``only``: just these fields."""
     ports = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -106,6 +108,15 @@ def _mask(name, tip, optional=True):
 
 
 MASK_FILTER_PORTS = ports_from_config(MaskFilter)
+#: what both erase nodes start with: the model and the concept pair
+ERASE_PORTS = [Port("model", "MODEL", "SD1.x or SDXL model to erase from"),
+               Port("clip", "CLIP", "its text encoder"),
+               Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
+               Port("safe_concept", "STRING", "the safe alternative the concept should turn into, e.g. 'clothed'",
+                    default="clothed")]
+#: the settings Erase Concept (instant) shows: those the closed-form edit reads
+INSTANT_SETTINGS = ("preserve", "preserve_weight", "contexts", "neg_anchor", "neg_weight", "pos_weight",
+                    "save_precision")
 
 SPECS: list[NodeSpec] = [
     NodeSpec(
@@ -169,11 +180,7 @@ SPECS: list[NodeSpec] = [
         "Fine-tunes a LoRA so the model no longer draws the concept: pushed away from it (text + images), "
         "pulled toward the safe alternative; ESD-x, ESD-u, Co-Erasing run in the same engine. On a MODEL from "
         "Load Erasure the LoRA holds that erasure too.",
-        inputs=[Port("model", "MODEL", "SD1.x or SDXL model to erase from"),
-                Port("clip", "CLIP", "its text encoder"),
-                Port("concept", "STRING", "what to erase, e.g. 'nudity' or 'Van Gogh'", default="nudity"),
-                Port("safe_concept", "STRING", "the safe alternative the concept should turn into, e.g. 'clothed'",
-                     default="clothed"),
+        inputs=[*ERASE_PORTS,
                 Port("clip_vision", "CLIP_VISION", "image encoder of the image adapter (ViT-H for ip-adapter_sd15 / _sdxl_vit-h); "
                      "needed by bi-erasing and co-erasing", optional=True),
                 Port("image_adapter", IMAGE_ADAPTER, "from Load Image Adapter; needed by bi-erasing and co-erasing",
@@ -192,6 +199,17 @@ SPECS: list[NodeSpec] = [
                  Port("lora", "LORA_MODEL", "the erasure as LoRA tensors (Save Erasure, or core LoRA nodes)"),
                  Port("loss_curve", "IMAGE", "training losses per step"),
                  Port("report", "STRING", "JSON: method, concepts, every setting, seconds, peak memory, final loss")]),
+    NodeSpec(
+        "EraseInstant", "Erase Concept (instant)",
+        "Erases in seconds, with no training: a closed-form edit of the cross-attention keys and values that "
+        "maps the concept's words to the safe alternative (bi-instant). A preview of an erasure; Erase Concept's "
+        "warm_start trains from it.",
+        inputs=[*ERASE_PORTS,
+                *ports_from_config(EraseConfig, only=INSTANT_SETTINGS)],
+        outputs=[Port("model", "MODEL", "the erased model (original + edit), for KSampler"),
+                 Port("lora", "LORA_MODEL", "the edit as full weight deltas (Save Erasure; ComfyUI's LoraLoader "
+                      "reads them)"),
+                 Port("report", "STRING", "JSON: concepts, preserved prompts, contexts, seconds")]),
     NodeSpec(
         "SaveErasure", "Save Erasure",
         "Writes the erasure as a LoRA safetensors into models/loras (settings in its metadata), where the "

@@ -75,7 +75,7 @@ def test_toml_defaults_table(tmp_path):
 
 BAD_ROWS = [
     (",,clothed,bi-erasing,,,,,,,", "row 1 (line 2), column concept: empty"),
-    ("a,nudity,clothed,esd,,,,,,,", "column method: unknown method 'esd' (one of bi-erasing, esd-x, esd-u, co-erasing)"),
+    ("a,nudity,clothed,esd,,,,,,,", "column method: unknown method 'esd' (one of bi-erasing, esd-x, esd-u, co-erasing, bi-instant)"),
     ("a,nudity,clothed,,abc,,,,,,", "column steps: 'abc' is not a positive whole number"),
     ("a,nudity,clothed,,0,,,,,,", "column steps: '0' is not a positive whole number"),
     ("a,nudity,clothed,,2.5,,,,,,", "column steps: '2.5' is not a positive whole number"),

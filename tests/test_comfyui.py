@@ -20,7 +20,7 @@ from comfy_support import (build_standins, comfy_available, first_step_both_ways
 WHY = comfy_available()
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
 IDS = ["BiErasingLoadExemplars", "BiErasingGenerateExemplars", "BiErasingMaskFilter",
-       "BiErasingImageAdapterLoader", "BiErasingErase", "BiErasingSaveErasure", "BiErasingLoadErasure",
+       "BiErasingImageAdapterLoader", "BiErasingErase", "BiErasingEraseInstant", "BiErasingSaveErasure", "BiErasingLoadErasure",
        "BiErasingCompareGrid", "BiErasingEvaluate", "BiErasingAttack"]
 
 
@@ -219,6 +219,53 @@ def test_stock_save_checkpoint_fuses_the_erasure_into_the_weights(comfy, tmp_pat
     rel = float((outs[0] - outs[1]).norm() / outs[0].norm())
     assert rel < 1e-5, rel  # the checkpoint draws as the erased MODEL
     assert not torch.allclose(outs[1], outs[2], atol=1e-6)  # with no LoRA left to switch off
+
+
+def _sample(comfy, models, prompt="a photo of a cat", seed=3):
+    with torch.inference_mode():
+        c = comfy.nodes.CLIPTextEncode().encode(comfy.clip, prompt)[0]
+        u = comfy.nodes.CLIPTextEncode().encode(comfy.clip, "")[0]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        return [comfy.nodes.common_ksampler(m, seed, 2, 5.0, "euler", "normal", c, u, latent)[0]["samples"]
+                for m in models]
+
+
+def test_instant_erase_node_edits_in_closed_form_and_saves_a_loadable_file(comfy, caplog):
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingEraseInstant"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog", preserve="a photo of a horse", contexts=0)
+    before = {k: v.clone() for k, v in comfy.model.model.diffusion_model.state_dict().items()}
+    erased, lora, report = run(comfy, "BiErasingEraseInstant", model=comfy.model, clip=comfy.clip, **settings)
+    info = json.loads(report)
+    assert info["method"] == "bi-instant" and info["seconds"] < 30
+    assert lora and all(k.endswith(".diff") and ("attn2_to_k" in k or "attn2_to_v" in k) for k in lora)
+    after = comfy.model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the incoming MODEL is untouched
+    run(comfy, "BiErasingSaveErasure", lora=lora, filename="erasures/cat_instant", report=report)
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        loaded, _ = comfy.nodes.LoraLoader().load_lora(comfy.model, comfy.clip, "erasures/cat_instant.safetensors",
+                                                       1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    outs = _sample(comfy, (erased, loaded, comfy.model))
+    assert float((outs[0] - outs[1]).norm() / outs[0].norm()) < 1e-3  # fp32 deltas through the stock loader
+    assert not torch.allclose(outs[0], outs[2], atol=1e-6)
+
+
+def test_warm_started_erase_trains_on_the_instant_edit_and_saves_both(comfy):
+    settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
+    settings.update(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, resolution=64, preserve="",
+                    contexts=0, preview_every=0, warm_start=True, concept="cat", safe_concept="dog")
+    erased, lora, _, report = run(comfy, "BiErasingErase", model=comfy.model, clip=comfy.clip, **settings)
+    info = json.loads(report)
+    assert [r["method"] for r in info["stack"]] == ["bi-instant", "esd-x"]
+    assert any(k.endswith("attn2_to_k.diff") for k in lora) and any(k.endswith("attn2_to_q.lora_down.weight")
+                                                                      for k in lora)
+    run(comfy, "BiErasingSaveErasure", lora=lora, filename="erasures/cat_warm", report=report)
+    with torch.inference_mode():
+        loaded, _ = comfy.nodes.LoraLoader().load_lora(comfy.model, comfy.clip, "erasures/cat_warm.safetensors",
+                                                       1.0, 0.0)
+    outs = _sample(comfy, (erased, loaded))
+    assert float((outs[0] - outs[1]).norm() / outs[0].norm()) < 1e-3
 
 
 def test_grid_and_evaluate_nodes(comfy):

@@ -228,15 +228,15 @@ def test_multi_concept_run_trains_each_concept(tiny_world):
 
 
 def test_uce_closed_form_maps_erased_tokens_to_guide_outputs(tiny_world):
-    from bierasing.erase.uce import _subject_tokens, uce_edit
+    from bierasing.erase.uce import subject_tokens, uce_edit
 
     before = {n: m.weight.detach().clone() for n, m in tiny_world.unet.named_modules()
               if n.endswith(("attn2.to_k", "attn2.to_v"))}
     adapters, secs = uce_edit(tiny_world, ["a circle"], ["a square"], ["a star", "a cross"], lam=1e-4)
     try:
-        e = _subject_tokens(tiny_world, ["a circle"])[0]
-        g = _subject_tokens(tiny_world, ["a square"])[0]
-        p = _subject_tokens(tiny_world, ["a star"])[0]
+        e = subject_tokens(tiny_world, ["a circle"])[0]
+        g = subject_tokens(tiny_world, ["a square"])[0]
+        p = subject_tokens(tiny_world, ["a star"])[0]
         for name, layer in adapters.layers.items():
             w0 = before[name]
             w = w0 + layer.delta

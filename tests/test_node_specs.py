@@ -44,7 +44,7 @@ def test_declarations_import_no_comfyui(spec):
 
 def test_ids_prefixed_unique_and_tooltips_everywhere(spec):
     ids = [s.node_id for s in spec.SPECS]
-    assert len(ids) == len(set(ids)) == 10
+    assert len(ids) == len(set(ids)) == 11
     for s in spec.SPECS:
         assert s.node_id.startswith("BiErasing") and s.description
         names = [p.name for p in s.inputs]

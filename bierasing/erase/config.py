@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .. import methods as registry
 from .adapters import TRAINABLE_SETS
 
-METHODS = {name: m.help for name, m in registry.METHODS.items() if m.trained}
+METHODS = {name: registry.METHODS[name].help for name in registry.JOB_METHODS}
 XT_SOURCES = {
     "cache": "DDIM trajectories of the frozen model for the concept, sampled once and reused",
     "esd": "a fresh partial DDIM from noise down to step t each step (ESD's way)",
@@ -50,8 +50,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class EraseConfig:
     method: str = _f("bi-erasing", "erasure objective: bi-erasing (the paper: push away from the concept, pull "
-                     "toward the safe alternative, both with exemplar images), or a baseline: esd-x, esd-u "
-                     "(text only), co-erasing (concept images only)", choices=registry.TRAINED)
+                     "toward the safe alternative, both with exemplar images); bi-instant (closed form, seconds, "
+                     "a preview); or a baseline: esd-x, esd-u (text only), co-erasing (concept images only)",
+                     choices=registry.JOB_METHODS)
     steps: int = _f(200, "optimisation steps; more erases harder and costs more of everything else", min=1,
                     max=100000)
     lr: float = _f(1e-3, "Adam learning rate of the adapter weights; lower it if the loss jumps or the "
@@ -121,6 +122,9 @@ class EraseConfig:
     save_precision: str = _f("auto", "precision of the saved LoRA weights: auto = fp16 for SD-size models (what "
                              "LoRA users expect), fp32 for small ones; fp32 keeps every bit of training",
                              choices=("auto", "fp16", "bf16", "fp32"))
+    warm_start: bool = _f(False, "start training from the instant closed-form edit (bi-instant): the concept is "
+                          "erased from the first step, so fewer steps suffice; the file holds both (ComfyUI "
+                          "loads it, diffusers does not read its full-delta part)")
     seed: int = _f(0, "seed of every random choice (exemplars, t, noise, adapter init)", min=0, max=2**31 - 1)
     checkpoint_every: int = _f(0, "write a resumable checkpoint every N steps (0: only when stopped)", min=0, max=100000)
 
@@ -160,6 +164,9 @@ class EraseConfig:
                              f"pos_weight > 0 (method {self.method!r} has only one branch)")
         if self.neg_weight == 0 and self.pos_weight == 0:
             raise ValueError("neg_weight and pos_weight are both 0: nothing would be trained")
+        if self.warm_start and not m.trained:
+            raise ValueError(f"warm_start starts a trained method from the instant edit; {self.method} is not "
+                             "trained: turn warm_start off or choose bi-erasing")
 
     def resolve_map_target_to_safe(self) -> None:
         """AUTO -> the method's pull weight, stronger where a preserve set holds the neighbours."""

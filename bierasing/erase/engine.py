@@ -195,6 +195,9 @@ class Eraser:
                  checkpoint_path: str | Path | None = None):
         if not concepts:
             raise ValueError("give at least one concept to erase")
+        if not registry.get(cfg.method).trained:
+            raise ValueError(f"{cfg.method} is a closed-form edit, not trained: run it with "
+                             "bierasing.erase.instant.instant_erasure (the erase job does)")
         # text only here (suggestions); the anchors need the UNet and are measured in prepare()
         cfg, concepts, self.parents = _resolve(backbone, cfg, concepts)
         need_neg, need_pos = cfg.images_needed()

@@ -101,9 +101,13 @@ def _check_shape(path, key: str, suffix: str, v: torch.Tensor, weight: torch.Ten
                          f"layer of shape {w} (made for another architecture?); load it with the model it was made for")
 
 
-def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> tuple[AdapterSet, dict]:
-    """Attach a saved erasure to ``unet`` as adapters (the erased model's exact forward pass)."""
-    tensors, info = read_erasure(path)
+def load_erasure(unet: nn.Module, path: str | os.PathLike | tuple[dict, dict], strength: float = 1.0
+                 ) -> tuple[AdapterSet, dict]:
+    """Attach a saved erasure (a file, or its (tensors, info)) to ``unet`` as adapters (the erased
+    model's exact forward pass)."""
+    tensors, info = path if isinstance(path, tuple) else read_erasure(path)
+    if isinstance(path, tuple):
+        path = "(this run's erasure)"
     index = _module_index(unet)
     own, alphas = {}, {}
     for key, v in tensors.items():
@@ -128,7 +132,7 @@ def load_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0
     return adapters, info
 
 
-def merge_erasure(unet: nn.Module, path: str | os.PathLike, strength: float = 1.0,
+def merge_erasure(unet: nn.Module, path: str | os.PathLike | tuple[dict, dict], strength: float = 1.0,
                   originals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Add a saved erasure into the UNet's weights in place (what LoraLoader does); ``originals``
     collects (the weight, a copy of it) before its first change, to restore it exactly."""

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..io import atomic_write_text
+from .. import methods as registry
 from .config import EraseConfig
 from .engine import Concept, Eraser, check_concept_text, check_text_fits, peak_rss_mb
 from .masks import MaskFilter, apply_masks
@@ -105,8 +106,24 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
             raise ValueError(f"erasure to build on {str(p)!r} does not exist; give the .safetensors an earlier "
                              "erasure wrote")
     with carrying(backbone.unet, list(on)):
-        return _run(backbone, specs, cfg, Path(out), name, eval_samples, mask_filter, progress, should_stop,
-                    log, list(on))
+        warm = [_instant_start(backbone, specs, cfg, log)] if cfg.warm_start else []
+        with carrying(backbone.unet, warm):
+            return _run(backbone, specs, cfg, Path(out), name, eval_samples, mask_filter, progress, should_stop,
+                        log, list(on) + warm)
+
+
+def _instant_start(backbone, specs: list[ConceptSpec], cfg: EraseConfig, log) -> tuple[dict, dict]:
+    """The bi-instant edit of ``specs`` with ``cfg``'s shared settings, as (tensors, info)."""
+    from .export import erasure_tensors
+    from .instant import instant_config, instant_erasure
+
+    res = instant_erasure(backbone, [Concept(backbone.concept_text(s.target), backbone.concept_text(s.safe))
+                                     for s in specs], instant_config(cfg))
+    try:
+        log(f"warm start: the instant closed-form edit took {res.seconds:.1f} s; training on top of it")
+        return erasure_tensors(res.adapters), res.info()
+    finally:
+        res.adapters.remove(backbone.unet)
 
 
 def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progress, should_stop, log, on) -> dict:
@@ -143,17 +160,23 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
 
     ckpt = out / "checkpoint.safetensors"
-    eraser = Eraser(backbone, concepts, cfg, callback=cb, should_stop=should_stop, checkpoint_path=ckpt)
-    if eraser.cfg.xt_source == "cache":
-        log("sampling the frozen model's trajectories of the prompts to erase and preserve "
-            "(once, before the first step)")
-    eraser.prepare()
-    log(f"prepared in {eraser.prepare_seconds:.0f} s ({eraser.xt_forward_rows} UNet rows of sampling)")
-    bar = tqdm(total=cfg.steps, desc=f"erase ({cfg.method})", disable=not progress, dynamic_ncols=True)
-    try:
-        result = eraser.run()
-    finally:
-        bar.close()
+    if registry.get(cfg.method).closed_form:
+        from .instant import instant_erasure
+
+        result = instant_erasure(backbone, concepts, cfg)
+        log(f"closed-form edit of {len(result.adapters.layers)} layers in {result.seconds:.1f} s")
+    else:
+        eraser = Eraser(backbone, concepts, cfg, callback=cb, should_stop=should_stop, checkpoint_path=ckpt)
+        if eraser.cfg.xt_source == "cache":
+            log("sampling the frozen model's trajectories of the prompts to erase and preserve "
+                "(once, before the first step)")
+        eraser.prepare()
+        log(f"prepared in {eraser.prepare_seconds:.0f} s ({eraser.xt_forward_rows} UNet rows of sampling)")
+        bar = tqdm(total=cfg.steps, desc=f"erase ({cfg.method})", disable=not progress, dynamic_ncols=True)
+        try:
+            result = eraser.run()
+        finally:
+            bar.close()
     if on:  # one file, written once: the carried erasures, then this one
         from .export import erasure_tensors, save_erasure_tensors
         from .stack import stack
@@ -161,18 +184,19 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
         precision = result.config.save_precision
         path = save_erasure_tensors(out / f"{name}.safetensors", *stack(
             [*on, (erasure_tensors(result.adapters, precision=precision), result.info())], precision=precision))
-        log(f"{path.name} holds the {len(on)} erasure(s) the model carried and this one")
+        log(f"{path.name} holds {', '.join(_source_name(p) for p in on)} and this run's erasure")
     else:
         path = result.save(out / f"{name}.safetensors")
     if ckpt.exists():
         ckpt.unlink()
     report = {"output": str(path), "method": cfg.method, "concepts": [[s.target, s.safe] for s in specs],
-              "on": [Path(p).name for p in on],
+              "on": [_source_name(p) for p in on],
               "erased": result.info()["concepts"],  # with the contexts and each one's negative anchor
               "config": result.config.to_dict(), "erase_seconds": round(result.seconds, 2),
               "unet_forward_equivalents_per_sample": result.info()["unet_forward_equivalents_per_sample"],
               "adapter_parameters": result.adapters.num_parameters(),
-              "loss_first": result.history[0]["loss"], "loss_last": result.history[-1]["loss"]}
+              "loss_first": result.history[0]["loss"] if result.history else None,
+              "loss_last": result.history[-1]["loss"] if result.history else None}
     if eval_samples > 0:
         log(f"scoring the erasure: {eval_samples} samples per prompt before and after")
         report.update(backbone.erasure_scorer().score(backbone, result.adapters, [(s.target, s.safe) for s in specs],
@@ -187,6 +211,10 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
     return report
 
 
+def _source_name(source) -> str:
+    return f"the {source[1].get('method', 'earlier')} edit" if isinstance(source, tuple) else Path(source).name
+
+
 def _markdown(r: dict) -> str:
     lines = [f"# Erasure report: {', '.join(t for t, _ in r['concepts'])}", "",
              f"- method: **{r['method']}**, output `{Path(r['output']).name}`",
@@ -194,7 +222,8 @@ def _markdown(r: dict) -> str:
              + (f", peak GPU memory {r['peak_device_mb']} MB" if "peak_device_mb" in r else ""),
              f"- trained parameters: {r['adapter_parameters']}; UNet forward-equivalents per x_t sample: "
              f"{r['unet_forward_equivalents_per_sample']}",
-             f"- loss {r['loss_first']} -> {r['loss_last']}",
+             f"- loss {r['loss_first']} -> {r['loss_last']}" if r["loss_first"] is not None else
+             "- closed form: no training loop",
              "- erased (target -> safe, negative anchor): " + "; ".join(
                  f"{e['target']} -> {e['safe'] or '(none)'}" + (f", {e['neg_anchor']:g}" if "neg_anchor" in e else "")
                  for e in r.get("erased", [])),

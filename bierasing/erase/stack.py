@@ -103,9 +103,10 @@ def stack_erasures(path: str | os.PathLike, sources: list[str | os.PathLike | tu
 
 
 @contextmanager
-def carrying(unet: nn.Module, paths: list[str | os.PathLike]):
-    """``unet`` with the erasures in ``paths`` merged into its weights, in order (a model that
-    already carries them), and its own weights back, exactly, afterwards."""
+def carrying(unet: nn.Module, paths: list[str | os.PathLike | tuple[dict, dict]]):
+    """``unet`` with the erasures in ``paths`` (files or (tensors, info) pairs) merged into its
+    weights, in order (a model that already carries them), and its own weights back, exactly,
+    afterwards."""
     originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for p in paths:

@@ -16,23 +16,17 @@ from typing import Sequence
 
 import torch
 
-from .adapters import AdapterSet, attach
+from .adapters import AdapterSet
+
+#: ridge weight lam of the solve (UCE's default): how strongly W stays at W0 off the named tokens
+RIDGE = 0.1
 
 
-def _subject_tokens(backbone, prompts: Sequence[str]) -> list[torch.Tensor]:
+def subject_tokens(backbone, prompts: Sequence[str]) -> list[torch.Tensor]:
     """Per prompt: embeddings [n, D] from the last content token to the end of the sequence."""
-    emb = backbone.encode_text(list(prompts))
-    out = []
-    for p, e in zip(prompts, emb):
-        n_content = _content_tokens(backbone, p)
-        out.append(e[n_content:])  # index n_content = last content token (position 0 is BOS)
-    return out
-
-
-def _content_tokens(backbone, prompt: str) -> int:
-    tok = backbone.tokenizer
-    ids = tok(prompt, add_special_tokens=False).input_ids
-    return len(ids)
+    emb = backbone.cross_attention_tokens(backbone.encode_text(list(prompts)))
+    # index n = the last content token (position 0 is BOS)
+    return [e[backbone.content_token_count(p):] for p, e in zip(prompts, emb)]
 
 
 def uce_edit(backbone, erase: Sequence[str], guide: Sequence[str], preserve: Sequence[str] = (),
@@ -42,27 +36,39 @@ def uce_edit(backbone, erase: Sequence[str], guide: Sequence[str], preserve: Seq
         raise ValueError(f"UCE needs one guide concept per erased concept ({len(erase)} vs {len(guide)})")
     t0 = time.time()
     with torch.no_grad():
-        ce = _subject_tokens(backbone, erase)
-        cg = _subject_tokens(backbone, guide)
-        cp = _subject_tokens(backbone, preserve) if preserve else []
+        ce = subject_tokens(backbone, erase)
+        cg = subject_tokens(backbone, guide)
+        cp = subject_tokens(backbone, preserve) if preserve else []
         pairs = []
         for e, g in zip(ce, cg):
             n = min(len(e), len(g))
             pairs.append((e[:n], g[:n]))
-        adapters = attach(backbone.unet, "attn2_kv", rank=0, names=backbone.module_name_map())
-        for name, layer in adapters.layers.items():
-            w0 = layer.base.weight.double()
-            d = w0.shape[1]
-            mat1 = lam * w0
-            mat2 = lam * torch.eye(d, dtype=torch.float64, device=w0.device)
-            for e, g in pairs:
-                e, g = e.double(), g.double()
-                mat1 = mat1 + erase_scale * (w0 @ g.T) @ e
-                mat2 = mat2 + erase_scale * e.T @ e
-            for p in cp:
-                p = p.double()
-                mat1 = mat1 + preserve_scale * (w0 @ p.T) @ p
-                mat2 = mat2 + preserve_scale * p.T @ p
-            w = mat1 @ torch.linalg.inv(mat2)
-            layer.delta.copy_((w - w0).to(layer.delta.dtype))
+        adapters = solve_kv(backbone, pairs, cp, lam, preserve_scale, erase_scale)
     return adapters, time.time() - t0
+
+
+@torch.no_grad()
+def solve_kv(backbone, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], preserve: Sequence[torch.Tensor],
+             lam: float = 0.1, preserve_scale: float = 1.0, erase_scale: float = 1.0) -> AdapterSet:
+    """Full-delta adapters on every attn2 to_k / to_v with W = argmin sum ||W e - W0 g||^2 over the
+    (e, g) token rows + preserve_scale sum ||W p - W0 p||^2 + lam ||W - W0||^2 (fp64 solve)."""
+    if backbone.trainable_rules() is not None:
+        raise ValueError("closed-form edits (uce, bi-instant) solve for cross-attention keys and values that read "
+                         "the text encoder's tokens directly, as SD1.x and SDXL UNets do; this model's attention "
+                         "reads them after its own blocks: use bi-erasing")
+    adapters = backbone.attach_adapters("attn2_kv", rank=0)
+    for layer in adapters.layers.values():
+        w0 = backbone.frozen_weight(layer.base).double()
+        mat1 = lam * w0
+        mat2 = lam * torch.eye(w0.shape[1], dtype=torch.float64, device=w0.device)
+        for e, g in rows:
+            e, g = e.double().to(w0.device), g.double().to(w0.device)
+            mat1 = mat1 + erase_scale * (w0 @ g.T) @ e
+            mat2 = mat2 + erase_scale * e.T @ e
+        for p in preserve:
+            p = p.double().to(w0.device)
+            mat1 = mat1 + preserve_scale * (w0 @ p.T) @ p
+            mat2 = mat2 + preserve_scale * p.T @ p
+        w = torch.linalg.solve(mat2, mat1.T).T  # mat1 mat2^-1, mat2 symmetric
+        layer.delta.copy_((w - w0).to(layer.delta.dtype))
+    return adapters
