@@ -233,13 +233,19 @@ def _sample(comfy, models, prompt="a photo of a cat", seed=3):
 def test_instant_erase_node_edits_in_closed_form_and_saves_a_loadable_file(comfy, caplog):
     settings = {p.name: p.default for p in comfy.spec.BY_ID["BiErasingEraseInstant"].inputs if p.default is not None}
     settings.update(concept="cat", safe_concept="dog", preserve="a photo of a horse", contexts=0)
+    import comfy.model_management as mm
+
+    mm.unload_all_models()  # ComfyUI keeps the last sampled clone's patches in the shared weights
     before = {k: v.clone() for k, v in comfy.model.model.diffusion_model.state_dict().items()}
+    patches = dict(comfy.model.patches)
     erased, lora, report = run(comfy, "BiErasingEraseInstant", model=comfy.model, clip=comfy.clip, **settings)
     info = json.loads(report)
     assert info["method"] == "bi-instant" and info["seconds"] < 30
     assert lora and all(k.endswith(".diff") and ("attn2_to_k" in k or "attn2_to_v" in k) for k in lora)
+    mm.unload_all_models()
     after = comfy.model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the incoming MODEL is untouched
+    assert dict(comfy.model.patches) == patches
     run(comfy, "BiErasingSaveErasure", lora=lora, filename="erasures/cat_instant", report=report)
     caplog.set_level(logging.WARNING)
     with torch.inference_mode():

@@ -229,3 +229,36 @@ def test_attack_node_on_sdxl_gives_conditioning_a_ksampler_takes(xl):
     torch.testing.assert_close(start[0][0], plain[0][0])
     torch.testing.assert_close(start[0][1]["pooled_output"], plain[0][1]["pooled_output"])
     assert json.loads(report)["steps_done"] == 3 and torch.isfinite(out).all()
+
+
+def test_instant_edit_agrees_between_comfyui_and_diffusers_on_sdxl(xl):
+    """bi-instant reads the keys/values' tokens without SDXL's packed pooled vector, the same way on
+    both paths (ComfyUI's tokenizer counts the concept's tokens, diffusers' twin is given them)."""
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.export import erasure_tensors
+    from bierasing.erase.instant import instant_erasure
+
+    glue = xl.glue
+    cfg = EraseConfig(method="bi-instant", preserve="a photo of a horse", contexts=0)
+    concepts = [Concept("a photo of a cat", "a photo of a dog")]
+    cb = glue.ComfyBackbone(xl.model, xl.clip, resolution=64)
+    with torch.inference_mode(False):
+        texts = {p: cb.encode_text([p]) for p in ("", "a photo of a cat", "a photo of a dog", "a photo of a horse")}
+        with glue.unet_session(cb, train=False):
+            res = instant_erasure(cb, concepts, cfg)
+            comfy = erasure_tensors(res.adapters, glue.ldm_to_diffusers_names(xl.model))
+            res.adapters.remove(cb.unet)
+        db = given_backbone_xl(_diffusers_twin(xl), texts, cb.content_token_count)
+        res = instant_erasure(db, concepts, cfg)
+        ours = erasure_tensors(res.adapters)
+        res.adapters.remove(db.unet)
+    assert sorted(comfy) == sorted(ours) and len(ours) > 2  # every attn2 to_k and to_v
+    worst = max(rel(comfy[k], ours[k]) for k in ours)
+    print(f"\nSDXL bi-instant deltas, ComfyUI vs diffusers: rel. max diff {worst:.2e} over {len(ours)} tensors")
+    assert worst < 1e-3 and all(float(v.abs().max()) > 0 for v in ours.values())
+
+
+def given_backbone_xl(unet, texts, content_token_count):
+    db = _diffusers_backbone(unet, texts)
+    db.content_token_count = content_token_count
+    return db
