@@ -220,7 +220,7 @@ def _markdown(r: dict) -> str:
              f"- method: **{r['method']}**, output `{Path(r['output']).name}`",
              f"- erase time {r['erase_seconds']} s, whole job {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB"
              + (f", peak GPU memory {r['peak_device_mb']} MB" if "peak_device_mb" in r else ""),
-             f"- trained parameters: {r['adapter_parameters']}; UNet forward-equivalents per x_t sample: "
+             f"- adapter parameters: {r['adapter_parameters']}; UNet forward-equivalents per x_t sample: "
              f"{r['unet_forward_equivalents_per_sample']}",
              f"- loss {r['loss_first']} -> {r['loss_last']}" if r["loss_first"] is not None else
              "- closed form: no training loop",
