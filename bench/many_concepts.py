@@ -110,13 +110,13 @@ def score(approach: str, targets: list[str], samples: int, done: dict) -> dict:
             "kept_per_prompt": dict(zip(prompts, (round(v, 4) for v in kept))), "samples_per_prompt": samples}
 
 
-def _items(counts: list[int]) -> list[tuple[str, list]]:
+def _items(counts: list[int], joint: list[int]) -> list[tuple[str, list]]:
     top = max(counts)
     items = [("score", ["none", []])]
     items += [("train", [t, [t]]) for t in ORDER[:top]]
-    items += [("train", [f"joint{k}", ORDER[:k]]) for k in counts if k > 1]
-    items += [("score", [a, ORDER[:k]]) for k in counts for a in APPROACHES if not (k == 1 and a != "joint"
-                                                                                       and a != "instant")]
+    items += [("train", [f"joint{k}", ORDER[:k]]) for k in joint if k > 1]
+    items += [("score", [a, ORDER[:k]]) for k in counts for a in APPROACHES
+              if (a != "joint" or k in joint) and not (k == 1 and a in ("sum", "merge-kv"))]
     return items
 
 
@@ -146,6 +146,7 @@ def _markdown(rows: list[dict], samples: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="1,3,5,8")
+    p.add_argument("--joint-counts", default=None, help="the k of the joint runs (default: --counts)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--item", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -162,7 +163,9 @@ def main() -> int:
         return 0
     from bierasing.io import atomic_write_text
 
-    for kind, item_args in _items([int(c) for c in args.counts.split(",")]):
+    counts = [int(c) for c in args.counts.split(",")]
+    joint = [int(c) for c in args.joint_counts.split(",")] if args.joint_counts else counts
+    for kind, item_args in _items(counts, joint):
         if _key(kind, item_args) in done:
             continue
         print(f"[many] {_key(kind, item_args)} ...", flush=True)
