@@ -25,7 +25,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def _backbone():
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from bierasing.sd15 import SD15Backbone
@@ -35,7 +35,8 @@ def _backbone():
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS / "sd15" / "unet")).eval()
     text = CLIPTextModel(CLIPTextConfig.from_json_file(CONFIGS / "sd15" / "text_encoder" / "config.json")).eval()
     sched = DDPMScheduler.from_config(DDPMScheduler.load_config(CONFIGS / "sd15" / "scheduler"))
-    bb = SD15Backbone(clip_tokenizer(), text, unet, None, sched)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "sd15" / "vae"))  # not used by the edit
+    bb = SD15Backbone(clip_tokenizer(), text, unet, vae, sched)
     unet.requires_grad_(False)
     text.requires_grad_(False)
     return bb
