@@ -318,13 +318,10 @@ def single(spec: dict) -> dict:
 def _warm_start(bb, concept, cfg) -> tuple[dict, dict]:
     """The bi-instant edit with ``cfg``'s shared settings merged into this process's UNet (each row
     runs in its own process), as the (tensors, info) it was."""
-    from bierasing.erase import Concept
-    from bierasing.erase.export import erasure_tensors, merge_erasure
-    from bierasing.erase.instant import instant_config, instant_erasure
+    from bierasing.erase.export import merge_erasure
+    from bierasing.erase.instant import instant_tensors
 
-    res = instant_erasure(bb, [Concept(concept.target, concept.safe)], instant_config(cfg))
-    warm = (erasure_tensors(res.adapters), res.info())
-    res.adapters.remove(bb.unet)
+    warm = instant_tensors(bb, [concept], cfg)
     merge_erasure(bb.unet, warm)
     return warm
 

@@ -241,16 +241,10 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
 
 def _instant_tensors(bb, concepts, cfg: EraseConfig, names) -> tuple[dict, dict]:
     """The bi-instant edit of ``concepts`` with ``cfg``'s shared settings, as (tensors, info)."""
-    from bierasing.erase.engine import Concept
-    from bierasing.erase.export import erasure_tensors
-    from bierasing.erase.instant import instant_config, instant_erasure
+    from bierasing.erase.instant import instant_tensors
 
     with glue.unet_session(bb, train=False):
-        res = instant_erasure(bb, [Concept(c.target, c.safe) for c in concepts], instant_config(cfg))
-        try:
-            return erasure_tensors(res.adapters, names), res.info()
-        finally:
-            res.adapters.remove(bb.unet)
+        return instant_tensors(bb, concepts, cfg, names)
 
 
 def erase_instant(model, clip, concept: str, safe_concept: str, **settings):

@@ -51,14 +51,21 @@ def guide_tokens(c_neg: torch.Tensor, c_pos: torch.Tensor | None, c_empty: torch
     return (cfg.neg_weight * neg + cfg.pos_weight * c_pos) / (cfg.neg_weight + cfg.pos_weight)
 
 
-def _rows(backbone, c: Concept, cfg: EraseConfig, anchor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c-, g) for one concept, cut to the tokens both prompts have."""
-    e = subject_tokens(backbone, [c.target])[0]
-    empty = backbone.cross_attention_tokens(backbone.encode_text([""]))[0][backbone.content_token_count(c.target):]
-    pos = subject_tokens(backbone, [c.safe])[0] if c.safe.strip() else None
-    n = min(len(e), len(empty), len(pos) if pos is not None else len(e))
-    g = guide_tokens(e[:n], None if pos is None else pos[:n], empty[:n], cfg, anchor)
-    return e[:n], g
+def _rows(backbone, concepts: list[Concept], cfg: EraseConfig, anchor: float
+          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(c-, g) per concept, cut to the tokens both prompts have; every prompt encoded once."""
+    targets = subject_tokens(backbone, [c.target for c in concepts])
+    safe_texts = sorted({c.safe for c in concepts if c.safe.strip()})
+    safes = dict(zip(safe_texts, subject_tokens(backbone, safe_texts))) if safe_texts else {}
+    empty = backbone.cross_attention_tokens(backbone.encode_text([""]))[0]
+    rows = []
+    for c, e in zip(concepts, targets):
+        c0 = empty[backbone.content_token_count(c.target):]  # c-'s positions in the empty prompt
+        pos = safes.get(c.safe)
+        n = min(len(e), len(c0), len(pos) if pos is not None else len(e))
+        a = anchor if pos is not None else 0.0
+        rows.append((e[:n], guide_tokens(e[:n], None if pos is None else pos[:n], c0[:n], cfg, a)))
+    return rows
 
 
 def instant_config(cfg: EraseConfig | None = None) -> EraseConfig:
@@ -95,9 +102,22 @@ def instant_erasure(backbone, concepts: list[Concept], cfg: EraseConfig | None =
     if clash:
         raise ValueError(f"{clash[0]!r} is both erased and preserved; remove it from preserve")
     with torch.no_grad():
-        rows = [_rows(backbone, c, cfg, anchor if c.safe.strip() else 0.0) for c in concepts]
+        rows = _rows(backbone, concepts, cfg, anchor)
         held = subject_tokens(backbone, preserve) if preserve else []
         adapters = solve_kv(backbone, rows, held, lam=lam, preserve_scale=PRESERVE_SCALE * cfg.preserve_weight)
     anchors = [anchor if c.safe.strip() else 0.0 for c in concepts]
     return ErasureResult(adapters, cfg, [(c.target, c.safe) for c in concepts], seconds=time.time() - t0,
                          peak_rss_mb=peak_rss_mb(), neg_anchors=anchors)
+
+
+def instant_tensors(backbone, concepts: list[Concept], cfg: EraseConfig,
+                    rename: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """The bi-instant edit with ``cfg``'s shared settings (:func:`instant_config`), as the (tensors,
+    info) of an erasure file; nothing stays attached (a warm start merges it first)."""
+    from .export import erasure_tensors
+
+    res = instant_erasure(backbone, [Concept(c.target, c.safe) for c in concepts], instant_config(cfg))
+    try:
+        return erasure_tensors(res.adapters, rename), res.info()
+    finally:
+        res.adapters.remove(backbone.unet)

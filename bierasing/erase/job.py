@@ -114,16 +114,12 @@ def run_erase_job(backbone, specs: list[ConceptSpec], cfg: EraseConfig, out: str
 
 def _instant_start(backbone, specs: list[ConceptSpec], cfg: EraseConfig, log) -> tuple[dict, dict]:
     """The bi-instant edit of ``specs`` with ``cfg``'s shared settings, as (tensors, info)."""
-    from .export import erasure_tensors
-    from .instant import instant_config, instant_erasure
+    from .instant import instant_tensors
 
-    res = instant_erasure(backbone, [Concept(backbone.concept_text(s.target), backbone.concept_text(s.safe))
-                                     for s in specs], instant_config(cfg))
-    try:
-        log(f"warm start: the instant closed-form edit took {res.seconds:.1f} s; training on top of it")
-        return erasure_tensors(res.adapters), res.info()
-    finally:
-        res.adapters.remove(backbone.unet)
+    warm = instant_tensors(backbone, [Concept(backbone.concept_text(s.target), backbone.concept_text(s.safe))
+                                      for s in specs], cfg)
+    log(f"warm start: the instant closed-form edit took {warm[1]['seconds']} s; training on top of it")
+    return warm
 
 
 def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progress, should_stop, log, on) -> dict:
