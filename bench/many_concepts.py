@@ -7,9 +7,11 @@ order mixing objects, attributes and backgrounds, each with a safe alternative o
 Approaches for k concepts:
   joint      one run over the k concepts, 200 steps per concept (what ``--concept a,b,c`` does with
              ``--steps 200k``)
+  joint-warm the same run started from bi-instant's edit of the k concepts (``--warm-start``)
   sum        the k single-concept erasures stacked (``bierasing.erase.stack``: deltas added)
   merge-kv   the k single-concept erasures merged with their key/value edits fused
-             (``bierasing.erase.merge.merge_kv``, MACE's closed-form fusion)
+             (``bierasing.erase.merge.merge_kv``, MACE's closed-form fusion); the other layers summed
+  merge-kv-mean, merge-kv-only   the same with the other layers (to_q, to_out) averaged, or left out
   instant    bi-instant over the k concepts at once (closed form, no training)
 Scores: ACC_e of each erased concept on its target prompts, averaged; kept ACC_p on the prompts of
 concepts no k erases (square/cross x yellow/purple on black); H of the two. Every item (a training,
@@ -33,7 +35,8 @@ ORDER = ["circle", "red", "white", "star", "blue", "triangle", "green", "gray"]
 SAFE = {"circle": "square", "red": "green", "white": "gray", "star": "square", "blue": "green",
         "triangle": "square", "green": "yellow", "gray": "black"}
 KEEP = [("square", "yellow"), ("square", "purple"), ("cross", "yellow"), ("cross", "purple")]
-APPROACHES = ("joint", "sum", "merge-kv", "instant")
+APPROACHES = ("joint", "joint-warm", "sum", "merge-kv", "merge-kv-mean", "merge-kv-only", "instant")
+MERGE_OTHERS = {"merge-kv": "sum", "merge-kv-mean": "mean", "merge-kv-only": "drop"}
 
 
 def _specs(targets):
@@ -42,16 +45,18 @@ def _specs(targets):
     return [ConceptSpec(t, SAFE[t]) for t in targets]
 
 
-def train(name: str, targets: list[str]) -> dict:
-    """One default erasure job over ``targets`` (200 steps per concept) -> its file and seconds."""
+def train(name: str, targets: list[str], warm: bool = False) -> dict:
+    """One default erasure job over ``targets`` (200 steps per concept; ``warm``: started from the
+    instant edit) -> its file and seconds."""
     from bierasing.erase import EraseConfig
     from bierasing.erase.job import run_erase_job
     from bierasing.world.models import ShapesWorldBackbone
 
     bb = ShapesWorldBackbone.load()
     t0 = time.time()
-    report = run_erase_job(bb, _specs(targets), EraseConfig(steps=200 * len(targets)), RUNS / name, name=name,
-                           eval_samples=0, progress=False, log=lambda m: None)
+    cfg = EraseConfig(steps=200 * len(targets), warm_start=warm)
+    report = run_erase_job(bb, _specs(targets), cfg, RUNS / name, name=name, eval_samples=0, progress=False,
+                           log=lambda m: None)
     return {"item": f"train:{name}", "targets": targets, "file": report["output"],
             "erase_seconds": report["erase_seconds"], "seconds": round(time.time() - t0, 1),
             "peak_rss_mb": report["peak_rss_mb"]}
@@ -69,12 +74,14 @@ def _erasure(bb, approach: str, targets: list[str], done: dict):
     t0 = time.time()
     if approach == "joint":
         src = done[f"train:joint{len(targets)}"]["file"] if len(targets) > 1 else singles[0]
+    elif approach == "joint-warm":
+        src = done[f"train:joint{len(targets)}-warm"]["file"]
     elif len(targets) == 1 and approach in ("sum", "merge-kv"):
         src = singles[0]
     elif approach == "sum":
         src = stack(singles)
-    elif approach == "merge-kv":
-        src = merge_kv(bb, singles)
+    elif approach in MERGE_OTHERS:
+        src = merge_kv(bb, singles, others=MERGE_OTHERS[approach])
     else:
         res = instant_erasure(bb, [Concept(bb.concept_text(t), bb.concept_text(SAFE[t])) for t in targets],
                               EraseConfig(method="bi-instant"))
@@ -100,7 +107,8 @@ def score(approach: str, targets: list[str], samples: int, done: dict) -> dict:
     dets = _detect(generate(bb, prompts, 2 * samples, seed=7))
     kept = [sum(_correct(d, data.Concepts(s, c, "black")) for d in row) / len(row) for (s, c), row in zip(KEEP, dets)]
     mean_e, acc_p = sum(acc_e.values()) / len(acc_e), sum(kept) / len(kept)
-    trained = (sum(done[f"train:{t}"]["erase_seconds"] for t in targets) if approach in ("sum", "merge-kv")
+    trained = (sum(done[f"train:{t}"]["erase_seconds"] for t in targets) if approach in ("sum", *MERGE_OTHERS)
+               else done[f"train:joint{len(targets)}-warm"]["erase_seconds"] if approach == "joint-warm"
                else done[f"train:joint{len(targets)}"]["erase_seconds"] if approach == "joint" and len(targets) > 1
                else done[f"train:{targets[0]}"]["erase_seconds"] if approach == "joint" and targets else 0.0)
     return {"item": f"score:{approach}:{len(targets)}", "approach": approach, "k": len(targets), "concepts": targets,
@@ -110,13 +118,15 @@ def score(approach: str, targets: list[str], samples: int, done: dict) -> dict:
             "kept_per_prompt": dict(zip(prompts, (round(v, 4) for v in kept))), "samples_per_prompt": samples}
 
 
-def _items(counts: list[int], joint: list[int]) -> list[tuple[str, list]]:
+def _items(counts: list[int], joint: list[int], warm: list[int]) -> list[tuple[str, list]]:
     top = max(counts)
     items = [("score", ["none", []])]
     items += [("train", [t, [t]]) for t in ORDER[:top]]
     items += [("train", [f"joint{k}", ORDER[:k]]) for k in joint if k > 1]
+    items += [("train", [f"joint{k}-warm", ORDER[:k], True]) for k in warm]
     items += [("score", [a, ORDER[:k]]) for k in counts for a in APPROACHES
-              if (a != "joint" or k in joint) and not (k == 1 and a in ("sum", "merge-kv"))]
+              if (a != "joint" or k in joint) and (a != "joint-warm" or k in warm)
+              and not (k == 1 and a in ("sum", *MERGE_OTHERS))]
     return items
 
 
@@ -147,6 +157,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="1,3,5,8")
     p.add_argument("--joint-counts", default=None, help="the k of the joint runs (default: --counts)")
+    p.add_argument("--warm-counts", default="", help="the k of the warm-started joint runs (default: none)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--item", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -165,7 +176,8 @@ def main() -> int:
 
     counts = [int(c) for c in args.counts.split(",")]
     joint = [int(c) for c in args.joint_counts.split(",")] if args.joint_counts else counts
-    for kind, item_args in _items(counts, joint):
+    warm = [int(c) for c in args.warm_counts.split(",") if c]
+    for kind, item_args in _items(counts, joint, warm):
         if _key(kind, item_args) in done:
             continue
         print(f"[many] {_key(kind, item_args)} ...", flush=True)

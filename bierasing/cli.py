@@ -256,7 +256,8 @@ def _cmd_suggest(args) -> int:
     safes = safes or [bb.default_safe(t) for t in targets]
     pairs = list(zip(targets, safes))
     vocabs = [bb.related_vocabulary(t) for t in targets]
-    near = [related.nearest(bb, t, v, len(v.phrases), related.related_excluded(pairs, i))
+    cache: dict = {}
+    near = [related.nearest(bb, t, v, len(v.phrases), related.related_excluded(pairs, i), cache=cache)
             for i, (t, v) in enumerate(zip(targets, vocabs))]
     keep, contexts = related.suggest(bb, pairs, args.contexts, hold=args.hold, neighbours=near)
     out = {"concepts": [{"target": t, "safe": s, "nearest": n[:args.hold]} for (t, s), n in zip(pairs, near)]}

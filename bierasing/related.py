@@ -63,14 +63,20 @@ def shipped_vocabulary() -> Vocabulary:
 
 
 @torch.no_grad()
-def conditioning_vectors(backbone, prompts: Sequence[str], batch: int = 32) -> torch.Tensor:
-    """Unit vectors [N, L*D] of what each prompt changes in the text conditioning, fp32 on the CPU."""
-    empty = backbone.encode_text([""]).float().flatten(1).cpu()
-    out = []
-    for i in range(0, len(prompts), batch):
-        states = backbone.encode_text(list(prompts[i:i + batch])).float().flatten(1).cpu()
-        out.append(torch.nn.functional.normalize(states - empty, dim=1))
-    return torch.cat(out)
+def conditioning_vectors(backbone, prompts: Sequence[str], batch: int = 32,
+                         cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Unit vectors [N, L*D] of what each prompt changes in the text conditioning, fp32 on the CPU.
+    ``cache`` (prompt -> vector, this backbone only) is read and filled: ranking many concepts over
+    one vocabulary encodes each phrase once."""
+    cache = {} if cache is None else cache
+    todo = list(dict.fromkeys(p for p in prompts if p not in cache))
+    if todo:
+        if "" not in cache:
+            cache[""] = backbone.encode_text([""]).float().flatten(1).cpu()
+        for i in range(0, len(todo), batch):
+            states = backbone.encode_text(todo[i:i + batch]).float().flatten(1).cpu()
+            cache.update(zip(todo[i:i + batch], torch.nn.functional.normalize(states - cache[""], dim=1)))
+    return torch.stack([cache[p] for p in prompts])
 
 
 _STOP = frozenset({"a", "an", "the", "of", "in", "on"})
@@ -92,17 +98,19 @@ def _overlaps(a: str, b: str) -> bool:
 
 
 def nearest(backbone, concept: str, vocabulary: Vocabulary, k: int, exclude: Sequence[str] = (),
-            same_above: float = SAME_ABOVE) -> list[tuple[str, float]]:
+            same_above: float = SAME_ABOVE, cache: dict[str, torch.Tensor] | None = None
+            ) -> list[tuple[str, float]]:
     """The ``k`` vocabulary phrases nearest ``concept`` in the model's conditioning, with cosines.
 
     Every phrase is read as the model reads a concept (``backbone.concept_text``). Left out:
     synonyms (cosine >= ``same_above``) and phrases that name the concept or one of ``exclude``, or
-    are named by it (erasing "dog" holds neither "a hot dog" nor the safe "a cat" twice)."""
+    are named by it (erasing "dog" holds neither "a hot dog" nor the safe "a cat" twice).
+    ``cache``: as :func:`conditioning_vectors` takes it."""
     banned = [concept, *(e for e in exclude if e.strip())]
     candidates = [p for p in vocabulary.phrases if not any(_overlaps(p, b) for b in banned)]
     if not candidates or k <= 0:
         return []
-    vecs = conditioning_vectors(backbone, [backbone.concept_text(p) for p in (concept, *candidates)])
+    vecs = conditioning_vectors(backbone, [backbone.concept_text(p) for p in (concept, *candidates)], cache=cache)
     cos = (vecs[1:] @ vecs[0]).tolist()
     ranked = sorted(range(len(candidates)), key=lambda i: -cos[i])  # stable: ties keep file order
     return [(candidates[i], round(cos[i], 4)) for i in ranked if cos[i] < same_above][:k]
@@ -133,9 +141,10 @@ def suggest(backbone, pairs: list[tuple[str, str]], n_contexts: int, hold: int =
     erased = [v.fill("{}", t) for v, (t, _) in zip(vocabs, pairs)]
     keep: list[str] = []
     contexts = []
+    cache: dict[str, torch.Tensor] = {}
     for i, ((target, safe), vocab) in enumerate(zip(pairs, vocabs)):
         ranked = neighbours[i] if neighbours is not None else nearest(
-            backbone, target, vocab, len(vocab.phrases), related_excluded(pairs, i))
+            backbone, target, vocab, len(vocab.phrases), related_excluded(pairs, i), cache=cache)
         near = [p for p, _ in ranked]
         templates = vocab.contexts[:max(n_contexts, 0)] if safe else ()
         pairs_in = [(vocab.fill(tpl, target), vocab.fill(tpl, safe)) for tpl in templates]

@@ -50,6 +50,22 @@ def test_merge_kv_gives_each_concept_its_own_erasure_and_sums_the_rest(tiny_worl
     assert torch.allclose(_delta(merged[q]), _delta(parts[0][q]) + _delta(parts[1][q]), atol=1e-6)
 
 
+def test_merge_kv_can_average_or_leave_out_the_other_layers(tiny_world, tmp_path):
+    a = _erasure(tiny_world, tmp_path / "a.safetensors", 1, "a circle")
+    b = _erasure(tiny_world, tmp_path / "b.safetensors", 2, "a star")
+    parts = [_layers(read_erasure(p)[0]) for p in (a, b)]
+    summed, _ = merge_kv(tiny_world, [a, b])
+    mean, info = merge_kv(tiny_world, [a, b], others="mean")
+    only, _ = merge_kv(tiny_world, [a, b], others="drop")
+    q = next(k for k in _layers(mean) if k.endswith("attn2_to_q"))
+    assert torch.allclose(_delta(_layers(mean)[q]), (_delta(parts[0][q]) + _delta(parts[1][q])) / 2, atol=1e-6)
+    assert info["other_layers"] == "mean"
+    kv = {k for k in _layers(summed) if k.endswith(("attn2_to_k", "attn2_to_v"))}
+    assert set(_layers(only)) == kv and all(torch.equal(only[k + ".diff"], summed[k + ".diff"]) for k in kv)
+    with pytest.raises(ValueError, match="others must be one of"):
+        merge_kv(tiny_world, [a, b], others="max")
+
+
 def test_merge_refuses_files_without_concepts_and_single_inputs(tiny_world, tmp_path):
     a = _erasure(tiny_world, tmp_path / "a.safetensors", 1, "a circle")
     with pytest.raises(ValueError, match="at least two"):

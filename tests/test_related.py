@@ -81,6 +81,22 @@ def test_sd15_standin_suggestions_are_phrases_and_deterministic(sd15, tmp_path):
     assert vecs.shape[0] == 2 and torch.allclose(vecs.norm(dim=1), torch.ones(2))
 
 
+def test_ranking_many_concepts_encodes_the_vocabulary_once(sd15, monkeypatch):
+    vocab = related.shipped_vocabulary()
+    alone = related.suggest(sd15, [("Van Gogh", "Claude Monet")], 2)
+    encoded: list[str] = []
+    encode = sd15.encode_text
+    monkeypatch.setattr(sd15, "encode_text", lambda prompts: (encoded.extend(prompts), encode(prompts))[1])
+    pairs = [("Van Gogh", "Claude Monet"), ("a dog", "a cat"), ("nudity", "")]
+    keep, contexts = related.suggest(sd15, pairs, 2)
+    assert len(encoded) == len(set(encoded)) and len(encoded) <= len(vocab.phrases) + len(pairs) + 1
+    assert contexts[0] == alone[1][0]
+    cache: dict = {}
+    cached = related.conditioning_vectors(sd15, ["a dog", "a cat", "a dog"], cache=cache)
+    assert set(cache) == {"", "a dog", "a cat"}
+    assert torch.allclose(cached, related.conditioning_vectors(sd15, ["a dog", "a cat", "a dog"]), atol=1e-6)
+
+
 def test_no_safe_alternative_means_no_contexts(sd15):
     keep, contexts = related.suggest(sd15, [("nudity", "")], 4)
     assert contexts == [[]] and len(keep) == 8

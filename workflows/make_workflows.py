@@ -392,6 +392,30 @@ def erase_object_sd15(schemas) -> Graph:
     return g
 
 
+def erase_instant_sd15(schemas) -> Graph:
+    g = Graph("erase_instant_sd15", "Instant erasure of the Van Gogh style (bi-instant, safe: a painting): a "
+              "closed-form edit in seconds, no exemplars, no training; saves it, grid vs. other artists", schemas)
+    g.note("Files (ComfyUI/models/...):\n"
+           f"  checkpoints/{CKPT}  (or any SD1.x / SDXL checkpoint)\n"
+           "Writes: models/loras/erasures/vangogh_instant.safetensors\n\n"
+           "What it does:\n"
+           "1. Erase Concept (instant) edits every cross-attention key and value so the words\n"
+           "   'Van Gogh' read as 'a painting', holding the related names and styles it finds in\n"
+           "   the model itself (preserve 'auto'). Seconds, no images.\n"
+           "2. Save Erasure writes the edit to models/loras (the stock LoraLoader applies it).\n"
+           "3. The Before/After Grid checks Van Gogh prompts (should change) and other artists\n"
+           "   (should stay). Happy with it? Erase Concept with warm_start trains from this edit.")
+    ckpt, _, _ = _base(g, clip_vision=False)
+    er = g.add("BiErasingEraseInstant", col=1, ui_width=360, model=ckpt["MODEL"], clip=ckpt["CLIP"],
+               concept="Van Gogh", safe_concept="a painting")
+    g.add("BiErasingSaveErasure", col=2, lora=er["lora"], report=er["report"], filename="erasures/vangogh_instant")
+    grid = _grid(g, ckpt, er["model"], [
+        "a painting in the style of Van Gogh", "The Starry Night by Vincent van Gogh",
+        "a painting in the style of Claude Monet", "a painting in the style of Pablo Picasso"], col=2)
+    g.add("SaveImage", "Save grid", col=3, images=grid["grid"], filename_prefix="bierasing/vangogh_instant_grid")
+    return g
+
+
 def compare_methods_sd15(schemas) -> Graph:
     methods = ["bi-erasing", "esd-x", "esd-u"]
     g = Graph("compare_methods_sd15", "Nudity erased three ways (Bi-Erasing, ESD-x, ESD-u) from the same "
@@ -545,9 +569,9 @@ def erase_artist_style_sdxl(schemas) -> Graph:
     return g
 
 
-WORKFLOWS = [erase_nudity_sd15, erase_artist_style_sd15, erase_object_sd15, compare_methods_sd15,
-             evaluate_erasure_sd15, attack_erasure_sd15, erase_lora_ksampler_tiny, erase_nudity_sdxl,
-             erase_artist_style_sdxl]
+WORKFLOWS = [erase_nudity_sd15, erase_artist_style_sd15, erase_object_sd15, erase_instant_sd15,
+             compare_methods_sd15, evaluate_erasure_sd15, attack_erasure_sd15, erase_lora_ksampler_tiny,
+             erase_nudity_sdxl, erase_artist_style_sdxl]
 
 
 # ---------------------------------------------------------------------------------------------

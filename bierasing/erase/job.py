@@ -162,6 +162,10 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
         result = instant_erasure(backbone, concepts, cfg)
         log(f"closed-form edit of {len(result.adapters.layers)} layers in {result.seconds:.1f} s")
     else:
+        if len(concepts) >= 3:
+            log(f"{len(concepts)} concepts in one training run: each adds its own drag on what should stay, and "
+                "bi-instant (closed form, text only) kept more of it at 3 to 8 concepts in the many-concepts "
+                "benchmark (docs/benchmarks.md); compare with method bi-instant")
         eraser = Eraser(backbone, concepts, cfg, callback=cb, should_stop=should_stop, checkpoint_path=ckpt)
         if eraser.cfg.xt_source == "cache":
             log("sampling the frozen model's trajectories of the prompts to erase and preserve "

@@ -24,6 +24,9 @@ from .export import SAVE_DTYPES, kohya_name, read_erasure
 from .stack import DIFF, _delta, _layers, stack
 from .uce import RIDGE, subject_tokens
 
+#: what happens to the layers that are not cross-attention keys or values
+OTHERS = ("sum", "mean", "drop")
+
 
 def _concept_texts(info: dict) -> list[str]:
     records = info.get("stack", [info])
@@ -37,11 +40,15 @@ def _preserved(info: dict) -> list[str]:
 
 @torch.no_grad()
 def merge_kv(backbone, sources: list[str | os.PathLike | tuple[dict, dict]], lam: float = RIDGE,
-             preserve_scale: float = 1.0, precision: str = "fp32") -> tuple[dict[str, torch.Tensor], dict]:
+             preserve_scale: float = 1.0, precision: str = "fp32", others: str = "sum"
+             ) -> tuple[dict[str, torch.Tensor], dict]:
     """One erasure from per-concept ``sources`` (files or (tensors, info)): the keys and values fused
-    as above, every other layer summed. Returns (tensors in ``precision``, metadata)."""
+    as above; every other layer summed (``others`` "sum"), averaged ("mean") or left out ("drop").
+    Returns (tensors in ``precision``, metadata)."""
     if len(sources) < 2:
         raise ValueError("merging needs at least two erasures")
+    if others not in OTHERS:
+        raise ValueError(f"others must be one of {', '.join(OTHERS)}, got {others!r}")
     t0 = time.time()
     loaded = [s if isinstance(s, tuple) else read_erasure(s) for s in sources]
     texts = [_concept_texts(info) for _, info in loaded]
@@ -50,12 +57,15 @@ def merge_kv(backbone, sources: list[str | os.PathLike | tuple[dict, dict]], lam
                          "bierasing do); stack erasures without it instead")
     erased = {t.lower() for ts in texts for t in ts}
     keep = sorted({p for _, info in loaded for p in _preserved(info) if p.lower() not in erased})
-    tensors, info = stack(list(sources), precision="fp32")  # the sum; its k/v layers are replaced below
+    scale = 1.0 / len(sources) if others == "mean" else 1.0
+    # the sum (or mean); its k/v layers are replaced below
+    tensors, info = stack(list(sources), scales=[scale] * len(sources), precision="fp32")
     rows = [torch.cat(subject_tokens(backbone, ts)).double() for ts in texts]
     held = torch.cat(subject_tokens(backbone, keep)).double() if keep else None
     per_erasure = [_layers(t) for t, _ in loaded]
     names = backbone.module_name_map() or {}
     adapters = backbone.attach_adapters("attn2_kv", rank=0)
+    fused: set[str] = set()
     try:
         for own, layer in adapters.layers.items():
             key = kohya_name(names.get(own, own))
@@ -79,9 +89,12 @@ def merge_kv(backbone, sources: list[str | os.PathLike | tuple[dict, dict]], lam
             for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
                 tensors.pop(key + suffix, None)
             tensors[key + DIFF] = (w - w0).float().cpu()
+            fused.add(key)
     finally:
         adapters.remove(backbone.unet)
+    if others == "drop":
+        tensors = {k: v for k, v in tensors.items() if k.endswith(DIFF) and k[:-len(DIFF)] in fused}
     dt = SAVE_DTYPES[precision]
     info = {**info, "library": f"bierasing {__version__}", "method": "merge-kv", "preserve": keep,
-            "ridge": lam, "merge_seconds": round(time.time() - t0, 2)}
+            "ridge": lam, "other_layers": others, "merge_seconds": round(time.time() - t0, 2)}
     return {k: v if k.endswith(".alpha") else v.to(dt) for k, v in tensors.items()}, info

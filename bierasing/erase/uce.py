@@ -22,11 +22,15 @@ from .adapters import AdapterSet
 RIDGE = 0.1
 
 
-def subject_tokens(backbone, prompts: Sequence[str]) -> list[torch.Tensor]:
+def subject_tokens(backbone, prompts: Sequence[str], batch: int = 64) -> list[torch.Tensor]:
     """Per prompt: embeddings [n, D] from the last content token to the end of the sequence."""
-    emb = backbone.cross_attention_tokens(backbone.encode_text(list(prompts)))
-    # index n = the last content token (position 0 is BOS)
-    return [e[backbone.content_token_count(p):] for p, e in zip(prompts, emb)]
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i:i + batch])
+        emb = backbone.cross_attention_tokens(backbone.encode_text(chunk))
+        # index n = the last content token (position 0 is BOS)
+        out += [e[backbone.content_token_count(p):] for p, e in zip(chunk, emb)]
+    return out
 
 
 def uce_edit(backbone, erase: Sequence[str], guide: Sequence[str], preserve: Sequence[str] = (),
@@ -56,19 +60,18 @@ def solve_kv(backbone, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], preser
         raise ValueError("closed-form edits (uce, bi-instant) solve for cross-attention keys and values that read "
                          "the text encoder's tokens directly, as SD1.x and SDXL UNets do; this model's attention "
                          "reads them after its own blocks: use bi-erasing")
+    # every term is W0 times a text-space matrix: W = W0 A B^-1 with A = lam I + G^T E + s_p P^T P and
+    # B = lam I + E^T E + s_p P^T P, the same for every layer (one solve, not one per layer)
+    e = torch.cat([r[0] for r in rows]).double().cpu()
+    g = torch.cat([r[1] for r in rows]).double().cpu()
+    a = lam * torch.eye(e.shape[1], dtype=torch.float64) + erase_scale * g.T @ e
+    b = lam * torch.eye(e.shape[1], dtype=torch.float64) + erase_scale * e.T @ e
+    if preserve:
+        p = torch.cat(list(preserve)).double().cpu()
+        a, b = a + preserve_scale * p.T @ p, b + preserve_scale * p.T @ p
+    change = torch.linalg.solve(b, a.T).T - torch.eye(e.shape[1], dtype=torch.float64)  # A B^-1 - I, B symmetric
     adapters = backbone.attach_adapters("attn2_kv", rank=0)
     for layer in adapters.layers.values():
         w0 = backbone.frozen_weight(layer.base).double()
-        mat1 = lam * w0
-        mat2 = lam * torch.eye(w0.shape[1], dtype=torch.float64, device=w0.device)
-        for e, g in rows:
-            e, g = e.double().to(w0.device), g.double().to(w0.device)
-            mat1 = mat1 + erase_scale * (w0 @ g.T) @ e
-            mat2 = mat2 + erase_scale * e.T @ e
-        for p in preserve:
-            p = p.double().to(w0.device)
-            mat1 = mat1 + preserve_scale * (w0 @ p.T) @ p
-            mat2 = mat2 + preserve_scale * p.T @ p
-        w = torch.linalg.solve(mat2, mat1.T).T  # mat1 mat2^-1, mat2 symmetric
-        layer.delta.copy_((w - w0).to(layer.delta.dtype))
+        layer.delta.copy_((w0 @ change.to(w0.device)).to(layer.delta.dtype))
     return adapters
