@@ -150,7 +150,7 @@ def test_every_template_runs_on_a_fresh_install(name):
         for key, value in node["inputs"].items():
             if key in provided and not isinstance(value, list):
                 assert value in provided[key], f"{name} node {nid}: {key}={value!r} is not provided"
-    erased = [nid for nid, _ in _api_nodes(wf, "BiErasingErase")]
+    erased = [nid for kind in ("BiErasingErase", "BiErasingEraseInstant") for nid, _ in _api_nodes(wf, kind)]
     samplers = [n for _, n in _api_nodes(wf, "KSampler")] + [n for _, n in _api_nodes(wf, "BiErasingCompareGrid")]
     assert all((n["inputs"].get("model") or n["inputs"].get("erased_model"))[0] in erased for n in samplers)
 
