@@ -68,6 +68,20 @@ def _cmd_world_train(args) -> int:
         from .world.models import WorldConfig
 
         wcfg = WorldConfig(cross_attn_levels=args.cross_attn_levels)
+    if args.flow_blocks is not None:
+        if args.arch != "flow":
+            raise ValueError("--flow-blocks sets the flow world's transformer (--arch flow)")
+        from .world.flow import FlowWorldConfig
+
+        try:
+            double, single = (int(n) for n in args.flow_blocks.split(","))
+        except ValueError:
+            raise ValueError(f"--flow-blocks takes two counts, double-stream,single-stream (e.g. 4,2), "
+                             f"got {args.flow_blocks!r}") from None
+        if double < 1 or single < 0:
+            raise ValueError(f"--flow-blocks needs at least one double-stream block and no negative count, "
+                             f"got {args.flow_blocks!r}")
+        wcfg = FlowWorldConfig(double_blocks=double, single_blocks=single)
     if args.init_from and not args.start_stage:
         raise ValueError("--init-from needs --start-stage (the stage to begin at)")
     out = Path(args.out)
@@ -369,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow world: share of steps where the transformer sees the empty prompt's pooled "
                         "vector beside the caption's tokens, so it reads the concepts from the tokens "
                         "(default: TrainConfig; 0 = off)")
+    t.add_argument("--flow-blocks", default=None,
+                   help="flow world: double-stream,single-stream transformer blocks (default 2,4). Double-stream "
+                        "blocks give the caption's tokens their own layers; a start stage after flow needs the "
+                        "source model's counts")
     t.add_argument("--cross-attn-levels", type=int, default=None,
                    help="UNet levels with text cross-attention, from 8x8 up (default 1 = 8x8 only; 2 adds "
                         "16x16 at about twice the step time)")

@@ -73,6 +73,22 @@ def test_redux_stage_trains_only_the_redux_projector(tmp_path):
     assert changed == {"redux"}
 
 
+def test_a_retrained_transformer_may_be_built_differently_but_kept_networks_may_not(tmp_path):
+    import dataclasses
+
+    src = train_world(tmp_path / "src", _cfg(), TINY, **QUIET)
+    deeper = dataclasses.replace(TINY, double_blocks=2, single_blocks=0)
+    new = train_world(tmp_path / "new", _cfg(), deeper, init_from=tmp_path / "src" / "model", start_stage="flow",
+                      **QUIET)
+    a, b = _state(src), _state(new)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.split(".")[0] in ("text", "vae"))  # vision retrains later
+    assert ShapesWorldBackbone.load(tmp_path / "new" / "model").config.double_blocks == 2
+    wider = dataclasses.replace(TINY, ae_channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="another architecture or another vae config"):
+        train_world(tmp_path / "bad", _cfg(), wider, init_from=tmp_path / "src" / "model", start_stage="flow",
+                    **QUIET)
+
+
 def test_the_flow_loss_is_velocity_regression(tmp_path):
     trainer = FlowWorldTrainer(tmp_path, _cfg(), TINY, **QUIET)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -172,6 +172,9 @@ def test_start_stage_refuses_unknown_stages(tmp_path):
     (["--init-from", "somewhere"], "needs --start-stage"),
     (["--start-stage", "ip_warm", "--init-from", "nowhere"], "not a ShapesWorld model folder"),
     (["--ip-empty-prompt", "1.5"], "ip_empty_prompt is a share of steps in [0, 1]"),
+    (["--flow-blocks", "4,2"], "--flow-blocks sets the flow world's transformer"),
+    (["--arch", "flow", "--flow-blocks", "4"], "--flow-blocks takes two counts"),
+    (["--arch", "flow", "--flow-blocks", "0,2"], "at least one double-stream block"),
 ])
 def test_cli_world_train_start_stage_errors_are_clean(tmp_path, args, message):
     out = tmp_path / "w"

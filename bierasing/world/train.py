@@ -252,6 +252,12 @@ def _consistency(mentions: list[data.Concepts], truths: list[data.Concepts]) -> 
     return m
 
 
+def _built_as(module) -> dict:
+    """What a network was built as: its tensors' names and shapes (its config also holds numbers
+    measured after training, such as a VAE's latent scale)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if "processor." not in k}
+
+
 class WorldTrainer:
     """Owns the models, optimizers and RNGs of one training run; ``run`` does what is left."""
 
@@ -378,10 +384,13 @@ class WorldTrainer:
         if stage not in self.STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(self.STAGES)}")
         src = ShapesWorldBackbone.load(model)
-        if src.config != self.wcfg or src.arch != self.bb.arch:
-            raise ValueError(f"{model} was built with another model config or architecture than this run")
         keep = self.KEEP[stage]
         theirs_by_name, ours_by_name = self._modules_of(src), self._modules_of(self.bb)
+        # the retrained networks may be built differently (e.g. a deeper transformer); the kept ones may not
+        differ = [n for n in keep if _built_as(theirs_by_name[n]) != _built_as(ours_by_name[n])]
+        if src.arch != self.bb.arch or differ:
+            raise ValueError(f"{model} was built with another architecture or another "
+                             f"{', '.join(differ) or 'model'} config than this run; start at an earlier stage")
         for name in keep:
             theirs, ours = theirs_by_name[name], ours_by_name[name]
             sd = {k: v for k, v in theirs.state_dict().items() if "processor." not in k}
