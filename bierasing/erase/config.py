@@ -51,7 +51,8 @@ def _f(default, help: str, **kw):
 class EraseConfig:
     method: str = _f("bi-erasing", "erasure objective: bi-erasing (the paper: push away from the concept, pull "
                      "toward the safe alternative, both with exemplar images); bi-instant (closed form, seconds, "
-                     "text only: a preview, or three or more concepts at once); or a baseline: esd-x, esd-u (text only), co-erasing (concept images only)",
+                     "text only: a preview, or three or more concepts at once); or a baseline: esd-x, esd-u "
+                     "(text only), co-erasing (concept images only)",
                      choices=registry.JOB_METHODS)
     steps: int = _f(200, "optimisation steps; more erases harder and costs more of everything else", min=1,
                     max=100000)

@@ -64,12 +64,13 @@ def solve_kv(backbone, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], preser
     # B = lam I + E^T E + s_p P^T P, the same for every layer (one solve, not one per layer)
     e = torch.cat([r[0] for r in rows]).double().cpu()
     g = torch.cat([r[1] for r in rows]).double().cpu()
-    a = lam * torch.eye(e.shape[1], dtype=torch.float64) + erase_scale * g.T @ e
-    b = lam * torch.eye(e.shape[1], dtype=torch.float64) + erase_scale * e.T @ e
+    eye = torch.eye(e.shape[1], dtype=torch.float64)
+    shared = lam * eye
     if preserve:
         p = torch.cat(list(preserve)).double().cpu()
-        a, b = a + preserve_scale * p.T @ p, b + preserve_scale * p.T @ p
-    change = torch.linalg.solve(b, a.T).T - torch.eye(e.shape[1], dtype=torch.float64)  # A B^-1 - I, B symmetric
+        shared = shared + preserve_scale * p.T @ p
+    a, b = shared + erase_scale * g.T @ e, shared + erase_scale * e.T @ e
+    change = torch.linalg.solve(b, a.T).T - eye  # A B^-1 - I (B symmetric)
     adapters = backbone.attach_adapters("attn2_kv", rank=0)
     for layer in adapters.layers.values():
         w0 = backbone.frozen_weight(layer.base).double()
