@@ -57,9 +57,6 @@ def _cmd_world_train(args) -> int:
                                             "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
                                             "unet_curriculum", "flow_pooled_dropout")
              if getattr(args, k) is not None}
-    if args.flow_pooled_dropout is not None and args.arch != "flow":
-        raise ValueError("--flow-pooled-dropout sets the flow world's transformer (--arch flow); the UNet "
-                         "world has no pooled text vector")
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     wcfg = None
     if args.cross_attn_levels is not None:
@@ -382,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flow-pooled-dropout", type=float, default=None,
                    help="flow world: share of steps where the transformer sees the empty prompt's pooled "
                         "vector beside the caption's tokens, so it reads the concepts from the tokens "
-                        "(default: TrainConfig; 0 = off)")
+                        "(default 0.5; 0 = off)")
     t.add_argument("--flow-blocks", default=None,
-                   help="flow world: double-stream,single-stream transformer blocks (default 2,4). Double-stream "
+                   help="flow world: double-stream,single-stream transformer blocks (default 4,2). Double-stream "
                         "blocks give the caption's tokens their own layers; a start stage after flow needs the "
                         "source model's counts")
     t.add_argument("--cross-attn-levels", type=int, default=None,

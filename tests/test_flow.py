@@ -76,14 +76,37 @@ def test_redux_tokens_steer_and_zero_rows_run_without_them(tiny_flow_world):
     bb = tiny_flow_world
     x, t, text = _state(bb, n=2)
     with torch.no_grad():
-        tokens = bb.encode_images(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
-        assert tokens.shape == (2, 65, bb.config.text_width)
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        tokens = bb.encode_images(images)
+        n = bb.config.redux_tokens
+        assert n > 1 and tokens.shape == (2, n, bb.config.text_width)
+        # n copies of the projected class state
+        cls = bb.image_proj(bb.hidden_states_of_images(images)[:, :1])
+        assert torch.equal(tokens, cls.expand(-1, n, -1))
         plain = bb.model_output(x, t, text)
         steered = bb.model_output(x, t, text, tokens)
         assert (steered - plain).abs().max() > 1e-4
         mixed = bb.model_output(x, t, text, torch.stack([tokens[0], torch.zeros_like(tokens[1])]))
     assert torch.allclose(mixed[0], steered[0], atol=1e-5)
     assert torch.allclose(mixed[1], plain[1], atol=1e-5)
+
+
+def test_worlds_saved_before_repeated_redux_tokens_keep_one_token_per_hidden_state(tiny_flow_world):
+    from dataclasses import asdict
+
+    from bierasing.world.flow import FlowWorldConfig
+
+    saved = {k: v for k, v in asdict(tiny_flow_world.config).items() if k != "redux_tokens"}
+    old = FlowWorldConfig.from_json(saved)
+    assert old.redux_tokens == 0
+    bb = tiny_flow_world
+    bb.config, keep = old, bb.config
+    try:
+        with torch.no_grad():
+            tokens = bb.encode_images(torch.rand(1, 3, 32, 32))
+    finally:
+        bb.config = keep
+    assert tokens.shape == (1, 65, old.text_width)
 
 
 def test_trainable_sets_on_a_flux_transformer(tiny_flow_world):

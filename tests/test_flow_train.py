@@ -145,3 +145,13 @@ def test_pooled_dropout_is_validated_and_for_the_flow_world_only(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bierasing", "world", "train", "--flow-pooled-dropout", "0.5",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and "no pooled text vector" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_world_dependent_defaults_resolve_by_arch_and_keep_what_is_given():
+    flow, unet = TrainConfig(arch="flow"), TrainConfig()
+    assert (flow.unet_steps, flow.flow_pooled_dropout) == (12000, 0.5)
+    assert (unet.unet_steps, unet.flow_pooled_dropout) == (5500, 0.0)
+    assert TrainConfig(arch="flow", flow_pooled_dropout=0.0, unet_steps=7).flow_pooled_dropout == 0.0
+    assert (FlowWorldConfig().double_blocks, FlowWorldConfig().single_blocks) == (4, 2)
+    with pytest.raises(ValueError, match="no pooled text vector"):
+        TrainConfig(flow_pooled_dropout=0.5)

@@ -289,7 +289,9 @@ def _denoiser_lines(arch: str, cfg: dict, tr: dict, trained, size: int) -> list[
             f"double-stream + {cfg['single_blocks']} single-stream blocks, {cfg['heads']} heads x {cfg['head_dim']}, "
             f"RoPE, pooled text vector; rectified flow, sigma shift {cfg['shift']}",
             f"- image branch: Redux (redux_up {cfg['vision_width']}->{cfg['redux_hidden']}, redux_down -> "
-            f"{cfg['text_width']}) over every image-encoder hidden state, appended to the text tokens",
+            f"{cfg['text_width']}) " + (f"over the image encoder's class state, appended {cfg['redux_tokens']} times"
+                                          if cfg.get("redux_tokens") else "over every image-encoder hidden state")
+            + " after the text tokens",
             f"- weights: {size / 2**20:.2f} MiB of safetensors in total", "", "## Training (this machine: 2 CPU cores, torch threads 2)",
             head + f"autoencoder {tr.get('vae_steps')} steps x {tr.get('unet_batch')}; transformer "
             f"{trained('flow', 'unet_steps')} steps x {tr.get('unet_batch')} (flow matching, "

@@ -11,9 +11,10 @@
       world.json, model_card.md
 
 Text conditioning is the text encoder's token sequence (FLUX: T5) plus its pooled vector (FLUX:
-CLIP-L's ``pooler_output``; here the projected ``text_embeds``, the same width). The image branch is Redux: every hidden state of the
-image encoder goes through ``redux_down(silu(redux_up(h)))`` into the text-token space and is
-appended after the text tokens. The backbone packs the pooled vector as one extra text token (as
+CLIP-L's ``pooler_output``; here the projected ``text_embeds``, the same width). The image branch is
+Redux: the image encoder's class state goes through ``redux_down(silu(redux_up(h)))`` into the
+text-token space and is appended after the text tokens ``redux_tokens`` times (worlds saved before
+2026-12-06 append every hidden state, ``redux_tokens`` 0). The backbone packs the pooled vector as one extra text token (as
 the SDXL backbone does) so the engine keeps one tensor per prompt.
 """
 
@@ -48,9 +49,16 @@ class FlowWorldConfig:
     patch: int = field(default=2, metadata={"help": "latent pixels per side of one image token (FLUX: 2)"})
     heads: int = 4
     head_dim: int = 32
-    double_blocks: int = 2
-    single_blocks: int = 4
+    double_blocks: int = field(default=4, metadata={
+        "help": "double-stream blocks: the caption's tokens get their own layers (2 + 4 single read shape "
+                "from the pooled vector only: shape 0.855; 4 + 2: 0.94, docs/shapesworld.md)"})
+    single_blocks: int = 2
     redux_hidden: int = field(default=256, metadata={"help": "width of Redux's up projection"})
+    redux_tokens: int = field(default=16, metadata={
+        "help": "Redux appends the image encoder's class state this many times. n copies of a token are "
+                "one token with log(n) added to its attention logits (ComfyUI's Redux 'attn_bias' "
+                "strength): one copy is outweighed by the empty prompt's 16 tokens. 0 = every hidden "
+                "state once (worlds saved before 2026-12-06)"})
     num_train_timesteps: int = 1000
     shift: float = field(default=3.0, metadata={
         "help": "time shift of the sigma schedule, for training and sampling (SD3: 3; FLUX: 1.15-3 by "
@@ -69,7 +77,7 @@ class FlowWorldConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "FlowWorldConfig":
-        return cls(**{**d, "ae_channels": tuple(d["ae_channels"])})
+        return cls(**{"redux_tokens": 0, **d, "ae_channels": tuple(d["ae_channels"])})
 
 
 class ReduxProjector(nn.Module):
@@ -164,8 +172,14 @@ class FlowWorldBackbone(ShapesWorldBackbone):
         return self.image_encoder(pixel_values=pixels).last_hidden_state
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Redux tokens [B, 1 + patches, D]: one per image-encoder hidden state."""
-        return self.image_proj(self.hidden_states_of_images(images))
+        """Redux tokens [B, redux_tokens, D] (or one per hidden state, see FlowWorldConfig)."""
+        return self.redux_tokens_of(self.hidden_states_of_images(images))
+
+    def redux_tokens_of(self, states: torch.Tensor) -> torch.Tensor:
+        n = self.config.redux_tokens
+        if not n:
+            return self.image_proj(states)
+        return self.image_proj(states[:, :1]).repeat(1, n, 1)
 
     # ---- the denoiser ------------------------------------------------------------------------
     def sampling_timesteps(self, steps: int) -> torch.Tensor:

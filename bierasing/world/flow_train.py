@@ -118,7 +118,7 @@ class FlowWorldTrainer(WorldTrainer):
             x, _ = self._flow_state(images, sigma)
             with torch.no_grad():  # the text-only teacher: the same transformer, no image tokens
                 target = bb.velocity(x, sigma, full)
-            return F.mse_loss(bb.velocity(x, sigma, text, redux(states)).float(), target)
+            return F.mse_loss(bb.velocity(x, sigma, text, bb.redux_tokens_of(states)).float(), target)
 
         def probe():
             try:

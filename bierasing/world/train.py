@@ -78,6 +78,11 @@ class TrainingInterrupted(RuntimeError):
 
 
 ARCHS = ("unet", "flow")
+#: settings whose default depends on the world (None in TrainConfig). The flow transformer learns
+#: shapes later than the UNet (probes 0.76 / 0.91 at steps 8000 / 11000, docs/shapesworld.md) and
+#: must read the caption from its tokens, where Redux adds the exemplar's.
+ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0},
+                 "flow": {"unet_steps": 12000, "flow_pooled_dropout": 0.5}}
 
 
 @dataclass
@@ -89,7 +94,8 @@ class TrainConfig:
                 "denoiser and image-branch stages of either"})
     clip_steps: int = 400
     clip_batch: int = 128
-    unet_steps: int = 5500
+    unet_steps: int | None = field(default=None, metadata={
+        "help": "most denoiser (UNet or flow transformer) steps; default by world: 5500 UNet, 12000 flow"})
     unet_batch: int = 32
     vision_steps: int = 1500
     ip_steps: int = 1800
@@ -165,15 +171,18 @@ class TrainConfig:
         "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw); a higher "
                 "mean trains more at high noise"})
     flow_t_std: float = field(default=1.0, metadata={"help": "flow world: spread of the logit-normal sigma draw"})
-    flow_pooled_dropout: float = field(default=0.0, metadata={
+    flow_pooled_dropout: float | None = field(default=None, metadata={
         "help": "flow world: share of transformer steps whose pooled text vector is the empty prompt's while "
                 "the tokens keep the caption, so the concepts must be read from the tokens (where Redux adds "
-                "its image tokens, as FLUX reads them from T5); 0 = off"})
+                "its image tokens, as FLUX reads them from T5); default 0.5 (flow), 0 = off"})
     checkpoint_every: int = 250
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name, value in ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.unet_edge_weight < 0:
@@ -189,6 +198,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.flow_pooled_dropout <= 1.0:
             raise ValueError(f"flow_pooled_dropout is a share of steps in [0, 1], got {self.flow_pooled_dropout}")
+        if self.arch != "flow" and self.flow_pooled_dropout:
+            raise ValueError("flow_pooled_dropout sets the flow world's transformer (arch 'flow'); the UNet "
+                             "world has no pooled text vector")
         if not 0.0 <= self.ip_empty_prompt <= 1.0:
             raise ValueError(f"ip_empty_prompt is a share of steps in [0, 1], got {self.ip_empty_prompt}")
         if self.min_snr_gamma < 0:
