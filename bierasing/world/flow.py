@@ -14,8 +14,8 @@ Text conditioning is the text encoder's token sequence (FLUX: T5) plus its poole
 CLIP-L's ``pooler_output``; here the projected ``text_embeds``, the same width). The image branch is
 Redux: the image encoder's class state goes through ``redux_down(silu(redux_up(h)))`` into the
 text-token space and is appended after the text tokens ``redux_tokens`` times (worlds saved before
-2026-12-06 append every hidden state, ``redux_tokens`` 0). The backbone packs the pooled vector as one extra text token (as
-the SDXL backbone does) so the engine keeps one tensor per prompt.
+2026-12-06 append every hidden state, ``redux_tokens`` 0). The backbone packs the pooled vector as
+one extra text token (as the SDXL backbone does) so the engine keeps one tensor per prompt.
 """
 
 from __future__ import annotations
