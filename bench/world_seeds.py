@@ -26,6 +26,10 @@ def row(folder: Path) -> dict:
     meta = json.loads(meta_path.read_text())
     q, tr = meta["quality"], meta["train"]
     recipe = {**{k: tr.get(k) for k in RECIPE}, "arch": meta.get("arch", "unet")}
+    cfg = meta.get("config", {})
+    if recipe["arch"] == "flow":
+        recipe["blocks"] = f"{cfg.get('double_blocks')}+{cfg.get('single_blocks')}"
+        recipe["redux_tokens"] = cfg.get("redux_tokens", 0)
     shipped = {"weights": "shipped shapesworld", "weights_flow": "shipped shapesworld-flow"}
     return {"run": shipped.get(folder.name, folder.name), "seed": tr["seed"], "recipe": recipe,
             "init_from": meta.get("init_from"), "probes": meta.get("probes", {}),
@@ -41,11 +45,14 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
              "Each row is one `bierasing world train` run on a 2-core CPU (torch threads 2), evaluated with "
              "16 samples per prompt. Bar: shape >= 0.90, colour >= 0.90, background >= 0.85, image "
              "steering >= 0.80.", "",
+             "Flow rows: transformer blocks double+single, Redux tokens (0 = one per image-encoder hidden state, "
+             "n = the class state n times).", "",
              "| run | seed | arch | edge weight | shape | colour | background | steering | text + image | "
              "'none' | minutes | bar |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q, rc = r["quality"], r["recipe"]
-        lines.append(f"| {r['run']} | {r['seed']} | {rc['arch']} | {rc['unet_edge_weight'] or 0} | {q['shape_acc']:.3f} | "
+        arch = rc["arch"] if "blocks" not in rc else f"flow {rc['blocks']}, Redux {rc['redux_tokens']}"
+        lines.append(f"| {r['run']} | {r['seed']} | {arch} | {rc['unet_edge_weight'] or 0} | {q['shape_acc']:.3f} | "
                      f"{q['color_acc']:.3f} | {q['axis3_acc']:.3f} | {q['image_steer_acc']:.3f} | "
                      f"{q['text_image_shape_acc']:.3f} | {q['none_rate']:.3f} | {r['total_minutes']} | "
                      f"{'met' if r['meets_bar'] else 'missed'} |")
@@ -58,7 +65,8 @@ def main(folders: list[str]) -> None:
     results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "notes": []}
     by_run = {r["run"]: r for r in results["rows"]}
     for f in folders:
-        by_run[Path(f).name] = row(Path(f))
+        r = row(Path(f))
+        by_run[r["run"]] = r
     results["rows"] = sorted(by_run.values(), key=lambda r: (r["recipe"]["arch"], r["run"]))
     atomic_write_text(path, json.dumps(results, indent=2))
     atomic_write_text(RESULTS / "world_seeds.md", markdown(results["rows"], results["notes"]))
