@@ -54,7 +54,8 @@ def one(mode: str, latent: int = 8, family: str = "sd15") -> dict:
     from bierasing.erase import Concept, EraseConfig
     from bierasing.erase.engine import Eraser
     from bierasing.erase.released import released_bi_erasing
-    from bierasing.sdxl import SDXLBackbone, pack_pooled
+    from bierasing.backbone import pack_pooled
+    from bierasing.sdxl import SDXLBackbone
     from bierasing.standins import sdxl_unet_config
 
     torch.set_num_threads(2)

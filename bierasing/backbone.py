@@ -25,6 +25,19 @@ from torch import nn
 WHOLE_IMAGE_WORDS = ("style", "background")
 
 
+def pack_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] context and [B, P] pooled (P <= D) -> [B, L + 1, D]: the pooled vector as a last token."""
+    if pooled.shape[-1] > context.shape[-1]:
+        raise ValueError(f"pooled width {pooled.shape[-1]} exceeds the context width {context.shape[-1]}")
+    last = torch.nn.functional.pad(pooled, (0, context.shape[-1] - pooled.shape[-1]))
+    return torch.cat([context, last[:, None].to(context.dtype)], dim=1)
+
+
+def unpack_pooled(text: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_pooled`."""
+    return text[:, :-1], text[:, -1, :pooled_dim]
+
+
 class Backbone(abc.ABC):
     """A text-to-image diffusion model with an optional decoupled image branch."""
 
@@ -37,6 +50,8 @@ class Backbone(abc.ABC):
     clip_sample: bool = False
     #: shape of one sample of x, without batch dimension
     sample_shape: tuple[int, int, int]
+    #: key layout of saved erasures (:mod:`bierasing.erase.export`): "kohya" for UNets, "peft" for FLUX
+    lora_layout: str = "kohya"
 
     @property
     def num_train_timesteps(self) -> int:

@@ -126,8 +126,9 @@ def _load_backbone(args, method: str | None = None):
     ip, enc = getattr(args, "ip_adapter", None), getattr(args, "image_encoder", None)
     if kind != "world" and method and methods.get(method).needs_image_encoder and not (ip and enc):
         raise ValueError(f"{method} conditions on exemplar images through an image branch: give --ip-adapter "
-                         "(ip-adapter_sd15 or ip-adapter_sdxl_vit-h .safetensors) and --image-encoder (its CLIP "
-                         "vision folder), or use --method esd-x / esd-u (text only)")
+                         "(ip-adapter_sd15 or ip-adapter_sdxl_vit-h .safetensors; FLUX: flux1-redux-dev) and "
+                         "--image-encoder (its CLIP vision folder; FLUX: SigLIP), or use --method esd-x / esd-u "
+                         "(text only)")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to act on
@@ -138,18 +139,19 @@ def _load_backbone(args, method: str | None = None):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shapesworld",
-                   help="'shapesworld' (shipped), a ShapesWorld model folder, a diffusers SD1.x or SDXL pipeline "
-                        "folder, or a single-file SD1.x or SDXL .safetensors checkpoint")
+                   help="'shapesworld' (shipped), a ShapesWorld model folder, a diffusers SD1.x, SDXL or FLUX.1 "
+                        "pipeline folder, or a single-file SD1.x or SDXL .safetensors checkpoint")
     p.add_argument("--model-config", default=None,
                    help="diffusers config folder for a single-file checkpoint whose sizes differ from SD1.5's or "
                         "SDXL base's (default: those configs, shipped with the package)")
     p.add_argument("--ip-adapter", default=None,
                    help="image branch of a real model (bi-erasing, co-erasing): ip-adapter_sd15 or "
-                        "ip-adapter_sdxl(_vit-h) .safetensors")
+                        "ip-adapter_sdxl(_vit-h) .safetensors; for FLUX.1 the Redux file (flux1-redux-dev)")
     p.add_argument("--image-encoder", default=None,
-                   help="the CLIP vision folder the --ip-adapter was trained with (ViT-H/14; bigG for ip-adapter_sdxl)")
+                   help="the vision encoder folder the --ip-adapter was trained with (ViT-H/14; bigG for "
+                        "ip-adapter_sdxl; SigLIP so400m-patch14-384 for Redux)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image size of a real model's samples and exemplars (default: SD1.x 512, SDXL 1024)")
+                   help="image size of a real model's samples and exemplars (default: SD1.x and FLUX 512, SDXL 1024)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 

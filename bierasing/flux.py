@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 #: trainable sets (adapters.TRAINABLE_SETS names) in diffusers FluxTransformer2DModel module names.
 #: "attn2" is what reads the text: in a double-stream block the text side of the joint attention
@@ -133,3 +135,72 @@ def _text_attention(attn, hidden_states, encoder_hidden_states, rotary) -> torch
     q, k = q.transpose(1, 2)[:, :, n_txt:], k.transpose(1, 2)  # B, heads, tokens, d
     probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
     return probs[..., :n_txt].mean(1).detach()
+
+
+class ReduxProjector(nn.Module):
+    """FLUX Redux's image embedder (``flux1-redux-dev`` keys): image-encoder states -> text-space tokens."""
+
+    def __init__(self, vision_width: int, hidden: int, text_width: int):
+        super().__init__()
+        self.redux_up = nn.Linear(vision_width, hidden)
+        self.redux_down = nn.Linear(hidden, text_width)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.redux_down(F.silu(self.redux_up(states)))
+
+
+class FlowPredictions:
+    """The Backbone methods every flow transformer shares, in the engine's variance-preserving terms
+    (module docstring). A subclass sets ``sigmas`` and ``flow_scale`` (per integer timestep),
+    ``unet`` (the transformer) and ``_recorders``, and implements ``velocity``."""
+
+    prediction_type = "flow"
+    clip_sample = False  # latents are not bounded
+    sigmas: torch.Tensor
+    flow_scale: torch.Tensor
+
+    def velocity(self, x_flow: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                 image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_timesteps(self, steps: int) -> torch.Tensor:
+        """Euler from pure noise: the grid starts at the top timestep ("trailing" spacing)."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampling steps must be in 1..{T}, got {steps}")
+        return torch.linspace(T - 1, 0, steps + 1)[:-1].round().long()
+
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity at the flow state of ``x_t``. Rows whose image tokens are all zero run without
+        image tokens: appended Redux tokens are never a no-op (zeros still take attention), and the
+        engine marks an image-less row in a mixed batch with zeros."""
+        sigma = self.sigmas.to(x_t.device)[t]
+        x_flow = x_t * self.flow_scale.to(x_t.device)[t].view(-1, 1, 1, 1)
+        if image_tokens is None:
+            return self.velocity(x_flow, sigma, text)
+        has = image_tokens.flatten(1).abs().amax(1) > 0
+        if has.all():
+            return self.velocity(x_flow, sigma, text, image_tokens)
+        if not has.any():
+            return self.velocity(x_flow, sigma, text)
+        a, b = has.nonzero().flatten(), (~has).nonzero().flatten()
+        out = torch.cat([self.velocity(x_flow[a], sigma[a], text[a], image_tokens[a]),
+                         self.velocity(x_flow[b], sigma[b], text[b])])
+        return out[torch.cat([a, b]).argsort()]
+
+    def output_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        view = (-1, 1, 1, 1)
+        sigma = self.sigmas.to(x_t.device)[t].view(view).to(x_t.dtype)
+        c = self.flow_scale.to(x_t.device)[t].view(view).to(x_t.dtype)
+        return velocity_to_eps(out, c * x_t, sigma)
+
+    def trainable_rules(self):
+        return TRAINABLE_RULES
+
+    def attn2_modules(self) -> dict[str, nn.Module]:
+        """The joint attention of the double-stream blocks: where image tokens read the text."""
+        return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(self.unet.transformer_blocks)}
+
+    def attention_recorders(self) -> list:
+        return self._recorders

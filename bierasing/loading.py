@@ -5,8 +5,9 @@ families exist (the engine, job and scorer see only the :class:`Backbone`).
     load_backbone("shapesworld-flow")                     # the shipped flow world (FLUX layout)
     load_backbone("runs/world/model")                     # a ShapesWorld folder (world.json)
     load_backbone("sd15/", ip_adapter="ip-adapter_sd15.safetensors", image_encoder="image_encoder/")
+    load_backbone("FLUX.1-dev/", ip_adapter="flux1-redux-dev.safetensors", image_encoder="siglip/")
 
-SD1.x comes as a diffusers pipeline folder or a single-file checkpoint (converted with diffusers
+FLUX.1 comes as a diffusers pipeline folder; SD1.x as a diffusers pipeline folder or a single-file checkpoint (converted with diffusers
 from the SD1.5 config the package ships). Nothing is downloaded and only safetensors weights are
 read.
 """
@@ -21,12 +22,13 @@ import torch
 
 from .io import _PICKLE_SUFFIXES
 
-SUPPORTED = ("'shapesworld' or 'shapesworld-flow'", "a ShapesWorld model folder", "a diffusers SD1.x or SDXL pipeline folder",
+SUPPORTED = ("'shapesworld' or 'shapesworld-flow'", "a ShapesWorld model folder",
+             "a diffusers SD1.x, SDXL or FLUX.1 pipeline folder",
              "a single-file SD1.x or SDXL .safetensors checkpoint")
 
 
 def model_kind(model: str | os.PathLike | None) -> str:
-    """'world', 'sd1' / 'sdxl' (diffusers folders) or 'sd1_file' / 'sdxl_file' (single files) for what
+    """'world', 'sd1' / 'sdxl' / 'flux' (diffusers folders) or 'sd1_file' / 'sdxl_file' (single files) for what
     ``model`` names; a clear error for anything else."""
     if model in (None, "", "shapesworld", "shapesworld-flow"):
         return "world"
@@ -48,6 +50,12 @@ def model_kind(model: str | os.PathLike | None) -> str:
         _refuse_refiner(path)
         check_sd1_single_file(path)
         return "sd1_file"
+    if path.is_dir() and (path / "transformer" / "config.json").is_file():
+        cls = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
+        if cls != "FluxTransformer2DModel":
+            raise ValueError(f"{path} holds a {cls}; of the transformer models this version erases FLUX.1 "
+                             "(FluxTransformer2DModel)")
+        return "flux"
     if path.is_dir() and (path / "unet" / "config.json").is_file():
         return _unet_kind(json.loads((path / "unet" / "config.json").read_text()), path)
     raise ValueError(f"{model!r} is not a model this command can load; give one of: {', '.join(SUPPORTED)}")
@@ -109,6 +117,11 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
 
         return load_sdxl_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
                                      resolution=resolution, device=device, config=config)
+    if kind == "flux":
+        from .flux1 import FluxBackbone
+
+        return FluxBackbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
+                                            image_encoder=image_encoder, resolution=resolution, device=device)
     if kind == "sdxl":
         from .sdxl import SDXLBackbone
 

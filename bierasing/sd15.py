@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .adapter import ImageProjModel, install_decoupled_attention, load_ip_adapter_state_dict
 from .backbone import Backbone
+from .imageprep import vision_pixels
 from .io import load_safetensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,20 +52,8 @@ class SD15Backbone(Backbone):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.image_encoder is None or self.image_proj is None:
             raise ValueError("this model has no image branch: load it with ip_adapter=... and image_encoder=...")
-        size = self.image_encoder.config.image_size
-        x = images.to(self.device, torch.float32)
-        h, w = x.shape[-2:]
-        s = size / min(h, w)  # resize the short side, then centre-crop (CLIP preprocessing)
-        x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bilinear",
-                          align_corners=False, antialias=True)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = x[..., top:top + size, left:left + size]
-        if self.image_normalization == "bi-erasing":
-            x = (x - 0.5) / 0.5
-        else:
-            mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-            x = (x - mean) / std
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if self.image_normalization == "bi-erasing" else (CLIP_MEAN, CLIP_STD)
+        x = vision_pixels(images.to(self.device), self.image_encoder.config.image_size, mean, std)
         enc_dtype = next(self.image_encoder.parameters()).dtype
         embeds = self.image_encoder(pixel_values=x.to(enc_dtype)).image_embeds
         return self.image_proj(embeds.to(next(self.image_proj.parameters()).dtype))

@@ -22,22 +22,10 @@ from typing import Sequence
 
 import torch
 
+from .backbone import pack_pooled, unpack_pooled
 from .sd15 import SD15Backbone, install_image_branch
 
 SDXL_CONTEXT_DIM = 2048
-
-
-def pack_pooled(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] context and [B, P] pooled (P <= D) -> [B, L + 1, D]: the pooled vector as a last token."""
-    if pooled.shape[-1] > context.shape[-1]:
-        raise ValueError(f"pooled width {pooled.shape[-1]} exceeds the context width {context.shape[-1]}")
-    last = torch.nn.functional.pad(pooled, (0, context.shape[-1] - pooled.shape[-1]))
-    return torch.cat([context, last[:, None].to(context.dtype)], dim=1)
-
-
-def unpack_pooled(text: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_pooled`."""
-    return text[:, :-1], text[:, -1, :pooled_dim]
 
 
 def size_ids(height: int, width: int) -> torch.Tensor:

@@ -33,6 +33,19 @@ def _byte_vocab(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def clip_tokenizer(folder: Path):
+    """A byte-level CLIP tokenizer saved in ``folder`` (77 tokens) and the special-token ids a
+    ``CLIPTextConfig`` needs."""
+    from transformers import CLIPTokenizer
+
+    _byte_vocab(folder)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    end = tok.convert_tokens_to_ids("<|endoftext|>")
+    return tok, {"bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"), "eos_token_id": end,
+                 "pad_token_id": end}
+
+
 def model_index(diffusers_version: str) -> dict:
     """The ``model_index.json`` of the stand-in: a ``StableDiffusionPipeline`` of the components
     :func:`build_sd15_folder` writes, without a safety checker (``null`` entries, as diffusers saves a
@@ -81,8 +94,7 @@ def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> di
     """
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from .adapter import ImageProjModel, install_decoupled_attention, ip_adapter_state_dict
     from .io import save_safetensors
@@ -93,13 +105,7 @@ def build_sd15_folder(path: str | Path, size: str = "tiny", seed: int = 0) -> di
     root.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _byte_vocab(root / "tokenizer")
-        tok = CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
-                            model_max_length=77)
-        ids = {"bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"),
-               "eos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-               "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
-        tok.save_pretrained(root / "tokenizer")
+        tok, ids = clip_tokenizer(root / "tokenizer")
         if size == "full":
             unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.x's UNet
             text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
@@ -177,8 +183,8 @@ def build_sdxl_folder(path: str | Path, seed: int = 0) -> dict[str, Path]:
     Returns ``{"model", "ip_adapter", "image_encoder"}``."""
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
 
     from .adapter import ImageProjModel, install_decoupled_attention, ip_adapter_state_dict
     from .io import save_safetensors
@@ -188,12 +194,7 @@ def build_sdxl_folder(path: str | Path, seed: int = 0) -> dict[str, Path]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for sub in ("tokenizer", "tokenizer_2"):
-            _byte_vocab(root / sub)
-            tok = CLIPTokenizer(str(root / sub / "vocab.json"), str(root / sub / "merges.txt"), model_max_length=77)
-            tok.save_pretrained(root / sub)
-        ids = {"bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"),
-               "eos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-               "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
+            tok, ids = clip_tokenizer(root / sub)
         text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, max_position_embeddings=77, **ids)
         CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(root / "text_encoder")

@@ -201,7 +201,7 @@ class ComfyBackbone(Backbone):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, 77, D] text tokens; SDXL's carry the pooled embedding as a 78th token
         (:func:`bierasing.sdxl.pack_pooled`), unpacked again in :meth:`predict_noise`."""
-        from bierasing.sdxl import pack_pooled
+        from bierasing.backbone import pack_pooled
 
         out = []
         for p in prompts:
@@ -221,7 +221,7 @@ class ComfyBackbone(Backbone):
         """A ComfyUI CONDITIONING of a text tensor in :meth:`encode_text`'s form (SDXL's is unpacked into
         context and ``pooled_output``; SD1.x keeps CLIP's pooled output of ``prompt``, as CLIPTextEncode)."""
         if self.family == "sdxl":
-            from bierasing.sdxl import unpack_pooled
+            from bierasing.backbone import unpack_pooled
 
             context, pooled = unpack_pooled(text, POOLED_DIM)
         else:
@@ -287,7 +287,7 @@ class ComfyBackbone(Backbone):
         x = x_t * (1 + s ** 2).sqrt()  # DDPM x_t -> ComfyUI's x0 + sigma * eps
         extra = {}
         if self.family == "sdxl":
-            from bierasing.sdxl import unpack_pooled
+            from bierasing.backbone import unpack_pooled
 
             text, pooled = unpack_pooled(text, POOLED_DIM)
             h, w = (s * 8 for s in x_t.shape[-2:])  # uncropped, at the training size (ComfyUI's default)
@@ -382,7 +382,7 @@ class ComfyBackbone(Backbone):
 
     def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
         if self.family == "sdxl":
-            from bierasing.sdxl import unpack_pooled
+            from bierasing.backbone import unpack_pooled
 
             return unpack_pooled(text, POOLED_DIM)[0]
         return text

@@ -12,7 +12,8 @@ import torch
 from test_cli_real_models import _run
 
 from bierasing.loading import model_kind
-from bierasing.sdxl import SDXLBackbone, pack_pooled, size_ids, unpack_pooled
+from bierasing.backbone import pack_pooled, unpack_pooled
+from bierasing.sdxl import SDXLBackbone, size_ids
 from bierasing.standins import build_sdxl_folder, sdxl_unet_config
 
 

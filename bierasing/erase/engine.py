@@ -96,6 +96,8 @@ class ErasureResult:
     peak_device_mb: float | None = None
     #: each concept's share of the safe prediction in its negative anchor
     neg_anchors: list[float] = field(default_factory=list)
+    #: key layout of the saved file (``Backbone.lora_layout``, see :mod:`bierasing.erase.export`)
+    lora_layout: str = "kohya"
 
     def info(self) -> dict:
         steps = max(1, self.config.steps)
@@ -114,7 +116,8 @@ class ErasureResult:
                     "adversarial_last": self.adversarial[-1]} if self.adversarial else {})}
 
     def save(self, path: str | Path) -> Path:
-        return save_erasure(path, self.adapters, self.info(), precision=self.config.save_precision)
+        return save_erasure(path, self.adapters, self.info(), precision=self.config.save_precision,
+                            layout=self.lora_layout)
 
 
 def resolve_for_model(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
@@ -561,7 +564,7 @@ class Eraser:
         return ErasureResult(self.adapters, self.cfg, [(c.target, c.safe) for c in self.concepts],
                              self.history, self.seconds, peak_rss_mb(), self.forward_rows,
                              self.xt_forward_rows, self.adv_log, peak_device_mb(self.bb.device),
-                             [self._anchor(c, self.cfg) for c in self.concepts])
+                             [self._anchor(c, self.cfg) for c in self.concepts], self.bb.lora_layout)
 
 
 def erase(backbone: Backbone, concepts: list[Concept], cfg: EraseConfig | None = None, **kw) -> ErasureResult:

@@ -1,9 +1,17 @@
 """Erasure files: safetensors that ComfyUI's LoraLoader reads (and diffusers, for LoRA ranks > 0).
 
-Keys follow the kohya SD1.x convention, ``lora_unet_<diffusers module path with _>``:
-  LoRA adapters  -> ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``  (ComfyUI and diffusers'
-                    ``load_lora_weights``)
-  full deltas    -> ``.diff`` (ComfyUI's full weight-difference format; diffusers does not read it)
+Two key layouts, chosen by the model (``Backbone.lora_layout``):
+
+* ``kohya`` (UNets): ``lora_unet_<diffusers module path with _>``
+    LoRA adapters  -> ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``  (ComfyUI and diffusers'
+                      ``load_lora_weights``)
+    full deltas    -> ``.diff`` (ComfyUI's full weight-difference format; diffusers does not read it)
+* ``peft`` (FLUX): ``transformer.<diffusers module path>.lora_A.weight`` / ``.lora_B.weight`` with
+  alpha / rank folded into ``lora_B`` (scale 1 in both loaders; ComfyUI maps these keys onto its
+  fused q/k/v slices, and diffusers' FLUX loader sends any kohya key to a converter that assumes
+  FLUX.1's 19 + 38 blocks); full deltas as ``transformer.<path>.diff`` (ComfyUI only).
+
+In memory an erasure is always in the kohya form; the layout is applied on save and undone on read.
 The metadata carries everything needed to reproduce the run (``bierasing`` JSON) plus the kohya
 ``ss_*`` fields other tools display.
 """
@@ -21,6 +29,8 @@ from ..io import load_safetensors, save_safetensors
 from .adapters import AdapterSet, attach_from_tensors
 
 PREFIX = "lora_unet_"
+PEFT_PREFIX = "transformer."
+LAYOUTS = ("kohya", "peft")
 
 
 def kohya_name(module_name: str) -> str:
@@ -50,19 +60,68 @@ def erasure_tensors(adapters: AdapterSet, rename: dict[str, str] | None = None,
     return out
 
 
+def peft_tensors(tensors: dict[str, torch.Tensor], module_names) -> dict[str, torch.Tensor]:
+    """kohya-form erasure tensors -> the ``peft`` layout (module docstring); ``module_names`` are the
+    model's dotted module names, which the kohya keys flatten."""
+    by_kohya = {kohya_name(n): n for n in module_names}
+    out = {}
+    for key, v in tensors.items():
+        stem, _, suffix = key.partition(".")
+        if stem not in by_kohya:
+            raise ValueError(f"{key!r} names no module of this model")
+        name = PEFT_PREFIX + by_kohya[stem]
+        if suffix == "lora_down.weight":
+            out[f"{name}.lora_A.weight"] = v
+        elif suffix == "lora_up.weight":
+            rank = v.shape[1]
+            alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else rank
+            out[f"{name}.lora_B.weight"] = (v.float() * (alpha / rank)).to(v.dtype)
+        elif suffix == "diff":
+            out[f"{name}.diff"] = v
+        elif suffix != "alpha":
+            raise ValueError(f"unsupported key suffix in {key!r}")
+    return out
+
+
+def kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`peft_tensors` (an ``.alpha`` key, where a file has one, is kept)."""
+    out = {}
+    for key, v in tensors.items():
+        body = key[len(PEFT_PREFIX):]
+        for peft, kohya in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+                            (".diff", "diff"), (".alpha", "alpha")):
+            if body.endswith(peft):
+                out[f"{kohya_name(body[:-len(peft)])}.{kohya}"] = v
+                break
+        else:
+            raise ValueError(f"unsupported key {key!r} (expected .lora_A.weight, .lora_B.weight, .alpha or .diff)")
+    for key, v in list(out.items()):
+        stem = key.partition(".")[0]
+        if key.endswith(".lora_down.weight") and f"{stem}.alpha" not in out:
+            out[f"{stem}.alpha"] = torch.tensor(float(v.shape[0]))
+    return out
+
+
 def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict,
-                 rename: dict[str, str] | None = None, precision: str = "fp32") -> Path:
+                 rename: dict[str, str] | None = None, precision: str = "fp32", layout: str = "kohya") -> Path:
     """Atomically write the erasure; ``info`` (method, concepts, hyper-parameters...) goes to metadata."""
-    return save_erasure_tensors(path, erasure_tensors(adapters, rename, precision), info)
+    names = [(rename or {}).get(n, n) for n in adapters.layers]
+    return save_erasure_tensors(path, erasure_tensors(adapters, rename, precision), info, layout, names)
 
 
-def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict) -> Path:
+def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict,
+                         layout: str = "kohya", module_names=None) -> Path:
+    """Write kohya-form ``tensors`` in ``layout`` (``peft`` needs the ``module_names`` they flatten)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"erasures are saved as .safetensors, got {path.name!r}")
     if not tensors or not all(k.startswith(PREFIX) for k in tensors):
         raise ValueError(f"not an erasure: tensor keys must start with {PREFIX!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     ranks = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")} or {0}
+    if layout == "peft":
+        tensors = peft_tensors(tensors, module_names or ())
     meta = {"bierasing": json.dumps(info, default=str), "format": "pt",
             "ss_network_module": "networks.lora" if ranks != {0} else "diff",
             "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
@@ -73,10 +132,14 @@ def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tenso
 
 
 def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(kohya-form tensors, the run's info) of an erasure or LoRA file in either layout."""
     tensors, meta = load_safetensors(path)
+    if tensors and all(k.startswith(PEFT_PREFIX) for k in tensors):
+        tensors = kohya_tensors(tensors)
     if not tensors or not all(k.startswith(PREFIX) for k in tensors):
-        raise ValueError(f"{Path(path).name} is not an SD-style UNet LoRA (keys must start with {PREFIX!r}); "
-                         "give an erasure file written by bierasing or another UNet LoRA")
+        raise ValueError(f"{Path(path).name} is not a LoRA this loader reads (keys must start with {PREFIX!r} "
+                         f"or, for FLUX, {PEFT_PREFIX!r}); give an erasure file written by bierasing or "
+                         "another such LoRA")
     info = json.loads(meta["bierasing"]) if "bierasing" in meta else {}
     return tensors, info
 

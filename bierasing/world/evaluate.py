@@ -127,7 +127,7 @@ def evaluate_world(model: str | Path | ShapesWorldBackbone | None = None, sample
         "none_rate": round(sum(d.shape == "none" for row in dets_sc for d in row) / n_sc, 4),
         "samples_per_prompt": samples_per_prompt,
         "prompts": {"shape_color": len(sc), "background": len(bg), "image_steer": len(wants)},
-        "sampler": {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "seed": seed},
+        "sampler": {"scheduler": "Euler" if bb.prediction_type == "flow" else "DDIM", "steps": steps, "guidance": guidance, "seed": seed},
         "seconds": round(time.time() - t0, 1),
     }
     per_shape = {s: round(sum(h for h, (_, w) in zip(shape_hits, sc) if w.shape == s)
@@ -252,7 +252,8 @@ def write_model_card(model: str | Path | None, report: dict) -> Path:
         *_denoiser_lines(meta.get("arch", "unet"), cfg, tr, trained, size),
         "- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
         + f"; total {sum(secs.values()) / 60:.1f} min", *probe_lines, "",
-        f"## Measured quality (DDIM {q['sampler']['steps']} steps, CFG {q['sampler']['guidance']}, "
+        f"## Measured quality ({q['sampler']['scheduler']} {q['sampler']['steps']} steps, "
+        f"CFG {q['sampler']['guidance']}, "
         f"{q['samples_per_prompt']} samples per prompt, detector-scored)", "",
         "| metric | value | bar |", "|---|---|---|",
         f"| shape accuracy ({q['prompts']['shape_color']} shape x colour prompts) | {q['shape_acc']:.3f} | >= 0.90 |",

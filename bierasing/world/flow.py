@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .. import flux
+from ..flux import ReduxProjector
 from . import data
 from .models import ShapesWorldBackbone
 
@@ -80,18 +79,6 @@ class FlowWorldConfig:
         return cls(**{"redux_tokens": 0, **d, "ae_channels": tuple(d["ae_channels"])})
 
 
-class ReduxProjector(nn.Module):
-    """FLUX Redux's image embedder: image-encoder hidden states -> text-space tokens."""
-
-    def __init__(self, vision_width: int, hidden: int, text_width: int):
-        super().__init__()
-        self.redux_up = nn.Linear(vision_width, hidden)
-        self.redux_down = nn.Linear(hidden, text_width)
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return self.redux_down(F.silu(self.redux_up(states)))
-
-
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """RoPE split of a head (FLUX: 16/56/56 of 128): a quarter-ish for the text axis, rest by row/col."""
     a = (head_dim // 8) * 2
@@ -121,13 +108,11 @@ def build_flow_models(cfg: FlowWorldConfig, tokenizer) -> dict:
     return {**enc, "vae": vae, "transformer": transformer, "redux": redux}
 
 
-class FlowWorldBackbone(ShapesWorldBackbone):
+class FlowWorldBackbone(flux.FlowPredictions, ShapesWorldBackbone):
     """The flow world behind the Backbone interface, in the engine's variance-preserving terms
     (``bierasing.flux``: x_t here is x_s / c, predictions convert from velocity to epsilon)."""
 
     arch = "flow"
-    prediction_type = "flow"
-    clip_sample = False  # latents are not bounded
 
     def __init__(self, tokenizer, text_encoder, image_encoder, vae, transformer, redux, config: FlowWorldConfig):
         self.vae = vae
@@ -182,13 +167,6 @@ class FlowWorldBackbone(ShapesWorldBackbone):
         return self.image_proj(states[:, :1]).repeat(1, n, 1)
 
     # ---- the denoiser ------------------------------------------------------------------------
-    def sampling_timesteps(self, steps: int) -> torch.Tensor:
-        """Euler from pure noise: the grid starts at the top timestep ("trailing" spacing)."""
-        T = self.num_train_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"sampling steps must be in 1..{T}, got {steps}")
-        return torch.linspace(T - 1, 0, steps + 1)[:-1].round().long()
-
     def velocity(self, x_flow: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
                  image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The transformer's velocity prediction on the flow state x_s (images of x's shape)."""
@@ -203,41 +181,6 @@ class FlowWorldBackbone(ShapesWorldBackbone):
                         img_ids=self._img_ids.to(x_flow.device), txt_ids=txt_ids).sample
         c, h, w = x_flow.shape[1:]
         return flux.unpack(out, p, c, h, w).to(x_flow.dtype)
-
-    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                     image_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity at the flow state of ``x_t``. Rows whose image tokens are all zero run without
-        image tokens: appended Redux tokens are never a no-op (zeros still take attention), and the
-        engine marks an image-less row in a mixed batch with zeros."""
-        sigma = self.sigmas.to(x_t.device)[t]
-        x_flow = x_t * self.flow_scale.to(x_t.device)[t].view(-1, 1, 1, 1)
-        if image_tokens is None:
-            return self.velocity(x_flow, sigma, text)
-        has = image_tokens.flatten(1).abs().amax(1) > 0
-        if has.all():
-            return self.velocity(x_flow, sigma, text, image_tokens)
-        if not has.any():
-            return self.velocity(x_flow, sigma, text)
-        a, b = has.nonzero().flatten(), (~has).nonzero().flatten()
-        out = torch.cat([self.velocity(x_flow[a], sigma[a], text[a], image_tokens[a]),
-                         self.velocity(x_flow[b], sigma[b], text[b])])
-        return out[torch.cat([a, b]).argsort()]
-
-    def output_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        view = (-1, 1, 1, 1)
-        sigma = self.sigmas.to(x_t.device)[t].view(view).to(x_t.dtype)
-        c = self.flow_scale.to(x_t.device)[t].view(view).to(x_t.dtype)
-        return flux.velocity_to_eps(out, c * x_t, sigma)
-
-    def trainable_rules(self):
-        return flux.TRAINABLE_RULES
-
-    def attn2_modules(self) -> dict[str, nn.Module]:
-        """The joint attention of the double-stream blocks: where image tokens read the text."""
-        return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(self.unet.transformer_blocks)}
-
-    def attention_recorders(self) -> list:
-        return self._recorders
 
     # ---- persistence -------------------------------------------------------------------------
     def _save_denoiser(self, folder: Path) -> None:
