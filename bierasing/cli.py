@@ -303,7 +303,7 @@ def _cmd_fuse(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .erase.export import save_erasure_tensors
+    from .erase.export import file_layout, save_erasure_tensors
     from .erase.stack import stack
 
     _threads(args.threads)
@@ -324,7 +324,7 @@ def _cmd_merge(args) -> int:
         tensors, info = merge_kv(_load_backbone(args), erasures, precision=args.precision)
     else:
         tensors, info = stack(erasures, precision=args.precision)
-    path = save_erasure_tensors(out, tensors, info)
+    path = save_erasure_tensors(out, tensors, info, *file_layout(erasures))
     summary = {"output": str(path), "how": args.how, "concepts": [c["target"] if isinstance(c, dict) else c
                                                                   for c in info.get("concepts", [])]}
     print(json.dumps(summary) if args.json else f"wrote {path}: {len(erasures)} erasures merged ({args.how})")

@@ -184,3 +184,22 @@ def test_flux_lora_loads_in_diffusers_and_computes_what_bierasing_computes(stand
     assert info["method"] == "bi-erasing"
     load_erasure(ours.transformer, (tensors, info))
     torch.testing.assert_close(_diffusers_velocity(ours, *args), theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_stacked_flux_erasures_keep_the_peft_layout(bi_lora, tmp_path):
+    from bierasing.erase.stack import stack_erasures
+
+    out = stack_erasures(tmp_path / "both.safetensors", [bi_lora, bi_lora])
+    one, both = read_erasure(bi_lora)[0], read_erasure(out)[0]
+    assert set(both) == set(one)  # the same layers, ranks concatenated, read back from transformer.* keys
+    stem = next(k for k in one if k.endswith(".lora_down.weight")).partition(".")[0]
+
+    def delta(t):
+        up, down = t[f"{stem}.lora_up.weight"], t[f"{stem}.lora_down.weight"]
+        return up @ down * float(t[f"{stem}.alpha"]) / down.shape[0]
+
+    torch.testing.assert_close(delta(both), 2 * delta(one))
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert all(k.startswith("transformer.") for k in f.keys())

@@ -102,6 +102,26 @@ def kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def file_layout(paths) -> tuple[str, list[str] | None]:
+    """(layout, dotted module names for ``peft``) shared by erasure files (keys only are read); files of
+    both layouts together are refused."""
+    from safetensors import safe_open
+
+    layouts, names = set(), set()
+    for p in paths:
+        with safe_open(str(p), "pt") as f:
+            keys = list(f.keys())
+        peft = bool(keys) and all(k.startswith(PEFT_PREFIX) for k in keys)
+        layouts.add("peft" if peft else "kohya")
+        if peft:
+            names |= {k[len(PEFT_PREFIX):].rsplit(".", 2 if ".lora_" in k else 1)[0] for k in keys}
+    if len(layouts) > 1:
+        raise ValueError("these erasures are for different model families (FLUX's transformer.* keys and a UNet's "
+                         "lora_unet_* keys); combine erasures of one model")
+    layout = layouts.pop() if layouts else "kohya"
+    return layout, sorted(names) if layout == "peft" else None
+
+
 def save_erasure(path: str | os.PathLike, adapters: AdapterSet, info: dict,
                  rename: dict[str, str] | None = None, precision: str = "fp32", layout: str = "kohya") -> Path:
     """Atomically write the erasure; ``info`` (method, concepts, hyper-parameters...) goes to metadata."""

@@ -182,8 +182,10 @@ def _run(backbone, specs, cfg, out: Path, name, eval_samples, mask_filter, progr
         from .stack import stack
 
         precision = result.config.save_precision
+        names = [n for n, _ in backbone.unet.named_modules()] if result.lora_layout == "peft" else None
         path = save_erasure_tensors(out / f"{name}.safetensors", *stack(
-            [*on, (erasure_tensors(result.adapters, precision=precision), result.info())], precision=precision))
+            [*on, (erasure_tensors(result.adapters, precision=precision), result.info())], precision=precision),
+            result.lora_layout, names)
         log(f"{path.name} holds {', '.join(_source_name(p) for p in on)} and this run's erasure")
     else:
         path = result.save(out / f"{name}.safetensors")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .export import SAVE_DTYPES, merge_erasure, read_erasure, save_erasure_tensors
+from .export import SAVE_DTYPES, file_layout, merge_erasure, read_erasure, save_erasure_tensors
 
 DOWN, UP, ALPHA, DIFF = ".lora_down.weight", ".lora_up.weight", ".alpha", ".diff"
 
@@ -99,7 +99,8 @@ def stack_erasures(path: str | os.PathLike, sources: list[str | os.PathLike | tu
     """:func:`stack` written to ``path``, atomically."""
     if len(sources) < 2:
         raise ValueError("stacking needs at least two erasures")
-    return save_erasure_tensors(path, *stack(sources, precision=precision))
+    layout, names = file_layout([s for s in sources if not isinstance(s, tuple)])
+    return save_erasure_tensors(path, *stack(sources, precision=precision), layout, names)
 
 
 @contextmanager
