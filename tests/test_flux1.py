@@ -203,3 +203,33 @@ def test_stacked_flux_erasures_keep_the_peft_layout(bi_lora, tmp_path):
 
     with safe_open(str(out), "pt") as f:
         assert all(k.startswith("transformer.") for k in f.keys())
+
+
+def test_a_row_adapter_on_fused_qkv_is_the_adapter_on_the_split_projection():
+    """ComfyUI keeps FLUX's q, k, v in one Linear: an adapter on rows [8, 16) of the fused weight must be
+    the same adapter on diffusers' separate k projection (the erasure files name the split layers)."""
+    from torch import nn
+
+    from bierasing.erase.adapters import AdaptedLayer
+
+    g = torch.Generator().manual_seed(0)
+    fused = nn.Linear(8, 24)
+    split = nn.Linear(8, 8)
+    with torch.no_grad():
+        split.weight.copy_(fused.weight[8:16])
+        split.bias.copy_(fused.bias[8:16])
+    for rank in (2, 0):
+        on_split, on_rows = AdaptedLayer(split, rank, 1.0, g), AdaptedLayer(fused, rank, 1.0, rows=(8, 8))
+        with torch.no_grad():
+            for name in ("up", "down") if rank else ("delta",):
+                getattr(on_split, name).normal_(generator=g)
+                getattr(on_rows, name).copy_(getattr(on_split, name))
+        x = torch.randn(3, 8, generator=g)
+        out = on_rows(x)
+        torch.testing.assert_close(out[:, 8:16], on_split(x))
+        torch.testing.assert_close(out[:, :8], fused(x)[:, :8])
+        torch.testing.assert_close(out[:, 16:], fused(x)[:, 16:])
+        torch.testing.assert_close(on_rows.patch_weight(fused.weight.detach())[8:16],
+                                   on_split.patch_weight(split.weight.detach()))
+    with pytest.raises(ValueError, match="do not lie inside"):
+        AdaptedLayer(fused, 2, 2.0, rows=(16, 16))

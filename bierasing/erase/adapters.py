@@ -83,12 +83,18 @@ class AdaptedLayer(nn.Module):
     """A Linear or Conv2d with a switchable trainable adapter (LoRA if rank > 0, else a full delta)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, rows: tuple[int, int] | None = None):
         super().__init__()
         self.base = base
         self.rank = rank
         self.enabled = True
         self.multiplier = 1.0
+        #: (offset, size): only these output rows change - one projection inside a fused weight
+        #: (ComfyUI's FLUX keeps q, k and v in one ``qkv`` Linear; diffusers splits them)
+        self.rows = rows
+        if rows is not None and not (isinstance(base, nn.Linear) and 0 <= rows[0] < rows[0] + rows[1]
+                                     <= base.out_features):
+            raise ValueError(f"rows {rows} do not lie inside this layer's {getattr(base, 'out_features', '?')} outputs")
         w = base.weight
         dev = w.device if device is None else torch.device(device)  # ComfyUI: where the model computes
         f32 = torch.float32  # adapters and their optimiser state stay fp32 whatever the model's dtype
@@ -96,7 +102,8 @@ class AdaptedLayer(nn.Module):
             self.alpha = float(alpha)
             if isinstance(base, nn.Linear):
                 down = torch.empty(rank, base.in_features, dtype=f32)
-                self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=f32, device=dev))
+                out = rows[1] if rows else base.out_features
+                self.up = nn.Parameter(torch.zeros(out, rank, dtype=f32, device=dev))
             else:
                 down = torch.empty(rank, base.in_channels, *base.kernel_size, dtype=f32)
                 self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, dtype=f32, device=dev))
@@ -105,7 +112,8 @@ class AdaptedLayer(nn.Module):
             self.down = nn.Parameter(down.to(dev))
         else:
             self.alpha = 0.0
-            self.delta = nn.Parameter(torch.zeros(w.shape, dtype=f32, device=dev))
+            shape = (rows[1], *w.shape[1:]) if rows else w.shape
+            self.delta = nn.Parameter(torch.zeros(shape, dtype=f32, device=dev))
 
     @property
     def scale(self) -> float:
@@ -124,12 +132,18 @@ class AdaptedLayer(nn.Module):
         wrappers take (they run on the weight each forward casts, also with offloaded weights)."""
         if not self.enabled or self.multiplier == 0:
             return w
-        return w + (self.multiplier * self.delta_weight()).to(device=w.device, dtype=w.dtype)
+        d = (self.multiplier * self.delta_weight()).to(device=w.device, dtype=w.dtype)
+        if self.rows is None:
+            return w + d
+        a, n = self.rows
+        return torch.cat([w[:a], w[a:a + n] + d, w[a + n:]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.multiplier == 0:
             return self.base(x)
         b = self.base
+        if self.rows is not None:
+            return F.linear(x, self.patch_weight(b.weight), b.bias)
         if self.rank == 0:  # fp32 adapters, cast to the model's dtype for its forward (no-op in fp32)
             w = b.weight + self.multiplier * self.delta.to(b.weight.dtype)
             if isinstance(b, nn.Linear):
