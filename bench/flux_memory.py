@@ -38,13 +38,15 @@ FLUX_PARAMS = 11_901_408_320  # FLUX.1 transformer (docs/flux.md: counted from t
 CUDA_OVERHEAD_GB = 1.5
 
 
-def saved_bytes(fn) -> tuple[int, object]:
-    """Bytes of the tensors autograd saves while ``fn`` runs (each storage once, parameters excluded)."""
+def saved_bytes(fn, weights: nn.Module) -> tuple[int, object]:
+    """Bytes of the tensors autograd saves while ``fn`` runs, each storage once, the storages of
+    ``weights``' parameters excluded (a Linear saves its weight for the input's gradient)."""
     seen: dict[int, int] = {}
+    skip = {p.untyped_storage().data_ptr() for p in weights.parameters()}
 
     def pack(t):
         st = t.untyped_storage()
-        if not isinstance(t, nn.Parameter) and st.data_ptr() not in seen:
+        if st.data_ptr() not in skip and st.data_ptr() not in seen:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
@@ -84,7 +86,7 @@ def measure(kind: str, image_tokens: int, text_tokens: int, rank: int) -> dict:
 
     t0 = time.time()
     nbytes, out = saved_bytes(lambda: block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
-                                            image_rotary_emb=rotary))
+                                            image_rotary_emb=rotary), holder)
     t1 = time.time()
     enc_out, img_out = out
     (enc_out.float().square().mean() + img_out.float().square().mean()).backward()

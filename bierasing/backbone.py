@@ -61,6 +61,17 @@ class Backbone(abc.ABC):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def networks(self) -> tuple:
+        """The model's torch modules (None where absent)."""
+        return (self.unet,)
+
+    def eval(self):
+        """Every network in eval mode with gradients off: the frozen model (adapters add the trainables)."""
+        for m in self.networks():
+            if m is not None:
+                m.eval().requires_grad_(False)
+        return self
+
     @abc.abstractmethod
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> text tokens [B, L, D] for cross-attention ("" is the unconditional prompt)."""

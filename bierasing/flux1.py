@@ -152,11 +152,8 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
             scorer.steps = 4
         return scorer
 
-    def eval(self) -> FluxBackbone:
-        for m in (self.clip, self.t5, self.unet, self.vae, self.image_encoder, self.image_proj):
-            if m is not None:
-                m.eval().requires_grad_(False)
-        return self
+    def networks(self) -> tuple:
+        return self.clip, self.t5, self.unet, self.vae, self.image_encoder, self.image_proj
 
     # ---- loading -----------------------------------------------------------------------------
     @classmethod

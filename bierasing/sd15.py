@@ -66,11 +66,8 @@ class SD15Backbone(Backbone):
         img = self.vae.decode(x0.to(next(self.vae.parameters()).dtype) / self.scaling_factor).sample
         return ((img.float() + 1) / 2).clamp(0, 1)
 
-    def eval(self) -> "SD15Backbone":
-        for m in (self.text_encoder, self.unet, self.vae, self.image_encoder, self.image_proj):
-            if m is not None:
-                m.eval().requires_grad_(False)
-        return self
+    def networks(self) -> tuple:
+        return self.text_encoder, self.unet, self.vae, self.image_encoder, self.image_proj
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, ip_adapter: str | os.PathLike | None = None,

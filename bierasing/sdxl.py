@@ -67,11 +67,8 @@ class SDXLBackbone(SD15Backbone):
                         cross_attention_kwargs=kwargs).sample
         return out.to(x_t.dtype)
 
-    def eval(self) -> "SDXLBackbone":
-        super().eval()
-        for m in self.text_encoders:
-            m.eval().requires_grad_(False)
-        return self
+    def networks(self) -> tuple:
+        return (*super().networks(), *self.text_encoders)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, ip_adapter: str | os.PathLike | None = None,

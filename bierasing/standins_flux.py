@@ -89,3 +89,18 @@ def build_flux_folder(path: str | Path, seed: int = 0, schnell: bool = False) ->
         save_safetensors(root / "flux1-redux-dev.safetensors", {k: v.contiguous() for k, v in redux.state_dict().items()})
     (root / "model_index.json").write_text(json.dumps(flux_model_index(diffusers.__version__), indent=2) + "\n")
     return {"model": root, "ip_adapter": root / "flux1-redux-dev.safetensors", "image_encoder": root / "image_encoder"}
+
+
+def flux_transformer(double: int = 1, single: int = 1, seed: int = 0, guidance: bool = True):
+    """A random ``FluxTransformer2DModel`` at FLUX.1's full width (3072, 24 heads x 128, 4096-d T5 tokens,
+    768-d pooled vector, RoPE 16/56/56) and reduced depth: the smallest transformer ComfyUI detects as
+    FLUX (it reads the depth from the weights but assumes the width). One block of each kind is about
+    0.55 B parameters (2.2 GB in fp32)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                      pooled_projection_dim=768, guidance_embeds=guidance,
+                                      axes_dims_rope=(16, 56, 56))

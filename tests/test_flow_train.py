@@ -149,7 +149,7 @@ def test_pooled_dropout_is_validated_and_for_the_flow_world_only(tmp_path):
 
 def test_world_dependent_defaults_resolve_by_arch_and_keep_what_is_given():
     flow, unet = TrainConfig(arch="flow"), TrainConfig()
-    assert (flow.unet_steps, flow.flow_pooled_dropout, flow.vision_steps) == (12000, 0.5, 3000)
+    assert (flow.unet_steps, flow.flow_pooled_dropout, flow.vision_steps) == (16000, 0.5, 3000)
     assert (unet.unet_steps, unet.flow_pooled_dropout, unet.vision_steps) == (5500, 0.0, 1500)
     assert TrainConfig(arch="flow", flow_pooled_dropout=0.0, unet_steps=7).flow_pooled_dropout == 0.0
     assert (FlowWorldConfig().double_blocks, FlowWorldConfig().single_blocks) == (4, 2)

@@ -191,11 +191,6 @@ class ShapesWorldBackbone(Backbone):
         """The trained networks (what ``eval`` freezes and ``load`` moves to a device)."""
         return self.text_encoder, self.image_encoder, self.unet, self.image_proj
 
-    def eval(self) -> "ShapesWorldBackbone":
-        for m in self.networks():
-            m.eval().requires_grad_(False)
-        return self
-
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Write the pipeline folder atomically (a temp folder renamed into place)."""
