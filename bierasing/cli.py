@@ -133,8 +133,8 @@ def _load_backbone(args, method: str | None = None):
 
     transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to act on
     resolution = getattr(args, "resolution", None) or (1024 if kind in ("sdxl", "sdxl_file") else 512)
-    return load_backbone(args.model, ip, enc, resolution=resolution,
-                         device=getattr(args, "device", None), config=getattr(args, "model_config", None))
+    return load_backbone(args.model, ip, enc, resolution=resolution, device=getattr(args, "device", None),
+                         config=getattr(args, "model_config", None), dtype=getattr(args, "dtype", "auto"))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +153,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="image size of a real model's samples and exemplars (default: SD1.x and FLUX 512, SDXL 1024)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="a real model's weights; the trained adapters stay fp32. auto: fp32, but bf16 for FLUX on "
+                        "a GPU (fp32 FLUX needs about 48 GB for the transformer alone)")
 
 
 def _split(text: str) -> list[str]:

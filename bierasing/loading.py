@@ -89,13 +89,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_dtype(name: str, device: str, kind: str) -> torch.dtype:
+    """The weights' dtype for ``name``; adapters and optimiser state stay fp32 whatever this is.
+    "auto" is fp32, except FLUX on a GPU: bf16 (fp16 where the GPU lacks it), since its transformer
+    alone is 47.6 GB in fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+        return DTYPES[name]
+    if kind != "flux" or not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: str | os.PathLike | None = None,
                   image_encoder: str | os.PathLike | None = None, resolution: int = 512,
-                  device: str | None = None, config: str | os.PathLike | None = None):
+                  device: str | None = None, config: str | os.PathLike | None = None, dtype: str = "auto"):
     """The :class:`~bierasing.backbone.Backbone` for ``model``, with its image branch where given;
-    ``config`` is the diffusers config folder of a single-file checkpoint (default: SD1.5's, shipped)."""
+    ``config`` is the diffusers config folder of a single-file checkpoint (default: SD1.5's, shipped);
+    ``dtype`` the real model's weights (:func:`model_dtype`; ShapesWorld is always fp32)."""
     kind = model_kind(model)
     device = device or default_device()
+    dt = model_dtype(dtype, device, kind)
     if kind == "world":
         if ip_adapter or image_encoder:
             raise ValueError("ShapesWorld brings its own image branch; drop --ip-adapter / --image-encoder")
@@ -111,23 +129,25 @@ def load_backbone(model: str | os.PathLike | None = "shapesworld", ip_adapter: s
         from .single_file import load_sd1_single_file
 
         return load_sd1_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
-                                    resolution=resolution, device=device, config=config)
+                                    resolution=resolution, device=device, config=config, dtype=dt)
     if kind == "sdxl_file":
         from .single_file_xl import load_sdxl_single_file
 
         return load_sdxl_single_file(Path(model).expanduser(), ip_adapter=ip_adapter, image_encoder=image_encoder,
-                                     resolution=resolution, device=device, config=config)
+                                     resolution=resolution, device=device, config=config, dtype=dt)
     if kind == "flux":
         from .flux1 import FluxBackbone
 
         return FluxBackbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
-                                            image_encoder=image_encoder, resolution=resolution, device=device)
+                                            image_encoder=image_encoder, resolution=resolution, device=device,
+                                            dtype=dt)
     if kind == "sdxl":
         from .sdxl import SDXLBackbone
 
         return SDXLBackbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
-                                            image_encoder=image_encoder, resolution=resolution, device=device)
+                                            image_encoder=image_encoder, resolution=resolution, device=device,
+                                            dtype=dt)
     from .sd15 import SD15Backbone
 
     return SD15Backbone.from_pretrained(Path(model).expanduser(), ip_adapter=ip_adapter,
-                                        image_encoder=image_encoder, resolution=resolution, device=device)
+                                        image_encoder=image_encoder, resolution=resolution, device=device, dtype=dt)

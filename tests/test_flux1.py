@@ -233,3 +233,28 @@ def test_a_row_adapter_on_fused_qkv_is_the_adapter_on_the_split_projection():
                                    on_split.patch_weight(split.weight.detach()))
     with pytest.raises(ValueError, match="do not lie inside"):
         AdaptedLayer(fused, 2, 2.0, rows=(16, 16))
+
+
+def test_dtype_auto_is_fp32_but_bf16_for_flux_on_a_gpu(standin):
+    from bierasing.loading import model_dtype
+
+    assert model_dtype("auto", "cpu", "flux") == torch.float32
+    assert model_dtype("auto", "cuda", "sd1") == torch.float32
+    if torch.cuda.is_available():
+        assert model_dtype("auto", "cuda", "flux") in (torch.bfloat16, torch.float16)
+    assert model_dtype("bf16", "cpu", "sd1") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto"):
+        model_dtype("fp8", "cpu", "flux")
+
+
+def test_a_bf16_flux_model_trains_fp32_adapters(standin):
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.engine import Eraser
+    from bierasing.loading import load_backbone
+
+    bb = load_backbone(standin["model"], resolution=32, device="cpu", dtype="bf16")
+    assert next(bb.unet.parameters()).dtype == torch.bfloat16
+    cfg = EraseConfig(method="esd-x", steps=2, batch_size=2, cache_size=2, xt_steps=3, adversarial=0.0, rank=2)
+    result = Eraser(bb, [Concept("a dog", "a cat")], cfg).run()
+    assert all(p.dtype == torch.float32 for p in result.adapters.parameters())
+    assert all(math.isfinite(h["loss"]) for h in result.history)
