@@ -13,6 +13,8 @@ BFL's sampler do). Only safetensors weights are read and nothing is downloaded.
 Conditioning, as the engine sees it: the T5 token states [B, L, 4096] with CLIP-L's unprojected
 ``pooler_output`` (768-d, zero-padded) appended as one more token (:func:`bierasing.backbone.pack_pooled`).
 L defaults to 256 tokens, as ComfyUI pads T5 and EraseAnything trains (diffusers' pipeline pads to 512).
+Each prompt is encoded once and kept; on a GPU the text encoders wait on the CPU and visit the GPU only
+to encode new prompts, so training holds the transformer, not T5-XXL's 9.5 GB.
 
 Every prediction - the student's and the frozen teachers' - runs at one embedded guidance value
 (FLUX.1-dev's distilled guidance, default 3.5 as ComfyUI's FluxGuidance), so the guidance targets
@@ -23,6 +25,7 @@ The sigma schedule is FLUX's resolution-dependent time shift at the erasure reso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,7 +62,7 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
 
     def __init__(self, tokenizers, text_encoders, transformer, vae, image_encoder=None, redux=None,
                  resolution: int = 512, guidance: float | None = None, shift: float | None = None,
-                 max_text_tokens: int = 256):
+                 max_text_tokens: int = 256, offload_text_encoders: bool = False):
         if resolution % 16:
             raise ValueError(f"FLUX resolution must be a multiple of 16 (8x VAE, 2x2 packing); got {resolution}")
         self.clip_tokenizer, self.tokenizer = tokenizers  # self.tokenizer: T5's, whose tokens attention reads
@@ -68,6 +71,8 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
         self.image_encoder, self.image_proj = image_encoder, redux
         self.guidance = self._check_guidance(transformer, guidance)
         self.max_text_tokens = max_text_tokens
+        self.offload_text_encoders = offload_text_encoders
+        self._text_memo: dict[str, torch.Tensor] = {}
         self.pooled_dim = int(transformer.config.pooled_projection_dim)
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         side = resolution // f
@@ -89,13 +94,38 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
 
     # ---- conditioning ------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        clip_ids = self.clip_tokenizer(list(prompts), padding="max_length", truncation=True,
-                                       max_length=self.clip_tokenizer.model_max_length, return_tensors="pt").input_ids
-        pooled = self.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
-        t5_ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.max_text_tokens, return_tensors="pt").input_ids
-        tokens = self.t5(t5_ids.to(self.device)).last_hidden_state
-        return pack_pooled(tokens, pooled.to(tokens.dtype))
+        """Each prompt is encoded once (no gradients) and kept; with ``offload_text_encoders`` the
+        encoders wait on the CPU and visit the device only to encode new prompts (T5-XXL is 9.5 GB
+        in bf16, so training holds only the transformer)."""
+        new = sorted({p for p in prompts if p not in self._text_memo})
+        with torch.no_grad(), self._encoders_on_device():
+            for i in range(0, len(new), 16):
+                chunk = new[i:i + 16]
+                clip_ids = self.clip_tokenizer(chunk, padding="max_length", truncation=True,
+                                               max_length=self.clip_tokenizer.model_max_length,
+                                               return_tensors="pt").input_ids
+                pooled = self.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+                t5_ids = self.tokenizer(chunk, padding="max_length", truncation=True,
+                                        max_length=self.max_text_tokens, return_tensors="pt").input_ids
+                tokens = self.t5(t5_ids.to(self.device)).last_hidden_state
+                for p, row in zip(chunk, pack_pooled(tokens, pooled.to(tokens.dtype))):
+                    self._text_memo[p] = row.cpu() if self.offload_text_encoders else row
+        return torch.stack([self._text_memo[p] for p in prompts]).to(self.device)
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        if not self.offload_text_encoders:
+            yield
+            return
+        for m in (self.clip, self.t5):
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in (self.clip, self.t5):
+                m.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
         return unpack_pooled(text, self.pooled_dim)[0]
@@ -182,8 +212,9 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
         enc = redux = None
         if ip_adapter is not None:
             enc, redux = load_redux(ip_adapter, image_encoder, int(transformer.config.joint_attention_dim), dtype)
-        bb = cls(toks, encs, transformer, vae, enc, redux, resolution, guidance, shift, max_text_tokens)
-        for m in (*encs, transformer, vae, enc, redux):
+        offload = str(device).startswith("cuda")  # the text encoders wait on the CPU between prompts
+        bb = cls(toks, encs, transformer, vae, enc, redux, resolution, guidance, shift, max_text_tokens, offload)
+        for m in (transformer, vae, enc, redux) if offload else (*encs, transformer, vae, enc, redux):
             if m is not None:
                 m.to(device)
         return bb.eval()

@@ -258,3 +258,11 @@ def test_a_bf16_flux_model_trains_fp32_adapters(standin):
     result = Eraser(bb, [Concept("a dog", "a cat")], cfg).run()
     assert all(p.dtype == torch.float32 for p in result.adapters.parameters())
     assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_text_is_encoded_once_per_prompt_whatever_its_batch(bb):
+    alone = bb.encode_text(["a red fox"])
+    together = bb.encode_text(["a cat", "a red fox", "a cat"])
+    torch.testing.assert_close(together[1], alone[0])
+    torch.testing.assert_close(together[0], together[2])
+    assert "a red fox" in bb._text_memo and not bb.offload_text_encoders  # on the CPU nothing moves
