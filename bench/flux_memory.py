@@ -17,8 +17,9 @@ fp8 checkpoints are, 1 byte per weight, the adapters attached by hooks on top), 
 their gradients and Adam state in fp32, and the activations of the one row with gradients the engine
 runs per call on a model this size (``micro_batch`` auto: teacher rows run without gradients and hold
 one block's transient at a time). Not measured here and stated as assumptions: the CUDA context and
-allocator slack (1.5 GB), the text and image encoders (off the GPU during training: the engine
-encodes every prompt and exemplar before the first step), the VAE (0.2 GB, exemplars pre-encoded).
+allocator slack (1.5 GB); the text encoders are off the GPU during training (``FluxBackbone`` encodes
+each prompt once, the encoders waiting on the CPU); the image branch and VAE stay on it in the
+weights' dtype (SigLIP so400m 428 M + Redux 64.5 M + VAE 83.8 M parameters).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RESULTS = ROOT / "bench" / "results"
 DOUBLE, SINGLE = 19, 38  # FLUX.1 dev / schnell
 FLUX_PARAMS = 11_901_408_320  # FLUX.1 transformer (docs/flux.md: counted from the BFL layout)
 CUDA_OVERHEAD_GB = 1.5
+RESIDENT_PARAMS = 428_000_000 + 64_500_000 + 83_800_000  # SigLIP so400m, Redux, VAE
 
 
 def saved_bytes(fn, weights: nn.Module) -> tuple[int, object]:
@@ -104,10 +106,12 @@ def estimate(rows: list[dict], image_tokens: int, text_tokens: int) -> dict:
     adapter_gb = adapters * 16 / 2**30  # fp32 weight + gradient + two Adam moments
     out = {"image_tokens": image_tokens, "text_tokens": text_tokens, "activations_gb": round(act_gb, 2),
            "adapter_params": adapters, "adapter_state_gb": round(adapter_gb, 3)}
+    resident_gb = RESIDENT_PARAMS * 2 / 2**30  # bf16
+    out["image_branch_and_vae_gb"] = round(resident_gb, 2)
     for name, bytes_per_weight in (("bf16", 2), ("fp8", 1)):
         weights = FLUX_PARAMS * bytes_per_weight / 2**30
         out[f"weights_{name}_gb"] = round(weights, 2)
-        out[f"total_{name}_gb"] = round(weights + act_gb + adapter_gb + CUDA_OVERHEAD_GB, 2)
+        out[f"total_{name}_gb"] = round(weights + act_gb + adapter_gb + resident_gb + CUDA_OVERHEAD_GB, 2)
     return out
 
 
@@ -136,13 +140,14 @@ def main() -> None:
               f"{r['adapter_params']:,} | {r['saved_mb']} | {r['forward_s']} | {r['backward_s']} |" for r in rows]
     lines += ["", f"## Scaled to FLUX.1 ({DOUBLE} double + {SINGLE} single blocks, {FLUX_PARAMS:,} parameters), "
               "one training row per call", "",
-              f"CUDA context and allocator slack assumed {CUDA_OVERHEAD_GB} GB; text/image encoders and VAE off the "
-              "GPU during training (conditioning is encoded before the first step).", "",
-              "| image tokens | text tokens | activations GB | adapters + Adam GB | weights bf16 GB | total bf16 GB "
-              "| weights fp8 GB | total fp8 GB |", "|---|---|---|---|---|---|---|---|"]
+              f"CUDA context and allocator slack assumed {CUDA_OVERHEAD_GB} GB; the text encoders off the GPU "
+              "during training (each prompt encoded once); SigLIP, Redux and the VAE on it in bf16.", "",
+              "| image tokens | text tokens | activations GB | adapters + Adam GB | image branch + VAE GB "
+              "| weights bf16 GB | total bf16 GB | weights fp8 GB | total fp8 GB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {e['image_tokens']} | {e['text_tokens']} | {e['activations_gb']} | {e['adapter_state_gb']} | "
-              f"{e['weights_bf16_gb']} | {e['total_bf16_gb']} | {e['weights_fp8_gb']} | {e['total_fp8_gb']} |"
-              for e in estimates]
+              f"{e['image_branch_and_vae_gb']} | {e['weights_bf16_gb']} | {e['total_bf16_gb']} | "
+              f"{e['weights_fp8_gb']} | {e['total_fp8_gb']} |" for e in estimates]
     (RESULTS / "flux_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
