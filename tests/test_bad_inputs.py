@@ -480,7 +480,7 @@ CASES = [
          lambda c, d: c.cli("eval", "--model", "runwayml/stable-diffusion-v1-5", "--concept", "circle",
                             "--threads", "1", world=False), 2,
          r"'runwayml/stable-diffusion-v1-5' does not exist; give 'shapesworld' or a path to a ShapesWorld "
-         r"model folder, a diffusers SD1.x or SDXL pipeline folder"),
+         r"model folder, a diffusers SD1.x, SDXL or FLUX.1 pipeline folder"),
 
     # training
     Case("loss-turns-nan", "library Eraser.run (node:BiErasingErase)",
@@ -582,7 +582,7 @@ CASES = [
     # safetensors that are not (this model's) erasures
     Case("safetensors-not-an-erasure", "library read_erasure",
          lambda c, p: read_erasure(p), ValueError,
-         r"other\.safetensors is not an SD-style UNet LoRA.*give an erasure file",
+         r"other\.safetensors is not a LoRA this loader reads.*give an erasure file",
          setup=_erasure_file(lambda c: {"model.weight": torch.zeros(2, 2)})),
     Case("erasure-for-other-architecture-keys", "library load_erasure (cli eval --erasure)",
          lambda c, p: load_erasure(c.world.unet, p), ValueError,
