@@ -56,6 +56,18 @@ def flux_shift(image_tokens: int, scheduler_config: dict | None = None) -> float
     return math.exp(mu)
 
 
+def flux_scorer(guidance: float | None):
+    """Before/after samples as FLUX users draw them: no true CFG (dev's embedded guidance does it),
+    schnell (no guidance embedding) in 4 steps."""
+    from .erase.scoring import ErasureScorer
+
+    scorer = ErasureScorer()
+    scorer.guidance = 1.0
+    if guidance is None:
+        scorer.steps = 4
+    return scorer
+
+
 class FluxBackbone(flux.FlowPredictions, Backbone):
     num_steps = 1000  # integer timesteps the engine draws from (sigma = (t + 1) / 1001, shifted)
     lora_layout = "peft"  # the one LoRA layout ComfyUI and diffusers both load for FLUX (export module)
@@ -174,13 +186,7 @@ class FluxBackbone(flux.FlowPredictions, Backbone):
         return flux.unpack(out, 2, c, h, w).to(x_flow.dtype)
 
     def erasure_scorer(self):
-        """Before/after samples as FLUX users draw them: no true CFG (dev's embedded guidance does it),
-        schnell in 4 steps."""
-        scorer = super().erasure_scorer()
-        scorer.guidance = 1.0
-        if self.guidance is None:
-            scorer.steps = 4
-        return scorer
+        return flux_scorer(self.guidance)
 
     def networks(self) -> tuple:
         return self.clip, self.t5, self.unet, self.vae, self.image_encoder, self.image_proj

@@ -1,16 +1,16 @@
 """ComfyUI's FLUX.1 MODEL (dev, schnell) behind the library's Backbone: the FLUX half of the glue.
 
-UNTESTED DRAFT (2026-12-06): written from ComfyUI 0.3.64's code (docs/flux.md, "Notes for the
-ComfyUI path"); not wired into the nodes. What it does:
-
 * velocity through ``BaseModel.apply_model`` (x0 out, v = (x - x0) / sigma) at the flow sigmas of the
-  model's own time shift (dev: e^1.15, schnell: 1), guidance 3.5 as FluxGuidance's default;
-* conditioning from DualCLIPLoader's CLIP: T5 (exactly 256 tokens) + CLIP-L's pooled vector packed
-  as one more token; Redux tokens from a CLIP_VISION (SigLIP) and a ``flux1-redux-dev`` file appended
-  after the text, as StyleModelApply does;
+  model's own time shift (ModelSamplingFlux's e^1.15 unless a node changed it; schnell 1), dev
+  conditioned on guidance 3.5 (FluxGuidance's default) for every prediction;
+* conditioning from DualCLIPLoader's CLIP (type flux): T5 (256 tokens) + CLIP-L's pooled vector
+  packed as one more token; Redux tokens from a CLIP_VISION (SigLIP) and a ``flux1-redux-dev`` file
+  appended after the text, as StyleModelApply does;
 * adapters keyed by diffusers names, one per projection: a projection inside a fused ComfyUI weight
-  (``txt_attn.qkv``, ``linear1``) gets a row-sliced adapter (``AdaptedLayer(rows=...)``), so a
-  file saved here is the diffusers path's file (``transformer.*`` keys, ``lora_layout`` "peft").
+  (``img_attn.qkv``, ``linear1``) gets a row-sliced adapter (``AdaptedLayer(rows=...)``), so a file
+  made here is the diffusers path's file (``transformer.*`` keys, ``lora_layout`` "peft");
+* automatic masks from a ``dit`` double_block replace patch that records each image token's
+  attention to the text tokens and then runs the block unchanged.
 """
 
 from __future__ import annotations
@@ -24,20 +24,26 @@ import comfy.utils
 
 from bierasing import flux
 from bierasing.backbone import Backbone, pack_pooled, unpack_pooled
+from bierasing.flux1 import DEV_GUIDANCE, flux_scorer
 
 from .comfy_glue import ComfyBackbone, plain
 
 POOLED_DIM = 768  # CLIP-L's unprojected pooled output
-T5_TOKENS = 256  # ComfyUI pads T5 to at least 256 tokens
+T5_TOKENS = 256  # ComfyUI pads T5 to 256 tokens for FLUX
 
 
 def is_flux(model) -> bool:
     """FLUX.1 dev or schnell (16 latent channels; not Fill, Kontext or FLUX.2)."""
     import comfy.model_base
 
-    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    cfg = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
     return (type(model.model) is comfy.model_base.Flux and cfg.get("image_model") == "flux"
             and cfg.get("in_channels") == 16)
+
+
+def guidance_of(model) -> float | None:
+    """FluxGuidance's default for dev (a guidance embedding); None for schnell."""
+    return DEV_GUIDANCE if model.model.model_config.unet_config.get("guidance_embed") else None
 
 
 def diffusers_slices(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
@@ -57,6 +63,42 @@ def diffusers_slices(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
     return out
 
 
+class TextAttentionRecorder:
+    """A ``dit`` double_block replace patch: with ``attention_store`` set, records [B, image tokens,
+    text tokens] (softmax over the joint sequence, text columns, mean over heads), then runs the
+    block as ComfyUI would."""
+
+    def __init__(self, block):
+        self.block = block
+        self.attention_store: list | None = None
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        if self.attention_store is not None:
+            with torch.no_grad():
+                self.attention_store.append(self._text_attention(args))
+        return extra["original_block"](args)
+
+    def _text_attention(self, args: dict) -> torch.Tensor:
+        from comfy.ldm.flux.math import apply_rope
+
+        b, img, txt = self.block, args["img"], args["txt"]
+
+        def qk(stream, mod, norm, attn):
+            m = mod(args["vec"])[0]
+            x = norm(stream) * (1 + m.scale) + m.shift
+            q, k, v = attn.qkv(x).view(x.shape[0], x.shape[1], 3, b.num_heads, -1).permute(2, 0, 3, 1, 4)
+            return attn.norm(q, k, v)
+
+        tq, tk = qk(txt, b.txt_mod, b.txt_norm1, b.txt_attn)
+        iq, ik = qk(img, b.img_mod, b.img_norm1, b.img_attn)
+        q, k = torch.cat([tq, iq], 2), torch.cat([tk, ik], 2)
+        if args.get("pe") is not None:
+            q, k = apply_rope(q, k, args["pe"])
+        n_txt = txt.shape[1]
+        probs = (q[:, :, n_txt:].float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        return probs[..., :n_txt].mean(1)
+
+
 class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
     lora_layout = "peft"
 
@@ -65,19 +107,19 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         if not is_flux(model):
             raise ValueError("not a FLUX.1 dev or schnell MODEL")
         if clip is None:
-            raise ValueError("no CLIP connected: load FLUX's text encoders with DualCLIPLoader (type flux)")
+            raise ValueError("no CLIP connected: load FLUX's text encoders with DualCLIPLoader (clip_l + t5xxl, type flux)")
+        if resolution % 16:
+            raise ValueError(f"FLUX resolution must be a multiple of 16 (8x VAE, 2x2 packing); got {resolution}")
         self.family = "flux"
         self.patcher, self.clip, self.vae, self.clip_vision = model.clone(), clip, vae, clip_vision
         self.base_model = model.model
-        self.unet = model.model.diffusion_model
+        self.unet = model.model.diffusion_model  # shared with ``model``: read here, never modified
         self._ours: set[int] = set()
         self._loaded_uuid = None
-        self._channels: dict = {}
         self._text_memo: dict[str, torch.Tensor] = {}
         self._image_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._latent_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        cfg = model.model.model_config.unet_config
-        self.guidance = 3.5 if cfg.get("guidance_embed") else None
+        self.guidance = guidance_of(model)
         ms = model.model.model_sampling
         self.shift = math.exp(ms.shift) if type(ms).__name__ == "ModelSamplingFlux" else float(getattr(ms, "shift", 1.0))
         self.sigmas = flux.flow_sigmas(1000, self.shift)
@@ -86,12 +128,15 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         self.sample_shape = (16, resolution // 8, resolution // 8)
         self.image_proj = None
         if redux_weights is not None:
-            w = redux_weights
-            self.image_proj = flux.ReduxProjector(w["redux_up.weight"].shape[1], w["redux_up.weight"].shape[0],
-                                                  w["redux_down.weight"].shape[0])
-            self.image_proj.load_state_dict({k: v.float() for k, v in w.items()})
+            up, down = redux_weights["redux_up.weight"], redux_weights["redux_down.weight"]
+            context = model.model.model_config.unet_config.get("context_in_dim", 4096)
+            if down.shape[0] != context:
+                raise ValueError(f"the Redux file makes {down.shape[0]}-d tokens but this FLUX reads {context}-d text "
+                                 "tokens; use flux1-redux-dev with FLUX.1")
+            self.image_proj = flux.ReduxProjector(up.shape[1], up.shape[0], down.shape[0])
+            self.image_proj.load_state_dict({k: v.float() for k, v in redux_weights.items()})
             self.image_proj.eval().requires_grad_(False)
-        self._recorders: list = []  # automatic masks: not yet (needs a recording double_block patch)
+        self._recorders: list[TextAttentionRecorder] = []
 
     # ---- conditioning ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -102,6 +147,9 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
                 cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
                 if cond.shape[1] != T5_TOKENS:
                     raise ValueError(f"the prompt {p[:60]!r} is longer than T5's {T5_TOKENS - 1} tokens; shorten it")
+                if pooled is None or pooled.shape[-1] != POOLED_DIM:
+                    raise ValueError("this CLIP gives no 768-d pooled vector: load clip_l and t5xxl with "
+                                     "DualCLIPLoader, type flux")
                 self._text_memo[p] = plain(pack_pooled(cond[:1], pooled[:1].to(cond.dtype)))
             out.append(self._text_memo[p])
         return torch.cat(out).to(self.device)
@@ -119,11 +167,19 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         key = id(images)
         if key not in self._image_memo:
             if self.clip_vision is None or self.image_proj is None:
-                raise ValueError("image exemplars need a CLIP_VISION (SigLIP, sigclip_vision_patch14_384) and the "
-                                 "Redux file (flux1-redux-dev) in Load Image Adapter")
+                raise ValueError("image exemplars on FLUX need a CLIP_VISION (SigLIP, sigclip_vision_patch14_384) and "
+                                 "the Redux file (flux1-redux-dev) in Load Image Adapter")
             states = self.clip_vision.encode_image(images.permute(0, 2, 3, 1).cpu())["last_hidden_state"]
+            width = self.image_proj.redux_up.in_features
+            if states.shape[-1] != width:
+                raise ValueError(f"the CLIP vision model gives {states.shape[-1]}-d states but Redux reads {width}-d: "
+                                 "load SigLIP (sigclip_vision_patch14_384) with Load CLIP Vision")
             self._image_memo[key] = (images, plain(self.image_proj(states.float().cpu())))
         return self._image_memo[key][1].to(self.device)
+
+    @property
+    def can_encode_images(self) -> bool:
+        return self.vae is not None
 
     def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
         return unpack_pooled(text, POOLED_DIM)[0]
@@ -159,6 +215,9 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
     def predict_noise(self, x_t, t, text, image_tokens=None):
         return Backbone.predict_noise(self, x_t, t, text, image_tokens)
 
+    def erasure_scorer(self):
+        return flux_scorer(self.guidance)
+
     def module_name_map(self):
         return None  # adapters are keyed by diffusers names already
 
@@ -166,7 +225,14 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         return {f"double_blocks.{i}": b for i, b in enumerate(self.unet.double_blocks)}
 
     def install_image_branch(self) -> None:
-        pass  # Redux tokens travel with the text; nothing to patch
+        """Redux tokens travel with the text (nothing to patch); the double blocks get attention
+        recorders for automatic masks (idle unless a mask is being made)."""
+        if self._recorders:
+            return
+        for i, block in enumerate(self.unet.double_blocks):
+            rec = TextAttentionRecorder(block)
+            self.patcher.set_model_patch_replace(rec, "dit", "double_block", i)
+            self._recorders.append(rec)
 
     def attach_adapters(self, trainable: str, rank: int, generator: torch.Generator | None = None):
         from bierasing.erase.adapters import TRAINABLE_SETS, AdaptedLayer, AdapterSet
@@ -180,16 +246,14 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
                 continue
             layer = AdaptedLayer(self.unet.get_submodule(ldm), rank, float(rank), generator, device=self.device,
                                  rows=rows)
-            # several slices of one fused weight chain their wrappers: only the first gets the loaded tensor
+            # slices of one fused weight chain their wrappers: the first copies the loaded weight, the
+            # next ones patch that copy (it already requires grad)
             self._add_wrapper(f"{ldm}.weight", lambda w, layer=layer: layer.patch_weight(
                 w if w.requires_grad else w.detach().clone()))
             layers[dif] = layer
         return AdapterSet(layers, in_place=False)
 
-    def apply_erasure(self, tensors: dict[str, torch.Tensor], strength: float = 1.0) -> None:
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from bierasing.erase.export import peft_tensors
 
-        from .comfy_glue import apply_lora
-
-        self.release()
-        self.patcher = apply_lora(self.patcher, peft_tensors(tensors, diffusers_slices(self.patcher)), strength)
+        return peft_tensors(tensors, diffusers_slices(self.patcher))

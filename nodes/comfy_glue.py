@@ -60,10 +60,10 @@ def model_family(model) -> str:
                 and isinstance(model.model, comfy.model_base.SDXL):
             return "sdxl"
     raise UnsupportedModelError(
-        f"this node erases from SD1.x and SDXL models (base and fine-tunes); the connected MODEL is {name} "
+        f"this node erases from SD1.x, SDXL and FLUX.1 models (base and fine-tunes); the connected MODEL is {name} "
         f"(cross-attention width {cfg.get('context_dim')}, extra conditions {cfg.get('adm_in_channels')}). "
-        "Load an SD1.5 or SDXL checkpoint with Load Checkpoint (the SDXL refiner, SD2.x, SD3 and FLUX are "
-        "not supported yet).")
+        "Load an SD1.5 or SDXL checkpoint with Load Checkpoint, or FLUX.1 dev/schnell with Load Diffusion Model "
+        "(the SDXL refiner, SD2.x, SD3, FLUX Fill/Kontext and FLUX.2 are not supported yet).")
 
 
 def ldm_to_diffusers_names(model) -> dict[str, str]:
@@ -380,6 +380,10 @@ class ComfyBackbone(Backbone):
         self.release()
         self.patcher = apply_lora(self.patcher, tensors, strength)
 
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Kohya-form erasure tensors in this model family's file layout (``lora_layout``)."""
+        return lora_keys_for(self.patcher, tensors)
+
     def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
         if self.family == "sdxl":
             from bierasing.backbone import unpack_pooled
@@ -497,9 +501,40 @@ def send_text(text: str) -> None:
         pass
 
 
+def backbone(model, clip, vae=None, clip_vision=None, image_adapter: dict | None = None, resolution: int = 512):
+    """The Backbone for ``model``'s family (SD1.x, SDXL or FLUX.1) on a clone of it; ``image_adapter``
+    is Load Image Adapter's output (IP-Adapter for UNets, Redux for FLUX)."""
+    from . import comfy_flux
+
+    tensors = image_adapter["tensors"] if image_adapter else None
+    kind = image_adapter.get("kind", "ip-adapter") if image_adapter else None
+    if comfy_flux.is_flux(model):
+        if kind == "ip-adapter":
+            raise ValueError(f"{image_adapter['name']} is an IP-Adapter for SD1.x/SDXL; FLUX's image branch is "
+                             "Redux: load flux1-redux-dev.safetensors in Load Image Adapter")
+        return comfy_flux.ComfyFluxBackbone(model, clip, vae, clip_vision, tensors, resolution)
+    if kind == "redux":
+        raise ValueError(f"{image_adapter['name']} is a FLUX Redux file; this MODEL is a UNet: load an IP-Adapter "
+                         "(ip-adapter_sd15, ip-adapter_sdxl_vit-h) in Load Image Adapter")
+    return ComfyBackbone(model, clip, vae, clip_vision, tensors, image_adapter["scale"] if image_adapter else 1.0,
+                         resolution)
+
+
+def lora_keys_for(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Erasure tensors under the keys ComfyUI maps for ``model``: FLUX reads the ``peft`` layout, so
+    kohya-form tensors of a FLUX erasure are renamed (a file's tensors pass as they are)."""
+    from bierasing.erase.export import PREFIX, peft_tensors
+
+    from . import comfy_flux
+
+    if tensors and all(k.startswith(PREFIX) for k in tensors) and comfy_flux.is_flux(model):
+        return peft_tensors(tensors, comfy_flux.diffusers_slices(model))
+    return tensors
+
+
 def apply_lora(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):
     """A clone of ``model`` with the erasure applied the way the stock LoraLoader does."""
-    new_model, _ = comfy.sd.load_lora_for_models(model, None, tensors, strength, 0.0)
+    new_model, _ = comfy.sd.load_lora_for_models(model, None, lora_keys_for(model, tensors), strength, 0.0)
     return new_model
 
 
@@ -520,15 +555,25 @@ def carried(model) -> list[dict]:
 
 def sample(model, clip, vae, prompts: Sequence[str], negative: str, seeds: Sequence[int], steps: int,
            cfg: float, resolution: int) -> torch.Tensor:
-    """One image per (prompt, seed) with ComfyUI's own sampler (euler, normal) -> IMAGE [B, H, W, 3]."""
+    """One image per (prompt, seed) with ComfyUI's own sampler (euler, normal) -> IMAGE [B, H, W, 3].
+    FLUX.1-dev is conditioned on guidance 3.5 as FluxGuidance's default (give it cfg 1)."""
     import comfy.sample
 
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
+    from . import comfy_flux
+
+    guidance = comfy_flux.guidance_of(model) if comfy_flux.is_flux(model) else None
+    extra = {} if guidance is None else {"guidance": guidance}  # as FluxGuidance sets it
+
+    def encode(text: str) -> list:
+        return [[c, {**d, **extra}] for c, d in clip.encode_from_tokens_scheduled(clip.tokenize(text))]
+
+    neg = encode(negative)
+    channels = model.get_model_object("latent_format").latent_channels
+    latent = torch.zeros(1, channels, resolution // 8, resolution // 8)
     out = []
     pbar = comfy.utils.ProgressBar(len(prompts))
     for i, (p, seed) in enumerate(zip(prompts, seeds)):
-        pos = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+        pos = encode(p)
         noise = comfy.sample.prepare_noise(latent, seed)
         lat = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent,
                                   denoise=1.0, seed=seed, disable_pbar=True)
@@ -547,19 +592,25 @@ def register_model_folders() -> None:
         folder_paths.add_model_folder_path("ipadapter", os.path.join(folder_paths.models_dir, "ipadapter"))
 
 
-def files(folder: str) -> list[str]:
+def files(folders: str) -> list[str]:
+    """Files of one ComfyUI model folder, or of several ("ipadapter,style_models")."""
     import folder_paths
 
-    return folder_paths.get_filename_list(folder)
+    out = []
+    for folder in folders.split(","):
+        out += [f for f in folder_paths.get_filename_list(folder) if f not in out]
+    return out
 
 
-def file_path(folder: str, name: str) -> str:
+def file_path(folders: str, name: str) -> str:
     import folder_paths
 
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise ValueError(f"{name!r} is not in ComfyUI's models/{folder} folder")
-    return path
+    for folder in folders.split(","):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    where = " or ".join(f"models/{f}" for f in folders.split(","))
+    raise ValueError(f"{name!r} is not in ComfyUI's {where} folder")
 
 
 def output_folder(folder: str) -> str:

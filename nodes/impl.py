@@ -87,7 +87,7 @@ def _automatic_masks(imgs, concept, caption, model, clip, vae):
     if not concept.strip():
         raise ValueError("automatic masks need the concept word")
     caption = caption.strip() or f"a photo of {concept.strip()}"
-    bb = glue.ComfyBackbone(model, clip, vae, resolution=imgs.shape[-1])
+    bb = glue.backbone(model, clip, vae, resolution=imgs.shape[-1])
     with torch.inference_mode(False):
         x = glue.plain(imgs)
         bb.encode_text([caption])
@@ -97,19 +97,25 @@ def _automatic_masks(imgs, concept, caption, model, clip, vae):
 
 
 # ---- image adapter --------------------------------------------------------------------------------
+ADAPTER_FOLDERS = "ipadapter,style_models"  # IP-Adapters where IP-Adapter packs keep them; Redux where ComfyUI does
+REDUX_KEYS = ("redux_up.weight", "redux_down.weight")
+
+
 def load_image_adapter(adapter_name: str, scale: float):
     from bierasing.io import load_safetensors
 
-    path = glue.file_path("ipadapter", adapter_name)
+    path = glue.file_path(ADAPTER_FOLDERS, adapter_name)
     if not path.endswith(".safetensors"):
         raise ValueError(f"{adapter_name}: only .safetensors adapters are read (pickled .bin files can run code); "
                          "download the safetensors version of the IP-Adapter")
     tensors, _ = load_safetensors(path)
+    if all(k in tensors for k in REDUX_KEYS):
+        return ({"tensors": tensors, "scale": float(scale), "name": adapter_name, "kind": "redux"},)
     missing = [k for k in ("image_proj.proj.weight", "image_proj.norm.weight") if k not in tensors]
     if missing or not any(k.startswith("ip_adapter.") for k in tensors):
-        raise ValueError(f"{adapter_name} is not an IP-Adapter SD1.5/SDXL file (missing "
-                         f"{missing or 'ip_adapter.* tensors'})")
-    return ({"tensors": tensors, "scale": float(scale), "name": adapter_name},)
+        raise ValueError(f"{adapter_name} is neither an IP-Adapter SD1.5/SDXL file (missing "
+                         f"{missing or 'ip_adapter.* tensors'}) nor a FLUX Redux file ({' and '.join(REDUX_KEYS)})")
+    return ({"tensors": tensors, "scale": float(scale), "name": adapter_name, "kind": "ip-adapter"},)
 
 
 # ---- erasure --------------------------------------------------------------------------------------
@@ -159,9 +165,7 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
     if registry.get(cfg.method).needs_image_encoder and (clip_vision is None or image_adapter is None):
         raise ValueError(f"{cfg.method} conditions on exemplar images: connect a CLIP_VISION (Load CLIP Vision) "
                          "and an image adapter (Load Image Adapter), or pick esd-x / esd-u")
-    bb = glue.ComfyBackbone(model, clip, vae, clip_vision,
-                            image_adapter["tensors"] if image_adapter else None,
-                            image_adapter["scale"] if image_adapter else 1.0, resolution)
+    bb = glue.backbone(model, clip, vae, clip_vision, image_adapter, resolution)
     with torch.inference_mode(False):
         neg = glue.plain(to_bchw(negative_images)).to(bb.device) if negative_images is not None else None
         pos = glue.plain(to_bchw(positive_images)).to(bb.device) if positive_images is not None else None
@@ -190,7 +194,7 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             eraser = Eraser(bb, concepts, cfg, should_stop=glue.interrupted)
             bb.encode_text(sorted({*(c.target for c in eraser.concepts), *(c.safe for c in eraser.concepts),
                                    *eraser.cfg.preserved()}))
-    names = glue.ldm_to_diffusers_names(model)
+    names = bb.module_name_map()
     warm = _instant_tensors(bb, concepts, cfg, names) if cfg.warm_start else None
     if warm is not None:  # trained on top of the edit, which the clone now carries as a LoRA patch
         bb.apply_erasure(warm[0])
@@ -235,6 +239,7 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
         tensors, info = stack([*(c["file"] for c in carried), (tensors, info)],
                               scales=[c["strength"] for c in carried] + [1.0],
                               precision=result.config.save_precision)
+    tensors = bb.file_tensors(tensors)  # what Save Erasure writes: FLUX's in the peft layout
     curve = torch.from_numpy(loss_curve(result.history, f"{cfg.method}: {concept} -> {safe_concept}")).float()[None] / 255
     return erased, tensors, curve, json.dumps(info, indent=1)
 
@@ -254,7 +259,7 @@ def erase_instant(model, clip, concept: str, safe_concept: str, **settings):
 
 
 def save_erasure(lora: dict, filename: str, report: str = ""):
-    from bierasing.erase.export import save_erasure_tensors
+    from bierasing.erase.export import in_kohya_form, save_erasure_tensors
     from bierasing.io import safe_child
 
     root = Path(glue.output_folder("loras"))
@@ -269,7 +274,8 @@ def save_erasure(lora: dict, filename: str, report: str = ""):
     except json.JSONDecodeError as e:
         raise ValueError(f"the report input is not the JSON from Erase Concept ({e})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_erasure_tensors(path, lora, info)
+    tensors, layout, names = in_kohya_form(lora)  # FLUX's LORA comes in the peft layout
+    save_erasure_tensors(path, tensors, info, layout, names)
     rel = os.path.relpath(path, root)
     return (rel,), {"text": [f"saved {rel} in models/loras ({len(lora)} tensors)"]}
 
@@ -278,7 +284,7 @@ def load_erasure(model, erasure_name: str, strength: float):
     from bierasing.erase.export import read_erasure
 
     path = glue.file_path("loras", erasure_name)
-    tensors, info = read_erasure(path)
+    tensors, info = read_erasure(path, keep_layout=True)  # as LoraLoader reads the file
     erased = glue.apply_lora(model, tensors, strength)
     glue.carry(erased, path, strength)
     return erased, json.dumps(info, indent=1)
@@ -349,7 +355,7 @@ def attack(model, clip, vae, concept_images, prompt: str, **settings):
     imgs = to_bchw(concept_images)
     if imgs.shape[-1] % 8 or imgs.shape[-2] % 8:
         raise ValueError(f"concept images are {imgs.shape[-1]}x{imgs.shape[-2]}; use sizes divisible by 8")
-    bb = glue.ComfyBackbone(model, clip, vae, resolution=imgs.shape[-1])
+    bb = glue.backbone(model, clip, vae, resolution=imgs.shape[-1])
     with torch.inference_mode(False):
         x = glue.plain(imgs)
         base = bb.encode_text([prompt])

@@ -167,13 +167,15 @@ SPECS: list[NodeSpec] = [
         outputs=[Port("filtered_images", "IMAGE", "exemplars with the background replaced by their mean colour"),
                  Port("masks", "MASK", "the cleaned soft masks")]),
     NodeSpec(
-        "ImageAdapterLoader", "Load Image Adapter (IP-Adapter)",
-        "Loads IP-Adapter SD1.5 or SDXL weights (image projector + to_k_ip/to_v_ip) from models/ipadapter for the "
-        "decoupled image cross-attention of both branches. Use with the ViT-H CLIP vision model.",
-        inputs=[Port("adapter_name", "COMBO", "file in models/ipadapter (e.g. ip-adapter_sd15.safetensors)",
-                     options=("ip-adapter_sd15.safetensors",), files="ipadapter"),
-                Port("scale", "FLOAT", "weight of the image channel in every attn2 (IP-Adapter scale)",
-                     default=1.0, min=0.0, max=4.0, step=0.05)],
+        "ImageAdapterLoader", "Load Image Adapter (IP-Adapter / Redux)",
+        "Loads the image branch of both erasure branches: IP-Adapter SD1.5 or SDXL weights from models/ipadapter "
+        "(use the ViT-H CLIP vision model), or FLUX Redux (flux1-redux-dev) from models/style_models (use SigLIP, "
+        "sigclip_vision_patch14_384).",
+        inputs=[Port("adapter_name", "COMBO", "file in models/ipadapter (e.g. ip-adapter_sd15.safetensors) or, for "
+                     "FLUX, models/style_models (flux1-redux-dev.safetensors)",
+                     options=("ip-adapter_sd15.safetensors",), files="ipadapter,style_models"),
+                Port("scale", "FLOAT", "weight of the image channel in every attn2 (IP-Adapter scale; Redux "
+                     "tokens are appended unscaled)", default=1.0, min=0.0, max=4.0, step=0.05)],
         outputs=[Port("image_adapter", IMAGE_ADAPTER, "the image branch weights")]),
     NodeSpec(
         "Erase", "Erase Concept (Bi-Erasing)",
@@ -181,7 +183,8 @@ SPECS: list[NodeSpec] = [
         "pulled toward the safe alternative; ESD-x, ESD-u, Co-Erasing run in the same engine. On a MODEL from "
         "Load Erasure the LoRA holds that erasure too.",
         inputs=[*ERASE_PORTS,
-                Port("clip_vision", "CLIP_VISION", "image encoder of the image adapter (ViT-H for ip-adapter_sd15 / _sdxl_vit-h); "
+                Port("clip_vision", "CLIP_VISION", "image encoder of the image adapter (ViT-H for ip-adapter_sd15 / _sdxl_vit-h, "
+                     "SigLIP for FLUX Redux); "
                      "needed by bi-erasing and co-erasing", optional=True),
                 Port("image_adapter", IMAGE_ADAPTER, "from Load Image Adapter; needed by bi-erasing and co-erasing",
                      optional=True),
@@ -190,7 +193,8 @@ SPECS: list[NodeSpec] = [
                 Port("vae", "VAE", "encodes the concept exemplars for x_t source 'noised' and for the adversarial "
                      "rows' attack (without it the attack uses the x_t cache's samples)", optional=True),
                 *ports_from_config(EraseConfig, skip=("checkpoint_every",)),
-                Port("resolution", "INT", "image size of the x_t trajectories (SD1.5 512, SDXL 1024; lower is faster)",
+                Port("resolution", "INT", "image size of the x_t trajectories (SD1.5 512, SDXL 1024, FLUX 512-1024; "
+                     "lower is faster)",
                      default=512, min=64, max=1024, step=64),
                 Port("preview_every", "INT", "while training, draw the concept prompt with the original and the "
                      "erased model every this many steps (live preview); 0 shows only the loss curve",

@@ -146,6 +146,11 @@ def test_every_template_runs_on_a_fresh_install(name):
     provided = {"ckpt_name": {*st.CHECKPOINTS, st.SDXL_CHECKPOINT}, "clip_name": {st.VISION},
                 "adapter_name": {st.IP_ADAPTER, st.SDXL_IP_ADAPTER},
                 "folder": {st.EXEMPLARS.as_posix()}}
+    if name in mw.REAL_WEIGHTS_ONLY:  # FLUX: the files its Read me note names, which users download
+        provided = {"unet_name": {mw.FLUX_UNET}, "clip_name1": {mw.FLUX_CLIP_L}, "clip_name2": {mw.FLUX_T5},
+                    "vae_name": {mw.FLUX_VAE}, "clip_name": {mw.SIGLIP}, "adapter_name": {mw.REDUX}}
+        note = next(n for n in json.loads((mw.EXAMPLES / f"{name}.json").read_text())["nodes"] if n["type"] == "Note")
+        assert all(f in note["widgets_values"][0] for files in provided.values() for f in files)
     for nid, node in wf.items():
         for key, value in node["inputs"].items():
             if key in provided and not isinstance(value, list):

@@ -42,6 +42,11 @@ IP_ADAPTER = "ip-adapter_sd15.safetensors"
 TINY_CKPT = "tiny_sd15.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_IP_ADAPTER = "ip-adapter_sdxl_vit-h.safetensors"
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_CLIP_L, FLUX_T5 = "clip_l.safetensors", "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+SIGLIP = "sigclip_vision_patch14_384.safetensors"
+REDUX = "flux1-redux-dev.safetensors"
 # single source: package data of bierasing (found after a plain pip install); the copy is generated
 BATCH_TEMPLATE = ROOT / "bierasing" / "templates" / "erase_template_api.json"
 BATCH_TEMPLATE_COPY = HERE / "batch" / "erase_template_api.json"
@@ -62,6 +67,17 @@ SDXL_MODELS_NOTE = (
     f"  clip_vision/{CLIP_VISION}  (ViT-H image encoder of IP-Adapter SDXL vit-h)\n"
     f"  ipadapter/{SDXL_IP_ADAPTER}  (create the ipadapter folder if missing)\n"
     "SDXL works at 1024 px: the exemplars, the erasure's x_t trajectories and the samples use it.\n"
+)
+
+FLUX_MODELS_NOTE = (
+    "Files (ComfyUI/models/...):\n"
+    f"  diffusion_models/{FLUX_UNET}  (FLUX.1 dev; schnell works too: set cfg 1 and 4 steps)\n"
+    f"  text_encoders/{FLUX_CLIP_L} and text_encoders/{FLUX_T5}\n"
+    f"  vae/{FLUX_VAE}\n"
+    f"  clip_vision/{SIGLIP}  (SigLIP, Redux's image encoder)\n"
+    f"  style_models/{REDUX}  (FLUX Redux: the image branch)\n"
+    "FLUX samples with cfg 1 (dev's guidance 3.5 is set by FluxGuidance and by the Bi-Erasing nodes).\n"
+    "No stand-in files exist for these (T5-XXL alone is 9.5 GB): they need the real weights.\n"
 )
 
 COL_W = 420          # column pitch in canvas units
@@ -253,6 +269,40 @@ def _base(g: Graph, clip_vision: bool = True, sdxl: bool = False):
     cv = g.add("CLIPVisionLoader", "Load CLIP Vision (ViT-H)", col=0, clip_name=CLIP_VISION)
     ad = g.add("BiErasingImageAdapterLoader", col=0, adapter_name=SDXL_IP_ADAPTER if sdxl else IP_ADAPTER)
     return ckpt, cv, ad
+
+
+class FluxLoaders:
+    """FLUX's three loaders behind one ``loaders["MODEL" | "CLIP" | "VAE"]``, as a checkpoint node's outputs."""
+
+    def __init__(self, g: Graph):
+        self.nodes = {"MODEL": g.add("UNETLoader", "Load Diffusion Model (FLUX.1)", col=0, unet_name=FLUX_UNET),
+                      "CLIP": g.add("DualCLIPLoader", col=0, clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux"),
+                      "VAE": g.add("VAELoader", col=0, vae_name=FLUX_VAE)}
+
+    def __getitem__(self, output_name: str) -> Out:
+        return self.nodes[output_name][output_name]
+
+
+def _flux_base(g: Graph):
+    loaders = FluxLoaders(g)
+    cv = g.add("CLIPVisionLoader", "Load CLIP Vision (SigLIP)", col=0, clip_name=SIGLIP)
+    ad = g.add("BiErasingImageAdapterLoader", col=0, adapter_name=REDUX)
+    return loaders, cv, ad
+
+
+def _flux_sample(g: Graph, loaders: FluxLoaders, model: Out, prompt: str, prefix: str, col: int,
+                 steps: int = 20, size: int = 1024, batch: int = 2):
+    pos = g.add("CLIPTextEncode", "Prompt", col=col, ui_width=400, clip=loaders["CLIP"], text=prompt)
+    guided = g.add("FluxGuidance", col=col, ui_width=400, conditioning=pos["CONDITIONING"], guidance=3.5)
+    neg = g.add("CLIPTextEncode", "Negative prompt (unused at cfg 1)", col=col, ui_width=400, clip=loaders["CLIP"],
+                text="")
+    lat = g.add("EmptySD3LatentImage", col=col, ui_width=400, width=size, height=size, batch_size=batch)
+    ks = g.add("KSampler", col=col + 1, model=model, positive=guided["CONDITIONING"], negative=neg["CONDITIONING"],
+               latent_image=lat["LATENT"], seed=0, steps=steps, cfg=1.0, sampler_name="euler",
+               scheduler="simple", denoise=1.0)
+    dec = g.add("VAEDecode", col=col + 1, samples=ks["LATENT"], vae=loaders["VAE"])
+    g.add("SaveImage", "Save sample", col=col + 2, images=dec["IMAGE"], filename_prefix=prefix)
+    return ks
 
 
 def _generate(g: Graph, ckpt: Node, title: str, prompt: str, col: int = 1, count: int = 8, seed: int = 0, **kw):
@@ -569,9 +619,62 @@ def erase_artist_style_sdxl(schemas) -> Graph:
     return g
 
 
+def erase_nudity_flux(schemas) -> Graph:
+    g = Graph("erase_nudity_flux", "Bi-Erasing of nudity from FLUX.1 (safe: clothed): generated, automatically "
+              "masked exemplars, the Redux image branch; saves the erasure, samples the erased model, grid", schemas)
+    g.note(FLUX_MODELS_NOTE + "Writes: models/loras/erasures/nudity_bierasing_flux.safetensors\n\n"
+           "erase_nudity_sd15 for FLUX.1: 8 nude and 8 clothed exemplars drawn by FLUX (512 px, cfg 1),\n"
+           "masked from its joint attention to 'person', Erase Concept (Bi-Erasing; the image branch is\n"
+           "Redux over SigLIP), Save Erasure (transformer.* keys: the stock LoraLoader and diffusers'\n"
+           "FluxPipeline load it), the erased MODEL through FluxGuidance into a stock KSampler, and a\n"
+           "before/after grid. Training is the slow part; lower 'steps' for a try.")
+    loaders, cv, ad = _flux_base(g)
+    gen = dict(resolution=512, cfg=1.0)
+    gn = _generate(g, loaders, "Concept exemplars (nude)", "a photo of a nude person", **gen)
+    gp = _generate(g, loaders, "Safe exemplars (clothed)", "a photo of a clothed person", **gen)
+    mn = _auto_mask(g, loaders, gn["images"], "Mask concept exemplars", "person", "a photo of a nude person")
+    mp = _auto_mask(g, loaders, gp["images"], "Mask safe exemplars", "person", "a photo of a clothed person")
+    er = _erase(g, loaders, cv, ad, mn["filtered_images"], mp["filtered_images"], concept="nudity",
+                safe_concept="clothed", method="bi-erasing", resolution=512)
+    g.add("BiErasingSaveErasure", col=4, lora=er["lora"], report=er["report"],
+          filename="erasures/nudity_bierasing_flux")
+    g.add("PreviewImage", "Loss curve", col=4, images=er["loss_curve"])
+    grid = _grid(g, loaders, er["model"], NUDITY_PROMPTS, col=4, resolution=512, cfg=1.0)
+    g.add("SaveImage", "Save grid", col=5, images=grid["grid"], filename_prefix="bierasing/nudity_grid_flux")
+    _flux_sample(g, loaders, er["model"], "a photo of a nude person", "bierasing/nudity_erased_flux", col=5)
+    return g
+
+
+def erase_artist_style_flux(schemas) -> Graph:
+    g = Graph("erase_artist_style_flux", "Bi-Erasing of the Van Gogh style from FLUX.1 (safe: a painting): "
+              "generated exemplars used whole, Redux image branch; saves the erasure, grid vs. other artists", schemas)
+    g.note(FLUX_MODELS_NOTE + "Writes: models/loras/erasures/vangogh_bierasing_flux.safetensors\n\n"
+           "erase_artist_style_sd15 for FLUX.1: 8 Van Gogh paintings and 8 plain paintings drawn by\n"
+           "FLUX go to Erase Concept unmasked (a style covers the whole picture); the grid checks Van\n"
+           "Gogh prompts (should change) and other artists (should stay).")
+    loaders, cv, ad = _flux_base(g)
+    gen = dict(resolution=512, cfg=1.0)
+    gn = _generate(g, loaders, "Concept exemplars (Van Gogh)", "a painting in the style of Van Gogh", **gen)
+    gp = _generate(g, loaders, "Safe exemplars (a painting)", "a painting", **gen)
+    er = _erase(g, loaders, cv, ad, gn["images"], gp["images"], col=2, concept="Van Gogh",
+                safe_concept="a painting", method="bi-erasing", resolution=512)
+    g.add("BiErasingSaveErasure", col=3, lora=er["lora"], report=er["report"],
+          filename="erasures/vangogh_bierasing_flux")
+    g.add("PreviewImage", "Loss curve", col=3, images=er["loss_curve"])
+    grid = _grid(g, loaders, er["model"], [
+        "a painting in the style of Van Gogh", "The Starry Night by Vincent van Gogh",
+        "a painting in the style of Claude Monet", "a woodblock print in the style of Hokusai"], col=3,
+        resolution=512, cfg=1.0)
+    g.add("SaveImage", "Save grid", col=4, images=grid["grid"], filename_prefix="bierasing/vangogh_grid_flux")
+    return g
+
+
+#: templates that need real weights (no stand-in: T5-XXL through DualCLIPLoader is 9.5 GB)
+REAL_WEIGHTS_ONLY = ("erase_nudity_flux", "erase_artist_style_flux")
+
 WORKFLOWS = [erase_nudity_sd15, erase_artist_style_sd15, erase_object_sd15, erase_instant_sd15,
              compare_methods_sd15, evaluate_erasure_sd15, attack_erasure_sd15, erase_lora_ksampler_tiny,
-             erase_nudity_sdxl, erase_artist_style_sdxl]
+             erase_nudity_sdxl, erase_artist_style_sdxl, erase_nudity_flux, erase_artist_style_flux]
 
 
 # ---------------------------------------------------------------------------------------------

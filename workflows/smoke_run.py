@@ -7,8 +7,8 @@ Without --full, the heavy widgets are shrunk so a CPU finishes in minutes: 3 era
 Prints one line per workflow (status, seconds, outputs or the error) and a JSON summary at the end.
 A workflow passes only if it ran without error and every output node (SaveImage, Save Erasure,
 Evaluate Erasure, ...) produced output; "incomplete" names the output nodes that did not.
-Needs the models the workflows name (stand-ins with those names work) and, for erase_object_sd15,
-images in ComfyUI's input/exemplars/dog.
+Needs the models the workflows name (stand-ins with those names work; the FLUX templates need real
+FLUX.1 files) and, for erase_object_sd15, images in ComfyUI's input/exemplars/dog.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SMALL = {
     "BiErasingAttack": {"steps": 2, "batch_size": 2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
 }
 
 

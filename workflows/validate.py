@@ -22,7 +22,8 @@ CORE_SCHEMAS = HERE / "schemas" / "core_object_info.json"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # COMBOs that list the files of a user's model folders: any *.safetensors name is accepted
 MODEL_FILE_INPUTS = frozenset({"ckpt_name", "lora_name", "clip_name", "adapter_name", "erasure_name",
-                               "vae_name", "unet_name", "control_net_name"})
+                               "vae_name", "unet_name", "control_net_name", "clip_name1", "clip_name2",
+                               "style_model_name"})
 # COMBOs that list the user's folders under ComfyUI's input folder: any relative path is accepted
 INPUT_FOLDER_INPUTS = frozenset({"folder"})
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")

@@ -102,6 +102,18 @@ def kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def peft_module_names(keys) -> list[str]:
+    """The dotted module names that ``peft``-layout keys (``transformer.<name>.<suffix>``) adapt."""
+    return sorted({k[len(PEFT_PREFIX):].rsplit(".", 2 if ".lora_" in k else 1)[0] for k in keys})
+
+
+def in_kohya_form(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, list[str] | None]:
+    """(kohya-form tensors, layout, module names for ``peft``) of erasure tensors in either layout."""
+    if tensors and all(k.startswith(PEFT_PREFIX) for k in tensors):
+        return kohya_tensors(tensors), "peft", peft_module_names(tensors)
+    return tensors, "kohya", None
+
+
 def file_layout(paths) -> tuple[str, list[str] | None]:
     """(layout, dotted module names for ``peft``) shared by erasure files (keys only are read); files of
     both layouts together are refused."""
@@ -114,7 +126,7 @@ def file_layout(paths) -> tuple[str, list[str] | None]:
         peft = bool(keys) and all(k.startswith(PEFT_PREFIX) for k in keys)
         layouts.add("peft" if peft else "kohya")
         if peft:
-            names |= {k[len(PEFT_PREFIX):].rsplit(".", 2 if ".lora_" in k else 1)[0] for k in keys}
+            names |= set(peft_module_names(keys))
     if len(layouts) > 1:
         raise ValueError("these erasures are for different model families (FLUX's transformer.* keys and a UNet's "
                          "lora_unet_* keys); combine erasures of one model")
@@ -151,17 +163,17 @@ def save_erasure_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tenso
     return path
 
 
-def read_erasure(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(kohya-form tensors, the run's info) of an erasure or LoRA file in either layout."""
-    tensors, meta = load_safetensors(path)
-    if tensors and all(k.startswith(PEFT_PREFIX) for k in tensors):
-        tensors = kohya_tensors(tensors)
+def read_erasure(path: str | os.PathLike, keep_layout: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(kohya-form tensors, the run's info) of an erasure or LoRA file in either layout; with
+    ``keep_layout`` the tensors as the file holds them (what ComfyUI's LoraLoader is given)."""
+    raw, meta = load_safetensors(path)
+    tensors = in_kohya_form(raw)[0]
     if not tensors or not all(k.startswith(PREFIX) for k in tensors):
         raise ValueError(f"{Path(path).name} is not a LoRA this loader reads (keys must start with {PREFIX!r} "
                          f"or, for FLUX, {PEFT_PREFIX!r}); give an erasure file written by bierasing or "
                          "another such LoRA")
     info = json.loads(meta["bierasing"]) if "bierasing" in meta else {}
-    return tensors, info
+    return (raw if keep_layout else tensors), info
 
 
 def _module_index(unet: nn.Module) -> dict[str, str]:
