@@ -63,14 +63,16 @@ ERASE = "BiErasingErase"
 SAVE = "BiErasingSaveErasure"
 GENERATE = "BiErasingGenerateExemplars"
 LOAD = "BiErasingLoadExemplars"
-CHECKPOINT = "CheckpointLoaderSimple"
+#: model loaders and the input the ``checkpoint`` column sets
+MODEL_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SIDES = {"negative": "negative exemplars", "positive": "positive exemplars"}
 SIDE_INPUT = {"negative": "negative_images", "positive": "positive_images"}
 
 # package data (pyproject [tool.setuptools.package-data]), so it is found after a plain `pip install`;
 # workflows/make_workflows.py copies it to workflows/batch/erase_template_api.json
 TEMPLATES = {"sd15": Path(__file__).resolve().parent / "templates" / "erase_template_api.json",
-             "sdxl": Path(__file__).resolve().parent / "templates" / "erase_template_sdxl_api.json"}
+             "sdxl": Path(__file__).resolve().parent / "templates" / "erase_template_sdxl_api.json",
+             "flux": Path(__file__).resolve().parent / "templates" / "erase_template_flux_api.json"}
 DEFAULT_TEMPLATE = TEMPLATES["sd15"]
 DEFAULT_SERVER = "127.0.0.1:8188"
 DEFAULT_TIMEOUT = 3600.0
@@ -368,7 +370,8 @@ def build_prompt(template: dict, row: Row) -> dict:
         erase[k] = v
     p[_find(p, (SAVE,))]["inputs"]["filename"] = row.output
     if row.checkpoint:
-        p[_find(p, (CHECKPOINT,))]["inputs"]["ckpt_name"] = row.checkpoint
+        loader = _find(p, tuple(MODEL_LOADERS))
+        p[loader]["inputs"][MODEL_LOADERS[p[loader]["class_type"]]] = row.checkpoint
 
     used = {"negative": row.method in NEEDS_NEGATIVE_IMAGES, "positive": row.method in NEEDS_POSITIVE_IMAGES}
     for side, title in SIDES.items():
@@ -407,10 +410,10 @@ def build_prompt(template: dict, row: Row) -> dict:
 
 
 def load_template(path: str | os.PathLike) -> dict:
-    """An API-format prompt template: a file, or the name of a shipped one (``sd15``, ``sdxl``)."""
+    """An API-format prompt template: a file, or the name of a shipped one (``sd15``, ``sdxl``, ``flux``)."""
     path = TEMPLATES.get(str(path), Path(path))
     if not path.is_file():
-        raise ValueError(f"template not found: {path} (give --template sd15, sdxl or a PATH)")
+        raise ValueError(f"template not found: {path} (give --template sd15, sdxl, flux or a PATH)")
     try:
         template = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -850,8 +853,8 @@ def build_parser(prog: str = "bierasing batch") -> argparse.ArgumentParser:
         "Resumable: finished rows are skipped when the same command runs again.")
     p.add_argument("concepts", help="concept list: .csv (header row) or .toml ([[concept]] tables); columns: "
                    + ", ".join(COLUMNS))
-    p.add_argument("--template", default="sd15", help="API-format prompt for one erasure: sd15 (default) or "
-                   "sdxl (the shipped ones: SDXL's files, 1024 px), or a file of your own")
+    p.add_argument("--template", default="sd15", help="API-format prompt for one erasure: sd15 (default), "
+                   "sdxl (SDXL's files, 1024 px) or flux (FLUX.1 dev + Redux, cfg 1), or a file of your own")
     p.add_argument("--server", action="append", metavar="HOST:PORT",
                    help=f"a ComfyUI server (default: {DEFAULT_SERVER}); repeat it for one server per GPU: each "
                    "row goes to the next idle server")

@@ -646,5 +646,23 @@ def test_shipped_sdxl_template(tmp_path):
     assert main([str(concepts), "--template", "sdxl", "--dry-run", "--prompts-dir", str(out)]) == 0
     prompt = json.loads((out / "a.json").read_text())
     assert {n["inputs"].get("ckpt_name") for n in prompt.values()} >= {"sd_xl_base_1.0.safetensors"}
-    with pytest.raises(ValueError, match="give --template sd15, sdxl or a PATH"):
+    with pytest.raises(ValueError, match="give --template sd15, sdxl, flux or a PATH"):
         load_template("sd3")
+
+
+def test_shipped_flux_template_and_its_checkpoint_column(tmp_path):
+    fl = load_template("flux")
+    by_type = {n["class_type"]: n["inputs"] for n in fl.values()}
+    assert "CheckpointLoaderSimple" not in by_type and by_type["UNETLoader"]["unet_name"] == "flux1-dev.safetensors"
+    assert by_type["DualCLIPLoader"]["type"] == "flux" and by_type["CLIPVisionLoader"]["clip_name"].startswith("sigclip")
+    assert by_type["BiErasingImageAdapterLoader"]["adapter_name"] == "flux1-redux-dev.safetensors"
+    assert by_type["BiErasingGenerateExemplars"]["cfg"] == 1.0
+    ids = {n["class_type"]: k for k, n in fl.items()}
+    assert by_type["BiErasingErase"]["clip"] == [ids["DualCLIPLoader"], 0]
+    assert by_type["BiErasingErase"]["vae"] == [ids["VAELoader"], 0]
+    concepts = write(tmp_path, "name,concept,safe,checkpoint\na,dog,cat,flux1-schnell.safetensors\n")
+    out = tmp_path / "prompts"
+    assert main([str(concepts), "--template", "flux", "--dry-run", "--prompts-dir", str(out)]) == 0
+    prompt = json.loads((out / "a.json").read_text())
+    [loader] = [n for n in prompt.values() if n["class_type"] == "UNETLoader"]
+    assert loader["inputs"]["unet_name"] == "flux1-schnell.safetensors"

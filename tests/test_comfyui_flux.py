@@ -394,3 +394,33 @@ def test_erase_save_loraloader_ksampler_on_flux(fx, caplog):
     assert all(torch.isfinite(o).all() for o in outs) and image.shape == (1, 64, 64, 3)
     assert torch.allclose(outs[1], outs[2], atol=1e-5) and torch.allclose(outs[2], outs[3], atol=1e-5)
     assert diff > 1e-6  # the erasure changed the model
+
+
+def test_fp8_stored_weights_train_fp32_adapters_and_stay_unchanged(fx):
+    """FLUX users load fp8 weights (UNETLoader weight_dtype fp8_e4m3fn): the adapters ride on ComfyUI's
+    per-forward cast as weight wrappers, so training works and the stored fp8 weights are never written."""
+    from bierasing.erase import Concept, EraseConfig
+    from bierasing.erase.engine import Eraser
+
+    with torch.inference_mode():
+        m8 = fx.nodes.UNETLoader().load_unet("flux_standin.safetensors", "fp8_e4m3fn")[0]
+    dm = m8.model.diffusion_model
+    stored = {n: p for n, p in dm.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert stored and dm.double_blocks[0].txt_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    with torch.inference_mode(False):
+        before = {n: p.detach().view(torch.uint8).clone() for n, p in stored.items()}
+        cb = fx.flux_glue.ComfyFluxBackbone(m8, fx.clip, resolution=64)
+        cfg = EraseConfig(method="esd-x", steps=2, batch_size=2, rank=4, xt_source="cache", cache_size=2,
+                          xt_steps=3, seed=0, preserve="")
+        cb.encode_text(["", "cat", "dog"])
+        with fx.glue.unet_session(cb, train=True):
+            eraser = Eraser(cb, [Concept("cat", "dog")], cfg)
+            result = eraser.run()
+            layers = list(result.adapters.layers.values())
+            assert layers and all(p.dtype == torch.float32 for la in layers for p in (la.down, la.up))
+            moved = max(float(la.up.abs().max()) for la in layers)
+            result.adapters.remove(cb.unet)
+    losses = [r["loss"] for r in result.history]
+    print(f"\nfp8-stored FLUX stand-in: {len(stored)} fp8 tensors, esd-x losses {losses}, adapter |up| max {moved:.1e}")
+    assert all(torch.isfinite(torch.tensor(losses))) and moved > 0
+    assert all(torch.equal(p.detach().view(torch.uint8), before[n]) for n, p in stored.items())

@@ -53,6 +53,8 @@ BATCH_TEMPLATE_COPY = HERE / "batch" / "erase_template_api.json"
 # generated from the SD1.5 template: SDXL's files and 1024 px
 BATCH_TEMPLATE_SDXL = ROOT / "bierasing" / "templates" / "erase_template_sdxl_api.json"
 BATCH_TEMPLATE_SDXL_COPY = HERE / "batch" / "erase_template_sdxl_api.json"
+BATCH_TEMPLATE_FLUX = ROOT / "bierasing" / "templates" / "erase_template_flux_api.json"
+BATCH_TEMPLATE_FLUX_COPY = HERE / "batch" / "erase_template_flux_api.json"
 
 MODELS_NOTE = (
     "Files (ComfyUI/models/...):\n"
@@ -724,7 +726,38 @@ def render(schemas: dict | None = None) -> dict[Path, str]:
     if problems:
         raise ValueError("the SDXL batch template is not a valid prompt:\n  " + "\n  ".join(problems))
     files[BATCH_TEMPLATE_SDXL] = files[BATCH_TEMPLATE_SDXL_COPY] = json.dumps(xl, indent=2) + "\n"
+    fl = flux_batch_template(json.loads(text))
+    problems = validate(fl, schemas)
+    if problems:
+        raise ValueError("the FLUX batch template is not a valid prompt:\n  " + "\n  ".join(problems))
+    files[BATCH_TEMPLATE_FLUX] = files[BATCH_TEMPLATE_FLUX_COPY] = json.dumps(fl, indent=2) + "\n"
     return files
+
+
+def flux_batch_template(sd15: dict) -> dict:
+    """The batch template for FLUX.1: the SD1.5 one with FLUX's three loaders in place of the checkpoint,
+    SigLIP + Redux as the image branch, and cfg 1 for the exemplars."""
+    fl = json.loads(json.dumps(sd15))
+    [ckpt] = [nid for nid, n in fl.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    ids = iter(str(i) for i in range(max(int(k) for k in fl) + 1, 10 ** 6))
+    clip, vae = next(ids), next(ids)
+    fl[ckpt] = {"inputs": {"unet_name": FLUX_UNET, "weight_dtype": "default"}, "class_type": "UNETLoader",
+                "_meta": {"title": "Load Diffusion Model (FLUX.1)"}}
+    fl[clip] = {"inputs": {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"},
+                "class_type": "DualCLIPLoader", "_meta": {"title": "DualCLIPLoader"}}
+    fl[vae] = {"inputs": {"vae_name": FLUX_VAE}, "class_type": "VAELoader", "_meta": {"title": "Load VAE"}}
+    for node in fl.values():
+        inputs = node["inputs"]
+        for k, v in inputs.items():
+            if isinstance(v, list) and v[0] == ckpt and v[1] in (1, 2):
+                inputs[k] = [clip if v[1] == 1 else vae, 0]
+        if node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = SIGLIP
+        elif node["class_type"] == "BiErasingImageAdapterLoader":
+            inputs["adapter_name"] = REDUX
+        elif node["class_type"] == "BiErasingGenerateExemplars":
+            inputs["cfg"] = 1.0
+    return fl
 
 
 def sdxl_batch_template(sd15: dict) -> dict:

@@ -35,7 +35,11 @@ class LivePreview:
     denoising steps of one image at the backbone's own size.
     """
 
-    def __init__(self, prompt: str, sample_every: int = 50, steps: int = 12, guidance: float = 5.0,
+    #: CFG of the preview samples, or the backbone's own before/after CFG where that is lower (FLUX
+    #: samples at 1: dev's embedded guidance does it; a second pass would double the cost)
+    GUIDANCE = 5.0
+
+    def __init__(self, prompt: str, sample_every: int = 50, steps: int = 12, guidance: float | None = None,
                  seed: int = 0, cell_px: int = 192):
         self.prompt, self.sample_every, self.steps = prompt, sample_every, steps
         self.guidance, self.seed, self.cell_px = guidance, seed, cell_px
@@ -46,6 +50,8 @@ class LivePreview:
 
     def attach(self, eraser) -> LivePreview:
         self.eraser = eraser
+        if self.guidance is None:
+            self.guidance = min(self.GUIDANCE, eraser.bb.erasure_scorer().guidance)
         self.started = time.monotonic()
         return self
 
