@@ -166,6 +166,11 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
         raise ValueError(f"{cfg.method} conditions on exemplar images: connect a CLIP_VISION (Load CLIP Vision) "
                          "and an image adapter (Load Image Adapter), or pick esd-x / esd-u")
     bb = glue.backbone(model, clip, vae, clip_vision, image_adapter, resolution)
+    closed = registry.get(cfg.method).closed_form
+    if (closed or cfg.warm_start) and bb.trainable_rules() is not None:
+        raise ValueError("bi-instant and warm_start solve a UNet's cross-attention in closed form; this model "
+                         "(FLUX) reads the text inside its blocks: use Erase Concept with bi-erasing and "
+                         "warm_start off")
     with torch.inference_mode(False):
         neg = glue.plain(to_bchw(negative_images)).to(bb.device) if negative_images is not None else None
         pos = glue.plain(to_bchw(positive_images)).to(bb.device) if positive_images is not None else None
@@ -181,7 +186,6 @@ def erase(model, clip, concept: str, safe_concept: str, clip_vision=None, image_
             if (cfg.xt_source == "noised" or (cfg.adversarial > 0 and bb.can_encode_images)) \
                     and c.negative_images is not None:
                 bb.to_x(c.negative_images)
-    closed = registry.get(cfg.method).closed_form
     with torch.inference_mode(False):  # the suggestions (preserve / contexts auto) are text conditioning too
         if closed or cfg.warm_start:
             from bierasing.erase.engine import _resolve

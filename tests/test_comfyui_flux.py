@@ -424,3 +424,12 @@ def test_fp8_stored_weights_train_fp32_adapters_and_stay_unchanged(fx):
     print(f"\nfp8-stored FLUX stand-in: {len(stored)} fp8 tensors, esd-x losses {losses}, adapter |up| max {moved:.1e}")
     assert all(torch.isfinite(torch.tensor(losses))) and moved > 0
     assert all(torch.equal(p.detach().view(torch.uint8), before[n]) for n, p in stored.items())
+
+
+def test_closed_form_erasure_on_flux_is_refused_before_any_work(fx):
+    settings = {p.name: p.default for p in fx.spec.BY_ID["BiErasingEraseInstant"].inputs if p.default is not None}
+    settings.update(concept="cat", safe_concept="dog")
+    t0 = time.time()
+    with pytest.raises(ValueError, match="use Erase Concept with bi-erasing"):
+        run(fx, "BiErasingEraseInstant", model=fx.model, clip=fx.clip, **settings)
+    assert time.time() - t0 < 5
