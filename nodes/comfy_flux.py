@@ -59,14 +59,32 @@ def diffusers_slices(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
             ldm, rows = target[0], (target[1][1], target[1][2])
         else:
             continue  # norm_out: scale and shift swapped, no trainable set selects it
-        out[dif[:-len(".weight")]] = (ldm[:-len(".weight")], rows)
+        if ldm.endswith(".weight"):  # not the QK-norm scales (``.scale``): no Linear to adapt
+            out[dif[:-len(".weight")]] = (ldm[:-len(".weight")], rows)
     return out
+
+
+class OutOfPlace(torch.Tensor):
+    """A block's input whose ``+=`` makes a new tensor. ComfyUI's FLUX blocks add their residuals in
+    place (``txt += ...``, ``x += ...``) onto tensors their norms saved for the backward, which autograd
+    refuses; with this type the block runs unchanged and the saved tensors stay intact."""
+
+    def __iadd__(self, other):
+        return self + other
+
+
+def _run_block(args: dict, extra: dict) -> dict:
+    if not torch.is_grad_enabled():
+        return extra["original_block"](args)
+    wrapped = {k: v.as_subclass(OutOfPlace) if k in ("img", "txt") else v for k, v in args.items()}
+    out = extra["original_block"](wrapped)
+    return {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 class TextAttentionRecorder:
     """A ``dit`` double_block replace patch: with ``attention_store`` set, records [B, image tokens,
     text tokens] (softmax over the joint sequence, text columns, mean over heads), then runs the
-    block as ComfyUI would."""
+    block as ComfyUI would (out of place when training, see :class:`OutOfPlace`)."""
 
     def __init__(self, block):
         self.block = block
@@ -76,7 +94,7 @@ class TextAttentionRecorder:
         if self.attention_store is not None:
             with torch.no_grad():
                 self.attention_store.append(self._text_attention(args))
-        return extra["original_block"](args)
+        return _run_block(args, extra)
 
     def _text_attention(self, args: dict) -> torch.Tensor:
         from comfy.ldm.flux.math import apply_rope
@@ -120,8 +138,11 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         self._image_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._latent_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.guidance = guidance_of(model)
+        import comfy.model_sampling
+
         ms = model.model.model_sampling
-        self.shift = math.exp(ms.shift) if type(ms).__name__ == "ModelSamplingFlux" else float(getattr(ms, "shift", 1.0))
+        flux_shift = isinstance(ms, comfy.model_sampling.ModelSamplingFlux)  # its shift is mu: k = e^mu
+        self.shift = math.exp(ms.shift) if flux_shift else float(getattr(ms, "shift", 1.0))
         self.sigmas = flux.flow_sigmas(1000, self.shift)
         self.alphas_cumprod = flux.alphas_cumprod_of(self.sigmas)
         self.flow_scale = flux.vp_to_flow_scale(self.sigmas)
@@ -233,6 +254,26 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
             rec = TextAttentionRecorder(block)
             self.patcher.set_model_patch_replace(rec, "dit", "double_block", i)
             self._recorders.append(rec)
+        for i in range(len(self.unet.single_blocks)):
+            self.patcher.set_model_patch_replace(_run_block, "dit", "single_block", i)
+
+    def make_trainable(self) -> None:
+        """As for UNets, plus the parameters ComfyUI applies no wrapper to (the QK-norm scales): loaded in
+        inference mode, they are swapped for ordinary copies by object patches, which the clone puts in
+        place when it loads and takes out again when it unloads."""
+        super().make_trainable()
+        added = False
+        for name, m in self.unet.named_modules():
+            if hasattr(m, "weight_function"):
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                key = f"diffusion_model.{name}.{pname}"
+                if p.is_inference() and key not in self.patcher.object_patches:
+                    self.patcher.add_object_patch(key, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+                    added = True
+        if added and self._loaded_uuid is not None:  # applied at the next load
+            self.patcher.detach()
+            self._loaded_uuid = None
 
     def attach_adapters(self, trainable: str, rank: int, generator: torch.Generator | None = None):
         from bierasing.erase.adapters import TRAINABLE_SETS, AdaptedLayer, AdapterSet

@@ -17,6 +17,7 @@ KSampler -> VAEDecode."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -107,8 +108,10 @@ def fx(tmp_path_factory):
     assert isinstance(model.model, comfy.model_base.Flux), type(model.model)
     print(f"\nFLUX stand-in ({sum(p.numel() for p in twin.parameters()) / 1e6:.0f} M parameters), CLIP-L + one-layer "
           f"T5-XXL, VAE and SigLIP built and loaded in {time.time() - t0:.1f} s as {type(model.model.model_config).__name__}")
+    glue = pack("nodes.comfy_glue")
     return SimpleNamespace(nodes=nodes, model=model, twin=twin, root=root, clip=clip, vae=vae, cv=cv, redux=redux,
-                           glue=pack("nodes.comfy_glue"), flux_glue=pack("nodes.comfy_flux"), spec=pack("nodes.spec"))
+                           glue=glue, flux_glue=importlib.import_module(f"{glue.__package__}.comfy_flux"),
+                           spec=pack("nodes.spec"))
 
 
 def run(fx, node_id: str, **kw):
@@ -305,7 +308,9 @@ def test_redux_tokens_equal_the_library_path(fx):
     cfg = SiglipVisionConfig(**{k: v for k, v in SMALL_SIGLIP.items() if k not in ("model_type", "image_mean", "image_std")},
                              vision_use_head=False)
     hf = SiglipVisionModel(cfg).eval()
-    missing, unexpected = hf.load_state_dict(fx.cv.model.state_dict(), strict=False)
+    prefix = "vision_model." if next(iter(hf.state_dict())).startswith("vision_model.") else ""
+    comfy_sd = {prefix + k.removeprefix("vision_model."): v for k, v in fx.cv.model.state_dict().items()}
+    missing, _ = hf.load_state_dict(comfy_sd, strict=False)
     assert not missing, missing
     with torch.no_grad():
         states = hf(pixel_values=vision_pixels(images, size, *SIGLIP_MEAN_STD)).last_hidden_state
@@ -359,7 +364,7 @@ def test_erase_save_loraloader_ksampler_on_flux(fx, caplog):
     assert filt.shape == neg.shape and masks.shape == (2, 64, 64) and torch.isfinite(masks).all()
     settings = {p.name: p.default for p in fx.spec.BY_ID["BiErasingErase"].inputs if p.default is not None}
     settings.update(concept="cat", safe_concept="dog", steps=2, batch_size=2, cache_size=2, xt_steps=3,
-                    resolution=64, preview_every=0, preserve="")
+                    resolution=64, preview_every=0, preserve="", adversarial=0.0)
     t0 = time.time()
     erased, lora, curve, report = run(fx, "BiErasingErase", model=fx.model, clip=fx.clip, clip_vision=fx.cv,
                                       image_adapter=adapter, negative_images=filt, positive_images=pos, vae=fx.vae,
@@ -378,7 +383,7 @@ def test_erase_save_loraloader_ksampler_on_flux(fx, caplog):
         (m2,) = fx.nodes.LoraLoaderModelOnly().load_lora_model_only(fx.model, rel, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     m3, _ = run(fx, "BiErasingLoadErasure", model=fx.model, erasure_name=rel, strength=1.0)
-    flux_guidance = fx.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]
+    from comfy_extras.nodes_flux import FluxGuidance as flux_guidance
     with torch.inference_mode():
         pos_c = fx.nodes.CLIPTextEncode().encode(fx.clip, "a photo of a cat")[0]
         pos_c = flux_guidance.execute(conditioning=pos_c, guidance=3.5).args[0]
