@@ -53,8 +53,8 @@ def _cmd_world_train(args) -> int:
     _threads(args.threads)
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
-                                            "unet_batch", "ip_batch", "lr", "probe_every", "unet_stop_at",
-                                            "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
+                                            "unet_batch", "ip_batch", "lr", "probe_every", "probe_from",
+                                            "unet_stop_at", "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
                                             "unet_curriculum", "flow_pooled_dropout")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ip-empty-prompt", type=float, default=None,
                    help="share of image-branch steps with an empty prompt (default: TrainConfig); more steers "
                         "harder from the image alone but overshoots beside a caption (see the model card)")
-    for name in ("unet_batch", "ip_batch", "probe_every"):
+    for name in ("unet_batch", "ip_batch", "probe_every", "probe_from"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help="default: TrainConfig in bierasing/world/train.py")
     t.add_argument("--lr", type=float, default=None,

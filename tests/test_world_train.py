@@ -327,6 +327,20 @@ def test_a_probe_that_meets_its_bar_ends_the_stage_and_a_resumed_run_keeps_it_en
     assert again.step == 4 and calls == [2, 4]
 
 
+def test_denoiser_probes_start_at_probe_from_and_image_stages_probe_from_the_start(tmp_path):
+    cfg = _cfg(probe_every=2, probe_from=5)
+    trainer = WorldTrainer(tmp_path, cfg, TINY, progress=False, log=lambda m: None)
+    w = torch.nn.Parameter(torch.zeros(()))
+    calls = []
+    for stage in ("unet", "ip"):
+        trainer.stage, trainer.step = stage, 0
+        trainer._loop(10, [w], lambda: (w - 1) ** 2, probe=lambda: calls.append((trainer.stage, trainer.step)))
+    assert calls == [("unet", 6), ("unet", 8), ("ip", 2), ("ip", 4), ("ip", 6), ("ip", 8)]
+    assert TrainConfig(arch="flow").probe_from == 8000 and TrainConfig().probe_from == 0
+    with pytest.raises(ValueError, match="probe_from must be >= 0"):
+        TrainConfig(probe_from=-1)
+
+
 def test_probe_of_the_shipped_world_measures_its_quality(tmp_path):
     import cv2
 
