@@ -341,6 +341,14 @@ def test_denoiser_probes_start_at_probe_from_and_image_stages_probe_from_the_sta
         TrainConfig(probe_from=-1)
 
 
+def test_probes_leave_the_training_unchanged(tmp_path):
+    probed = train_world(tmp_path / "p", _cfg(probe_every=2, unet_stop_at=0.0), TINY, progress=False,
+                         log=lambda m: None)
+    assert (tmp_path / "p" / "probes" / "unet_00002.png").exists()  # it did probe
+    plain = _state(train_world(tmp_path / "n", _cfg(probe_every=0), TINY, progress=False, log=lambda m: None))
+    assert all(torch.equal(v, plain[k]) for k, v in _state(probed).items())
+
+
 def test_probe_of_the_shipped_world_measures_its_quality(tmp_path):
     import cv2
 
