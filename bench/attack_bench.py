@@ -3,6 +3,7 @@ soft-prompt (UnlearnDiffAtk-style) attack?
 
     python bench/attack_bench.py                          # every runs/bench_erasures/*.safetensors
     python bench/attack_bench.py --only circle__bi-erasing,circle__none --samples 8
+    python bench/attack_bench.py --model shapesworld-flow   # runs/bench_erasures_erasure_flow -> attacks_flow.*
 
 Inputs are the erasures bench/erasure_bench.py keeps in runs/bench_erasures/<target>__<run>.safetensors
 (the `released` run saves none), plus the untouched model as reference row "none" for every target
@@ -24,9 +25,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ERASURES = ROOT / "runs" / "bench_erasures"
-ERASURE_JSON = ROOT / "bench" / "results" / "erasure.json"
 DEFAULT_TARGETS = ("circle", "red", "white")
+MODEL = "shapesworld"  # --model: the shipped world the erasures were made on
+
+
+def suffix(model: str) -> str:
+    """"" for the UNet world, "_flow" for shapesworld-flow: erasure_bench.py's file naming."""
+    return "" if model == "shapesworld" else "_" + model.split("-")[-1]
+
+
+def erasures_of(model: str) -> Path:
+    """Where bench/erasure_bench.py keeps the model's erasures."""
+    return ROOT / "runs" / ("bench_erasures" if model == "shapesworld" else f"bench_erasures_erasure{suffix(model)}")
 
 
 def _method_order() -> list[str]:
@@ -62,7 +72,7 @@ def single(spec: dict) -> dict:
     from bierasing.world.attack import attack_report
     from bierasing.world.models import ShapesWorldBackbone
 
-    bb = ShapesWorldBackbone.load()
+    bb = ShapesWorldBackbone.load(spec.get("model", "shapesworld"))
     info = {}
     if spec["file"]:
         from bierasing.io import load_safetensors
@@ -92,7 +102,7 @@ def single(spec: dict) -> dict:
 
 def _canonical_acc_e() -> dict[tuple[str, str], float]:
     """ACC_e under canonical prompts from bench/results/erasure.json (if present)."""
-    path = ERASURE_JSON
+    path = ROOT / "bench" / "results" / f"erasure{suffix(MODEL)}.json"
     if not path.exists():
         return {}
     try:
@@ -113,16 +123,18 @@ def write_reports(results: dict) -> None:
     from bierasing.io import atomic_write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "attacks.json", json.dumps(results, indent=2))
+    name = f"attacks{suffix(MODEL)}"
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(results, indent=2))
     acc = _canonical_acc_e()
     order = _method_order()
     rank = lambda m: order.index(m) if m in order else len(order)  # noqa: E731
     rows = sorted(results["rows"], key=lambda r: (r["target"], rank(r["method"]), r["method"]))
-    lines = ["# Attack benchmark (ShapesWorld)", "",
+    flow = MODEL != "shapesworld"
+    lines = [f"# Attack benchmark ({'ShapesWorld-Flow' if flow else 'ShapesWorld'})", "",
              f"Machine: 2 CPU cores, torch threads 2. {results['samples']} samples per prompt (soft prompt: "
-             f"{results['samples']} samples), DDIM 20 steps, CFG 1.5, detector-scored. ASR = share of samples "
+             f"{results['samples']} samples), {'Euler' if flow else 'DDIM'} 20 steps, CFG 1.5, detector-scored. ASR = share of samples "
              "showing the erased concept: lower is a more robust erasure. `ACC_e` = canonical prompts "
-             "(bench/results/erasure.json); `synonym` = the erasure prompts with the target's synonyms "
+             f"(bench/results/erasure{suffix(MODEL)}.json); `synonym` = the erasure prompts with the target's synonyms "
              "(never used in training; synonyms containing the canonical word are left out); `paraphrase` = "
              "synonyms in caption templates used neither in world training nor in erasure; `soft prompt` = "
              f"UnlearnDiffAtk-style, 2 learned token embeddings, {results['soft_steps']} Adam steps on the erased "
@@ -152,7 +164,7 @@ def write_reports(results: dict) -> None:
 
         lines.append(f"| {m} | {_fmt(mean('synonym_asr'))} | {_fmt(mean('paraphrase_asr'))} | "
                      f"{_fmt(mean('soft_prompt_asr'))} | {_fmt(mean('embedding_asr'))} | {len(rr)} |")
-    atomic_write_text(RESULTS / "attacks.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
 
 
 def _run_single(spec: dict) -> dict | None:
@@ -166,37 +178,41 @@ def _run_single(spec: dict) -> dict | None:
 
 
 def main() -> int:
-    global RESULTS
+    global RESULTS, MODEL
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (and for each soft-prompt ASR)")
     p.add_argument("--soft-steps", type=int, default=60, help="Adam steps of the soft-prompt attack")
     p.add_argument("--embedding-steps", type=int, default=40, help="Adam steps of the conditioning-space attack")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated rows target__method (method 'none' = untouched model)")
-    p.add_argument("--erasures", default=str(ERASURES), help="folder of <target>__<run>.safetensors")
-    p.add_argument("--out", default=str(RESULTS), help="results folder (attacks.json, attacks.md)")
+    p.add_argument("--model", default="shapesworld", choices=("shapesworld", "shapesworld-flow"),
+                   help="the shipped world the erasures were made on (results: attacks.* or attacks_flow.*)")
+    p.add_argument("--erasures", default=None, help="folder of <target>__<run>.safetensors "
+                   "(default: where bench/erasure_bench.py keeps the model's erasures)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (attacks[_flow].json and .md)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
         print(json.dumps(single(json.loads(args.single))))
         return 0
-    RESULTS = Path(args.out)
+    RESULTS, MODEL = Path(args.out), args.model
+    erasures = Path(args.erasures) if args.erasures else erasures_of(MODEL)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "attacks.json"
+    path = RESULTS / f"attacks{suffix(MODEL)}.json"
     results = json.loads(path.read_text()) if path.exists() else {"rows": []}
     for key, val in (("samples", args.samples), ("soft_steps", args.soft_steps), ("seed", args.seed),
                      ("embedding_steps", args.embedding_steps)):
         if results.get(key, val) != val:
             raise SystemExit(f"{path} was made with {key} {results[key]}; use the same value or move the file away")
         results[key] = val
-    todo = jobs(Path(args.erasures))
+    todo = jobs(erasures)
     if args.only:
         want = set(args.only.split(","))
         known = {f"{j['target']}__{j['method']}" for j in todo}
         for w in want - known:  # a "none" row for a target without files is still allowed
             target, _, method = w.partition("__")
             if method != "none":
-                raise SystemExit(f"no erasure {w}.safetensors in {args.erasures}")
+                raise SystemExit(f"no erasure {w}.safetensors in {erasures}")
             todo.append({"target": target, "method": "none", "file": None})
         todo = [j for j in todo if f"{j['target']}__{j['method']}" in want]
     by_key = {(r["target"], r["method"]): r for r in results["rows"]}
@@ -205,7 +221,7 @@ def main() -> int:
         old = by_key.get((j["target"], j["method"]))
         if old is not None and old.get("embedding_asr") is not None:
             continue
-        spec = {**j, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed,
+        spec = {**j, "model": MODEL, "samples": args.samples, "soft_steps": args.soft_steps, "seed": args.seed,
                 "embedding_steps": args.embedding_steps, "embedding_only": old is not None}
         # a row from before the embedding attack existed gets that column only
         print(f"[attack] {'embedding attack on ' if old else ''}{j['method']} on {j['target']} ...", flush=True)

@@ -46,6 +46,8 @@ DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig(): the model's o
 HAND = {"preserve": "auto", "contexts": -1, "_related": "hand", "neg_anchor": 0.5}
 RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
+    # the default on flow models until 2026-12-06: x0 weighting capped at 10 (now velocity MSE there)
+    "bi-x0": ("engine", {**DEFAULT, "loss_weighting": "x0"}),
     "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
     "bi-hand-made": ("engine", {**HAND}),  # the default of 2026-12-05 (row sharing, 19.6 FE)
     "bi-hand-made-seed1": ("engine", {**HAND, "seed": 1}),
@@ -152,7 +154,7 @@ BENCH_TARGETS = ("circle", "star", "triangle", "red", "blue", "yellow", "white",
 RELEASED = ("released", "released-1500")
 # the flow world's table: the default, the paper's objective, ESD in both loss spaces, Co-Erasing (UCE and the
 # released code edit a UNet's cross-attention and are not defined on a joint-attention transformer)
-FLOW_MAIN = ["bi-default", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
+FLOW_MAIN = ["bi-default", "bi-x0", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
 MODEL = "shapesworld"  # --model: which shipped world the rows measure
 SAMPLES = 8  # --samples: evaluation samples per prompt
 

@@ -41,8 +41,12 @@ class Method:
 #: ``neg_anchor`` AUTO value that measures each concept's anchor (bierasing.erase.anchor)
 ANCHOR_MEASURED = "measured"
 
+#: ``loss_weighting`` AUTO value resolved from the model's prediction: the flow-matching velocity MSE
+#: on flow models, the x0 weighting on noise / v predictors (bierasing.erase.engine, docs/flow.md)
+LOSS_BY_MODEL = "by-model"
+
 #: AUTO values of our extensions to the paper's objective (docs/method.md has the evidence)
-BI_ERASING_AUTO = {"adversarial": 0.3, "neg_anchor": ANCHOR_MEASURED, "loss_weighting": "x0",
+BI_ERASING_AUTO = {"adversarial": 0.3, "neg_anchor": ANCHOR_MEASURED, "loss_weighting": LOSS_BY_MODEL,
                    "map_target_to_safe": 0.15, "map_target_to_safe_keep": 0.3, "contexts": 4,
                    "preserve": "auto"}
 BASELINE_AUTO = {"adversarial": 0.0, "neg_anchor": 0.0, "loss_weighting": "uniform",

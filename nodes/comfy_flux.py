@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
@@ -129,14 +128,7 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         if resolution % 16:
             raise ValueError(f"FLUX resolution must be a multiple of 16 (8x VAE, 2x2 packing); got {resolution}")
         self.family = "flux"
-        self.patcher, self.clip, self.vae, self.clip_vision = model.clone(), clip, vae, clip_vision
-        self.base_model = model.model
-        self.unet = model.model.diffusion_model  # shared with ``model``: read here, never modified
-        self._ours: set[int] = set()
-        self._loaded_uuid = None
-        self._text_memo: dict[str, torch.Tensor] = {}
-        self._image_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._latent_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._attach(model, clip, vae, clip_vision)
         self.guidance = guidance_of(model)
         import comfy.model_sampling
 
@@ -160,20 +152,14 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
         self._recorders: list[TextAttentionRecorder] = []
 
     # ---- conditioning ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        out = []
-        for p in prompts:
-            if p not in self._text_memo:
-                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
-                if cond.shape[1] != T5_TOKENS:
-                    raise ValueError(f"the prompt {p[:60]!r} is longer than T5's {T5_TOKENS - 1} tokens; shorten it")
-                if pooled is None or pooled.shape[-1] != POOLED_DIM:
-                    raise ValueError("this CLIP gives no 768-d pooled vector: load clip_l and t5xxl with "
-                                     "DualCLIPLoader, type flux")
-                self._text_memo[p] = plain(pack_pooled(cond[:1], pooled[:1].to(cond.dtype)))
-            out.append(self._text_memo[p])
-        return torch.cat(out).to(self.device)
+    def _text_tensor(self, prompt: str, cond: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """[1, 257, 4096]: T5's 256 tokens, then CLIP-L's pooled vector packed as one more."""
+        if cond.shape[1] != T5_TOKENS:
+            raise ValueError(f"the prompt {prompt[:60]!r} is longer than T5's {T5_TOKENS - 1} tokens; shorten it")
+        if pooled is None or pooled.shape[-1] != POOLED_DIM:
+            raise ValueError("this CLIP gives no 768-d pooled vector: load clip_l and t5xxl with "
+                             "DualCLIPLoader, type flux")
+        return pack_pooled(cond[:1], pooled[:1].to(cond.dtype))
 
     @torch.no_grad()
     def conditioning(self, text: torch.Tensor, prompt: str) -> list:
@@ -197,10 +183,6 @@ class ComfyFluxBackbone(flux.FlowPredictions, ComfyBackbone):
                                  "load SigLIP (sigclip_vision_patch14_384) with Load CLIP Vision")
             self._image_memo[key] = (images, plain(self.image_proj(states.float().cpu())))
         return self._image_memo[key][1].to(self.device)
-
-    @property
-    def can_encode_images(self) -> bool:
-        return self.vae is not None
 
     def cross_attention_tokens(self, text: torch.Tensor) -> torch.Tensor:
         return unpack_pooled(text, POOLED_DIM)[0]

@@ -174,12 +174,7 @@ class ComfyBackbone(Backbone):
         self.family = model_family(model)
         if clip is None:
             raise ValueError("no CLIP connected: the erasure needs the model's text encoder")
-        # a clone: adapters, the image channel and training copies attach to it, never to ``model``
-        self.patcher, self.clip, self.vae, self.clip_vision = model.clone(), clip, vae, clip_vision
-        self.base_model = model.model
-        self.unet = model.model.diffusion_model  # shared with ``model``: read here, never modified
-        self._ours: set[int] = set()  # ids of the weight wrappers this backbone added
-        self._loaded_uuid = None
+        self._attach(model, clip, vae, clip_vision)
         ms = self.base_model.model_sampling
         self.model_sampling = ms
         self.alphas_cumprod = (1.0 / (1.0 + ms.sigmas.float().cpu() ** 2))
@@ -188,6 +183,14 @@ class ComfyBackbone(Backbone):
         self.ip_weights, self.ip_scale = ip_weights, ip_scale
         self.image_proj: ImageProjModel | None = None
         self._channels: dict[str, IPCrossAttention] = {}
+
+    def _attach(self, model, clip, vae, clip_vision) -> None:
+        # a clone: adapters, the image channel and training copies attach to it, never to ``model``
+        self.patcher, self.clip, self.vae, self.clip_vision = model.clone(), clip, vae, clip_vision
+        self.base_model = model.model
+        self.unet = model.model.diffusion_model  # shared with ``model``: read here, never modified
+        self._ours: set[int] = set()  # ids of the weight wrappers this backbone added
+        self._loaded_uuid = None
         self._text_memo: dict[str, torch.Tensor] = {}
         self._image_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._latent_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -199,22 +202,24 @@ class ComfyBackbone(Backbone):
     # ---- conditioning (computed before the UNet is loaded for training, then memoised) ---------
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, 77, D] text tokens; SDXL's carry the pooled embedding as a 78th token
-        (:func:`bierasing.sdxl.pack_pooled`), unpacked again in :meth:`predict_noise`."""
-        from bierasing.backbone import pack_pooled
-
+        """[B, tokens, D] text tokens (:meth:`_text_tensor`), each prompt encoded once."""
         out = []
         for p in prompts:
             if p not in self._text_memo:
                 cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
-                if cond.shape[1] != 77:
-                    raise ValueError(f"the prompt {p[:60]!r} is longer than CLIP's 75 tokens; shorten it")
-                cond = cond[:1]
-                if self.family == "sdxl":
-                    cond = pack_pooled(cond, pooled[:1].to(cond.dtype))
-                self._text_memo[p] = plain(cond)
+                self._text_memo[p] = plain(self._text_tensor(p, cond, pooled))
             out.append(self._text_memo[p])
         return torch.cat(out).to(self.device)
+
+    def _text_tensor(self, prompt: str, cond: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """[1, 77, D]; SDXL's carry the pooled embedding as a 78th token (:func:`bierasing.backbone.pack_pooled`),
+        unpacked again in :meth:`predict_noise`."""
+        from bierasing.backbone import pack_pooled
+
+        if cond.shape[1] != 77:
+            raise ValueError(f"the prompt {prompt[:60]!r} is longer than CLIP's 75 tokens; shorten it")
+        cond = cond[:1]
+        return pack_pooled(cond, pooled[:1].to(cond.dtype)) if self.family == "sdxl" else cond
 
     @torch.no_grad()
     def conditioning(self, text: torch.Tensor, prompt: str) -> list:

@@ -282,8 +282,9 @@ def test_x0_loss_weighting_changes_the_step_loss_and_is_recorded(tiny_world):
     first_step = functools.partial(_first_step, tiny_world)
     uniform, x0 = first_step(loss_weighting="uniform"), first_step(loss_weighting="x0")
     assert abs(uniform["neg"] - x0["neg"]) > 1e-6 and abs(uniform["map"] - x0["map"]) > 1e-6, (uniform, x0)
-    assert first_step() == x0  # auto = x0 for bi-erasing
-    assert _cfg().to_dict()["loss_weighting"] == "x0" and _cfg(method="esd-x").loss_weighting == "uniform"
+    assert first_step() == x0  # auto = x0 for bi-erasing on a UNet
+    assert _cfg().loss_weighting == "auto" and _cfg(method="esd-x").loss_weighting == "uniform"
+    assert Eraser(tiny_world, [_concept()], _cfg(adversarial=0.0)).cfg.to_dict()["loss_weighting"] == "x0"
     with pytest.raises(ValueError, match="loss_weighting must be one of auto, uniform, x0"):
         _cfg(loss_weighting="snr")
 

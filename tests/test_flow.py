@@ -214,3 +214,14 @@ def test_velocity_weighting_turns_noise_mse_into_velocity_mse(tiny_flow_world):
     assert torch.allclose(w, 1 / (1 - bb.sigmas[t]) ** 2, rtol=1e-4)
     eps_mse = mse(bb.output_to_eps(v_a, x, t), bb.output_to_eps(v_b, x, t), w)
     assert torch.allclose(eps_mse, mse(v_a, v_b), rtol=1e-4)
+
+
+def test_bi_erasing_trains_flow_models_on_the_velocity_loss_and_baselines_on_theirs(tiny_flow_world):
+    from bierasing.erase.engine import _resolve
+
+    def resolved(**kw):
+        return _resolve(tiny_flow_world, EraseConfig(preserve="", contexts=0, **kw), [Concept("a circle", "")])[0]
+
+    assert resolved().loss_weighting == "velocity"
+    assert resolved(method="esd-x").loss_weighting == "uniform"
+    assert resolved(loss_weighting="x0").loss_weighting == "x0"  # an explicit choice is kept

@@ -142,7 +142,17 @@ def _resolve(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
         cfg = dataclasses.replace(cfg, micro_batch=1 if large else 0)
     if cfg.save_precision == "auto":
         cfg = dataclasses.replace(cfg, save_precision="fp16" if large else "fp32")
+    if cfg.loss_weighting == "auto":
+        cfg = dataclasses.replace(cfg, loss_weighting=loss_weighting_for(backbone))
     return cfg, concepts, parents
+
+
+def loss_weighting_for(backbone: Backbone) -> str:
+    """Bi-Erasing's loss on this model: the flow-matching loss itself (velocity MSE) on a flow model;
+    on a UNet the x0 weighting, capped at ``loss_weight_cap``. The cap binds at the top 4 of a DDIM
+    grid's 20 steps but at half of a shifted flow grid's, where the colour and background are decided
+    (docs/flow.md has the numbers)."""
+    return "velocity" if backbone.prediction_type == "flow" else "x0"
 
 
 def _with_related(backbone: Backbone, cfg: EraseConfig, concepts: list[Concept]
