@@ -48,6 +48,12 @@ RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
     # the default on flow models until 2026-12-06: x0 weighting capped at 10 (now velocity MSE there)
     "bi-x0": ("engine", {**DEFAULT, "loss_weighting": "x0"}),
+    # 2026-12-06: why the flow world's backgrounds under-erased with bi-x0 (docs/flow.md); cap 1000 is no
+    # cap on a DDIM grid, so on the UNet world it asks whether one setting could serve both families
+    "bi-x0-cap100": ("engine", {**DEFAULT, "loss_weighting": "x0", "loss_weight_cap": 100.0}),
+    "bi-x0-cap1000": ("engine", {**DEFAULT, "loss_weighting": "x0", "loss_weight_cap": 1000.0}),
+    "bi-x0-anchor0": ("engine", {**DEFAULT, "loss_weighting": "x0", "neg_anchor": 0.0}),
+    "bi-x0-no-rows": ("engine", {**DEFAULT, "loss_weighting": "x0", "preserve": "", "contexts": 0}),
     "bi-default-seed1": ("engine", {**DEFAULT, "seed": 1}),  # run-to-run spread
     "bi-hand-made": ("engine", {**HAND}),  # the default of 2026-12-05 (row sharing, 19.6 FE)
     "bi-hand-made-seed1": ("engine", {**HAND, "seed": 1}),
