@@ -416,6 +416,10 @@ def write_reports(results: dict) -> None:
             lines.append(f"| {r['run']}{_dagger([r], branch)} | {r['target']} | {r['kind']} | {r['acc_e']:.3f} | "
                          f"{r['acc_p']:.3f} | {r['h']:.3f} | {r['acc_e_synonyms']:.3f} | "
                          f"{'-' if b is None else f'{b:.3f}'} | {r['seconds']} |")
+        lines += ["", "| run | mean H (held-out) | targets |", "|---|---|---|"]
+        for name in sorted({r["run"] for r in held_out}):
+            hs = [r["h"] for r in held_out if r["run"] == name]
+            lines.append(f"| {name} | **{sum(hs) / len(hs):.3f}** | {len(hs)} |")
         lines.append("")
     if _dagger(rows, branch):
         lines += [f"† measured with an earlier image branch than the shipped one ({branch}); its ACC/H "
