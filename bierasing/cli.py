@@ -54,8 +54,8 @@ def _cmd_world_train(args) -> int:
     given = {k: getattr(args, k) for k in ("clip_steps", "unet_steps", "vision_steps", "ip_warm_steps",
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
                                             "unet_batch", "ip_batch", "lr", "probe_every", "probe_from",
-                                            "unet_stop_at", "ip_stop_at", "precision", "ip_lr", "unet_edge_weight",
-                                            "unet_curriculum", "flow_pooled_dropout")
+                                            "unet_stop_at", "ip_stop_at", "precision", "ip_lr",
+                                            "unet_edge_weight", "unet_curriculum", "flow_pooled_dropout")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     wcfg = None

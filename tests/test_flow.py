@@ -220,7 +220,8 @@ def test_bi_erasing_trains_flow_models_on_the_velocity_loss_and_baselines_on_the
     from bierasing.erase.engine import _resolve
 
     def resolved(**kw):
-        return _resolve(tiny_flow_world, EraseConfig(preserve="", contexts=0, **kw), [Concept("a circle", "")])[0]
+        cfg = EraseConfig(preserve="", contexts=0, **kw)
+        return _resolve(tiny_flow_world, cfg, [Concept("a circle", "")])[0]
 
     assert resolved().loss_weighting == "velocity"
     assert resolved(method="esd-x").loss_weighting == "uniform"

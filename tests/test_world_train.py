@@ -334,7 +334,8 @@ def test_denoiser_probes_start_at_probe_from_and_image_stages_probe_from_the_sta
     calls = []
     for stage in ("unet", "ip"):
         trainer.stage, trainer.step = stage, 0
-        trainer._loop(10, [w], lambda: (w - 1) ** 2, probe=lambda: calls.append((trainer.stage, trainer.step)))
+        probe = lambda: calls.append((trainer.stage, trainer.step))  # noqa: E731
+        trainer._loop(10, [w], lambda: (w - 1) ** 2, probe=probe)
     assert calls == [("unet", 6), ("unet", 8), ("ip", 2), ("ip", 4), ("ip", 6), ("ip", 8)]
     assert TrainConfig(arch="flow").probe_from == 8000 and TrainConfig().probe_from == 0
     with pytest.raises(ValueError, match="probe_from must be >= 0"):

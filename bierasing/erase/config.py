@@ -96,8 +96,9 @@ class EraseConfig:
     stage_threshold: float = _f(0.8, "share of steps in the guide stage of guide-then-erase", min=0.0, max=1.0)
     loss_weighting: str = _f("auto", "how each x_t's error counts: uniform = plain noise MSE (the paper); x0 = "
                              "the error in the predicted image, so noisy steps (colour, layout) count too; "
-                             "velocity = flow-matching velocity MSE (EraseAnything); auto = bi-erasing: velocity on flow "
-                             "models (FLUX), x0 on UNets; uniform for the baselines", choices=("auto", "uniform", "x0", "velocity"))
+                             "velocity = flow-matching velocity MSE (EraseAnything); auto = bi-erasing: "
+                             "velocity on flow models (FLUX), x0 on UNets; uniform for the baselines",
+                             choices=("auto", "uniform", "x0", "velocity"))
     loss_weight_cap: float = _f(10.0, "largest x0 weight (loss_weighting x0), before scaling to mean 1", min=1.0,
                                 max=1000.0)
     neg_anchor: float = _f(AUTO, "share a of the safe prediction in the negative branch's anchor: 0 = the "
@@ -148,7 +149,7 @@ class EraseConfig:
             self._resolve_auto("neg_anchor", auto["neg_anchor"])
         self._is_auto("neg_anchor")
         if self.loss_weighting == "auto" and auto["loss_weighting"] != registry.LOSS_BY_MODEL:
-            self.loss_weighting = auto["loss_weighting"]  # else by the model's prediction (resolve_for_model)
+            self.loss_weighting = auto["loss_weighting"]  # else by the model (resolve_for_model)
         if self.auto_preserve and auto["preserve"] != PRESERVE_AUTO:
             self.preserve = auto["preserve"]
         if self.contexts < 0 and auto["contexts"] == 0:

@@ -85,8 +85,9 @@ ARCHS = ("unet", "flow")
 #: at step 11000 (shape 0.92 evaluated), the slower decay keeping the rate up while shapes form. Redux reads one state of
 #: the image encoder, which must tell the shapes apart by itself: 3000 steps took that from 0.85 to
 #: 0.995 (nearest class mean) and steering from 0.71 to 0.855 on seed 0.
-#: The flow transformer's probes read shape 0.47-0.67 at step 7000 on seeds 0, 1 and 2 (docs/shapesworld.md),
-#: far from the 0.93 stop, so its probes start at step 8000: seven fewer probes, 3.5 min of a run.
+#: The flow transformer's probes read shape 0.47-0.67 at step 7000 on seeds 0, 1 and 2
+#: (docs/shapesworld.md), far from the 0.93 stop, so its probes start at step 8000: seven fewer
+#: probes, 3.5 min of a run.
 ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0},
                  "flow": {"unet_steps": 16000, "flow_pooled_dropout": 0.5, "vision_steps": 3000,
                           "probe_from": 8000}}
@@ -160,8 +161,8 @@ class TrainConfig:
                 "40 s on a slow host), logged and kept in world.json; also every this many image-branch "
                 "steps when ip_stop_at is set; 0 = never"})
     probe_from: int | None = field(default=None, metadata={
-        "help": "the denoiser stage's first probe step (probes only steer the early stop, never the training); "
-                "default by world: 0 UNet, 8000 flow"})
+        "help": "the denoiser stage's first probe step (probes only steer the early stop, never the "
+                "training); default by world: 0 UNet, 8000 flow"})
     unet_stop_at: float = field(default=0.93, metadata={
         "help": "the UNet stage ends at the first probe whose shape accuracy reaches this (with colour "
                 ">= 0.95 and background >= 0.85), unet_steps being the most it trains; 0 = always "
