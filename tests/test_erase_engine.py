@@ -424,6 +424,7 @@ def test_micro_batch_auto_splits_large_unets_only(tiny_world):
 
     class Large:
         unet = torch.nn.Linear(1, MICRO_AUTO_PARAMS, device="meta")  # a parameter count, no memory
+        prediction_type = "epsilon"
 
         def suggest_related(self, pairs, n):
             return [], [[] for _ in pairs]
