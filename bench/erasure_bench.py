@@ -160,7 +160,7 @@ BENCH_TARGETS = ("circle", "star", "triangle", "red", "blue", "yellow", "white",
 RELEASED = ("released", "released-1500")
 # the flow world's table: the default, the paper's objective, ESD in both loss spaces, Co-Erasing (UCE and the
 # released code edit a UNet's cross-attention and are not defined on a joint-attention transformer)
-FLOW_MAIN = ["bi-default", "bi-x0", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
+FLOW_MAIN = ["bi-default", "bi-default-seed1", "bi-x0", "bi-erasing", "esd-x", "esd-velocity", "co-erasing"]
 MODEL = "shapesworld"  # --model: which shipped world the rows measure
 SAMPLES = 8  # --samples: evaluation samples per prompt
 
