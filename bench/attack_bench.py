@@ -16,6 +16,7 @@ more robust erasure); see bierasing/attack.py for the three attacks.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import subprocess
@@ -29,25 +30,28 @@ DEFAULT_TARGETS = ("circle", "red", "white")
 MODEL = "shapesworld"  # --model: the shipped world the erasures were made on
 
 
+@functools.cache
+def _erasure_bench():
+    """bench/erasure_bench.py, whose rows, file names and erasure folders these attacks follow."""
+    spec = importlib.util.spec_from_file_location("_erasure_bench", ROOT / "bench" / "erasure_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def suffix(model: str) -> str:
     """"" for the UNet world, "_flow" for shapesworld-flow: erasure_bench.py's file naming."""
-    return "" if model == "shapesworld" else "_" + model.split("-")[-1]
+    return _erasure_bench().world_stem(model).removeprefix("erasure")
 
 
 def erasures_of(model: str) -> Path:
     """Where bench/erasure_bench.py keeps the model's erasures."""
-    return ROOT / "runs" / ("bench_erasures" if model == "shapesworld" else f"bench_erasures_erasure{suffix(model)}")
+    return _erasure_bench().erasures_folder(model)
 
 
 def _method_order() -> list[str]:
-    """Rows in erasure_bench.py's order (methods, then ablations); alphabetical if unavailable."""
-    try:
-        spec = importlib.util.spec_from_file_location("_erasure_bench", ROOT / "bench" / "erasure_bench.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return ["none"] + list(mod.RUNS)
-    except Exception:  # noqa: BLE001 - ordering only
-        return ["none"]
+    """Rows in erasure_bench.py's order (methods, then ablations)."""
+    return ["none"] + list(_erasure_bench().RUNS)
 
 
 def jobs(erasures: Path) -> list[dict]:

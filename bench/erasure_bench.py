@@ -165,9 +165,16 @@ MODEL = "shapesworld"  # --model: which shipped world the rows measure
 SAMPLES = 8  # --samples: evaluation samples per prompt
 
 
-def world_stem() -> str:
+def world_stem(model: str | None = None) -> str:
     """erasure (the UNet world) or erasure_flow: the rows that train, at 8 samples per prompt."""
-    return "erasure" if MODEL == "shapesworld" else "erasure_" + MODEL.split("-")[-1]
+    model = model or MODEL
+    return "erasure" if model == "shapesworld" else "erasure_" + model.split("-")[-1]
+
+
+def erasures_folder(model: str | None = None) -> Path:
+    """Where a world's erasures are kept for later attacks (not committed; rerun the bench to rebuild)."""
+    model = model or MODEL
+    return ROOT / "runs" / ("bench_erasures" if model == "shapesworld" else f"bench_erasures_{world_stem(model)}")
 
 
 def stem() -> str:
@@ -206,8 +213,8 @@ def context_targets(target: str, n: int = 4) -> list[tuple[str, str]]:
 
 
 def _erasure_path(target: str, run: str) -> Path:
-    """Where a row's erasure is kept for later attacks (not committed; rerun the bench to rebuild)."""
-    folder = ROOT / "runs" / ("bench_erasures" if MODEL == "shapesworld" else f"bench_erasures_{world_stem()}")
+    """Where a row's erasure is kept for later attacks."""
+    folder = erasures_folder()
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{target}__{run}.safetensors"
 

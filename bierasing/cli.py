@@ -55,7 +55,8 @@ def _cmd_world_train(args) -> int:
                                             "ip_steps", "checkpoint_every", "ip_empty_prompt", "ip_objective",
                                             "unet_batch", "ip_batch", "lr", "probe_every", "probe_from",
                                             "unet_stop_at", "ip_stop_at", "precision", "ip_lr",
-                                            "unet_edge_weight", "unet_curriculum", "flow_pooled_dropout")
+                                            "unet_edge_weight", "unet_curriculum", "flow_pooled_dropout",
+                                            "flow_t_mean")
              if getattr(args, k) is not None}
     tcfg = TrainConfig(seed=args.seed, arch=args.arch, **given)
     wcfg = None
@@ -385,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flow world: share of steps where the transformer sees the empty prompt's pooled "
                         "vector beside the caption's tokens, so it reads the concepts from the tokens "
                         "(default 0.5; 0 = off)")
+    t.add_argument("--flow-t-mean", type=float, default=None,
+                   help="flow world: mean of the logit-normal noise-level draw before the time shift; lower "
+                        "trains more at low noise, where outlines (shapes) are drawn (default: TrainConfig)")
     t.add_argument("--flow-blocks", default=None,
                    help="flow world: double-stream,single-stream transformer blocks (default 4,2). Double-stream "
                         "blocks give the caption's tokens their own layers; a start stage after flow needs the "

@@ -147,10 +147,39 @@ def test_pooled_dropout_is_validated_and_for_the_flow_world_only(tmp_path):
     assert r.returncode != 0 and "no pooled text vector" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_flow_t_mean_moves_the_noise_level_draw_and_is_for_the_flow_world_only(tmp_path):
+    import subprocess
+    import sys
+
+    drawn = {}
+    for mean in (-1.0, 1.0):
+        trainer = FlowWorldTrainer(tmp_path / str(mean), _cfg(flow_t_mean=mean), TINY, **QUIET)
+        real = trainer.bb.velocity
+        sigmas = []
+
+        def recording(x, sigma, text, image_tokens=None, real=real, sigmas=sigmas):
+            sigmas.append(sigma.detach().clone())
+            return real(x, sigma, text, image_tokens)
+
+        trainer.bb.velocity = recording
+        with torch.no_grad():
+            text = trainer.bb.encode_text(["a red circle"] * 64)
+            trainer._denoiser_loss(torch.rand(64, 3, 32, 32), text)
+        drawn[mean] = sigmas[0]
+    # shifted logit-normal medians: sigmoid(-1) -> 0.52, sigmoid(1) -> 0.90 at the world's shift 3
+    assert drawn[-1.0].median() < 0.65 < 0.8 < drawn[1.0].median()
+    with pytest.raises(ValueError, match="flow_t_mean sets the flow world"):
+        TrainConfig(flow_t_mean=-0.5)
+    r = subprocess.run([sys.executable, "-m", "bierasing", "world", "train", "--flow-t-mean", "-0.5",
+                        "--out", str(tmp_path / "unet")], capture_output=True, text=True)
+    assert r.returncode != 0 and "flow_t_mean sets the flow world" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_world_dependent_defaults_resolve_by_arch_and_keep_what_is_given():
     flow, unet = TrainConfig(arch="flow"), TrainConfig()
     assert (flow.unet_steps, flow.flow_pooled_dropout, flow.vision_steps) == (16000, 0.5, 3000)
     assert (unet.unet_steps, unet.flow_pooled_dropout, unet.vision_steps) == (5500, 0.0, 1500)
+    assert (flow.flow_t_mean, unet.flow_t_mean) == (0.0, 0.0)
     assert TrainConfig(arch="flow", flow_pooled_dropout=0.0, unet_steps=7).flow_pooled_dropout == 0.0
     assert (FlowWorldConfig().double_blocks, FlowWorldConfig().single_blocks) == (4, 2)
     with pytest.raises(ValueError, match="no pooled text vector"):

@@ -88,9 +88,10 @@ ARCHS = ("unet", "flow")
 #: The flow transformer's probes read shape 0.47-0.67 at step 7000 on seeds 0, 1 and 2
 #: (docs/shapesworld.md), far from the 0.93 stop, so its probes start at step 8000: seven fewer
 #: probes, 3.5 min of a run.
-ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0},
+ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0,
+                          "flow_t_mean": 0.0},
                  "flow": {"unet_steps": 16000, "flow_pooled_dropout": 0.5, "vision_steps": 3000,
-                          "probe_from": 8000}}
+                          "probe_from": 8000, "flow_t_mean": 0.0}}
 
 
 @dataclass
@@ -179,9 +180,10 @@ class TrainConfig:
     vae_steps: int = field(default=800, metadata={
         "help": "flow world: autoencoder steps (batch unet_batch). 600 steps x 128 reconstructed 200 fresh "
                 "renders with MSE 0.001 and the detector read shape, colour and background of every one"})
-    flow_t_mean: float = field(default=0.0, metadata={
-        "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw); a higher "
-                "mean trains more at high noise"})
+    flow_t_mean: float | None = field(default=None, metadata={
+        "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw), then the "
+                "world's time shift; a lower mean trains more at low noise, where outlines are drawn; "
+                "default by world: 0 (flow); the UNet world has no such draw"})
     flow_t_std: float = field(default=1.0, metadata={"help": "flow world: spread of the logit-normal sigma draw"})
     flow_pooled_dropout: float | None = field(default=None, metadata={
         "help": "flow world: share of transformer steps whose pooled text vector is the empty prompt's while "
@@ -213,6 +215,9 @@ class TrainConfig:
         if self.arch != "flow" and self.flow_pooled_dropout:
             raise ValueError("flow_pooled_dropout sets the flow world's transformer (arch 'flow'); the UNet "
                              "world has no pooled text vector")
+        if self.arch != "flow" and self.flow_t_mean:
+            raise ValueError("flow_t_mean sets the flow world's noise-level draw (arch 'flow'); the UNet world "
+                             "draws DDPM timesteps (unet_t_power)")
         if not 0.0 <= self.ip_empty_prompt <= 1.0:
             raise ValueError(f"ip_empty_prompt is a share of steps in [0, 1], got {self.ip_empty_prompt}")
         if self.min_snr_gamma < 0:
@@ -456,7 +461,7 @@ class WorldTrainer:
             return
 
         lr = self.tcfg.ip_lr if self.stage in self.IMAGE_STAGES else self.tcfg.lr
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
         if self._pending_optim and self._pending_optim[1] is not None:
             io.optimizer_from_tensors(self.opt, *self._pending_optim)
         self._pending_optim = None
@@ -581,7 +586,7 @@ class WorldTrainer:
             p.requires_grad_("processor." not in n)
         if self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        named = dict(unet.named_parameters())
+        names = [n for n, _ in unet.named_parameters() if "processor." not in n]
         g = self.gen
 
         def step():
@@ -595,11 +600,9 @@ class WorldTrainer:
             return self._denoiser_loss(images, text)
 
         def ema_update():
-            d = self.tcfg.ema
             with torch.no_grad():
-                for k, p in named.items():
-                    if "processor." not in k:
-                        self.ema[k].mul_(d).add_(p.detach(), alpha=1 - d)
+                torch._foreach_lerp_([self.ema[k] for k in names], [p.detach() for p in params],
+                                     1 - self.tcfg.ema)
 
         def probe():
             live = {k: v.clone() for k, v in unet.state_dict().items()}
