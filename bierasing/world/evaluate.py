@@ -14,6 +14,8 @@ concepts of the same axis; ACC_e / ACC_p / H as in :mod:`bierasing.metrics`.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import time
 from pathlib import Path
@@ -36,12 +38,14 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def generate(backbone, prompts: Sequence[str], samples_per_prompt: int, seed: int = 0,
              steps: int = 20, guidance: float = 1.5, image_tokens: torch.Tensor | None = None,
-             progress: bool = False, desc: str = "sampling") -> np.ndarray:
-    """uint8 [len(prompts), samples, H, W, 3]; sample j of every prompt uses seed ``seed + j``."""
+             progress: bool = False, desc: str = "sampling", distinct_noise: bool = False) -> np.ndarray:
+    """uint8 [len(prompts), samples, H, W, 3]; sample j of every prompt uses seed ``seed + j``, or
+    with ``distinct_noise`` sample j of prompt i seed ``seed + i * samples_per_prompt + j``."""
     from tqdm.auto import tqdm
 
-    flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    seeds = [seed + j for _ in prompts for j in range(samples_per_prompt)]
+    n = samples_per_prompt
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    seeds = [seed + (i * n if distinct_noise else 0) + j for i in range(len(prompts)) for j in range(n)]
     tokens = None
     if image_tokens is not None:
         tokens = image_tokens.repeat_interleave(samples_per_prompt, dim=0)
@@ -161,16 +165,19 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
 
     ``part`` "text": shape and colour accuracy over the shape x colour prompts, background
     accuracy over the background prompts; "image": image steering (shape), and the shape
-    kept when a shape x colour prompt comes with its matching exemplar. Sample j of every
-    prompt starts from the same noise (seed + j), so a probe varies more than its sample count
-    suggests: the shipped weights probe background 0.87 on seeds 1000-1001, 1.00 on 0-1.
+    kept when a shape x colour prompt comes with its matching exemplar. Every sample starts
+    from its own noise: with sample j of every prompt on the same noise (seed + j, as probes were
+    until 2026-12-06), one unlucky noise weighed on every prompt at once, and the shipped flow world
+    probed shape 0.91 where 16 samples read 0.96 (one of the four noises alone read 0.76).
     ``grid``: where to save the shape x colour samples as a PNG ("text" only)."""
     sets = world_prompt_sets()
+    gen = functools.partial(generate, bb, samples_per_prompt=samples_per_prompt, seed=seed, steps=steps,
+                            guidance=guidance, distinct_noise=True)
     if part == "text":
         sc, bg = sets["shape_color"], sets["background"]
-        imgs = generate(bb, [p for p, _ in sc], samples_per_prompt, seed, steps, guidance)
+        imgs = gen([p for p, _ in sc])
         dets = _detect(imgs)
-        dets_bg = _detect(generate(bb, [p for p, _ in bg], samples_per_prompt, seed, steps, guidance))
+        dets_bg = _detect(gen([p for p, _ in bg]))
         n = len(sc) * samples_per_prompt
         if grid is not None:
             _probe_grid(grid, imgs, dets, sc)
@@ -181,10 +188,8 @@ def probe_world(bb: ShapesWorldBackbone, part: str, samples_per_prompt: int = 4,
     if part == "image":
         tokens, wants = _steering_exemplars(bb, seed)
         n = len(wants) * samples_per_prompt
-        dets = _detect(generate(bb, [""] * len(wants), samples_per_prompt, seed, steps, guidance,
-                                image_tokens=tokens))
-        joint = _detect(generate(bb, [data.prompt(w.shape, w.color) for w in wants], samples_per_prompt,
-                                 seed, steps, guidance, image_tokens=tokens))
+        dets = _detect(gen([""] * len(wants), image_tokens=tokens))
+        joint = _detect(gen([data.prompt(w.shape, w.color) for w in wants], image_tokens=tokens))
         return {"image_steer": round(sum(d.shape == w.shape for row, w in zip(dets, wants) for d in row) / n, 4),
                 "text_image": round(sum(d.shape == w.shape for row, w in zip(joint, wants) for d in row) / n, 4)}
     raise ValueError(f"part must be 'text' or 'image', got {part!r}")
