@@ -15,7 +15,6 @@ concepts of the same axis; ACC_e / ACC_p / H as in :mod:`bierasing.metrics`.
 from __future__ import annotations
 
 import functools
-
 import json
 import time
 from pathlib import Path

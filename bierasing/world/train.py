@@ -88,10 +88,9 @@ ARCHS = ("unet", "flow")
 #: The flow transformer's probes read shape 0.47-0.67 at step 7000 on seeds 0, 1 and 2
 #: (docs/shapesworld.md), far from the 0.93 stop, so its probes start at step 8000: seven fewer
 #: probes, 3.5 min of a run.
-ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0,
-                          "flow_t_mean": 0.0},
+ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0},
                  "flow": {"unet_steps": 16000, "flow_pooled_dropout": 0.5, "vision_steps": 3000,
-                          "probe_from": 8000, "flow_t_mean": 0.0}}
+                          "probe_from": 8000}}
 
 
 @dataclass
@@ -180,11 +179,11 @@ class TrainConfig:
     vae_steps: int = field(default=800, metadata={
         "help": "flow world: autoencoder steps (batch unet_batch). 600 steps x 128 reconstructed 200 fresh "
                 "renders with MSE 0.001 and the detector read shape, colour and background of every one"})
-    flow_t_mean: float | None = field(default=None, metadata={
+    flow_t_mean: float = field(default=0.0, metadata={
         "help": "flow world: sigma = sigmoid(mean + std z), z normal (SD3's logit-normal draw), then the "
                 "world's time shift; a lower mean trains more at low noise, where outlines are drawn. -0.5 on "
                 "seed 2 (2026-12-06) put the shape probes about 1000 steps ahead at steps 3000-6000 and level "
-                "again by 8000, so the default stays 0 (flow); the UNet world has no such draw"})
+                "again by 8000, so the default stays 0; the UNet world has no such draw"})
     flow_t_std: float = field(default=1.0, metadata={"help": "flow world: spread of the logit-normal sigma draw"})
     flow_pooled_dropout: float | None = field(default=None, metadata={
         "help": "flow world: share of transformer steps whose pooled text vector is the empty prompt's while "
