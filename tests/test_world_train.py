@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bierasing.world.models import ShapesWorldBackbone, WorldConfig
-from bierasing.world.train import TrainConfig, TrainingInterrupted, WorldTrainer, train_world
+from bierasing.world.train import TrainConfig, TrainingInterrupted, WorldTrainer, denoiser_bar_met, train_world
 
 TINY = WorldConfig(unet_channels=(8, 16, 16))
 
@@ -325,6 +325,24 @@ def test_a_probe_that_meets_its_bar_ends_the_stage_and_a_resumed_run_keeps_it_en
     assert again.try_resume() and again.stopped_at == {"unet": 4}
     again._loop(10, [torch.nn.Parameter(torch.zeros(()))], lambda: w.sum(), probe=lambda: calls.append(-1))
     assert again.step == 4 and calls == [2, 4]
+
+
+def _first_stop(shapes: list[float], bar: float = 0.93, color: float = 1.0) -> int | None:
+    history = []
+    for i, shape in enumerate(shapes):
+        history.append([i, {"shape": shape, "color": color, "background": 1.0}])
+        if denoiser_bar_met(history, bar):
+            return i
+    return None
+
+
+def test_the_denoiser_stops_on_the_mean_of_its_last_two_probes():
+    # the flow world's recorded probes at steps 8000, 9000, ... (bench/results/world_seeds.md)
+    assert _first_stop([0.77, 0.80, 0.86, 0.90, 0.92, 0.95]) == 5  # seed 0: step 13000, as one probe
+    assert _first_stop([0.80, 0.91, 0.87, 0.93]) is None  # seed 2: one probe stopped it at 11000
+    assert _first_stop([0.95]) is None  # a single probe is not enough
+    assert _first_stop([0.95, 0.95], bar=0.0) is None  # 0 = never stop
+    assert _first_stop([0.95, 0.95], color=0.90) is None
 
 
 def test_denoiser_probes_start_at_probe_from_and_image_stages_probe_from_the_start(tmp_path):

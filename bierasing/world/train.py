@@ -93,6 +93,16 @@ ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "visio
                           "probe_from": 8000}}
 
 
+def denoiser_bar_met(probes: list, bar: float) -> bool:
+    """Whether the mean of the last two probes ([step, {metric: value}]) reaches ``bar`` in shape
+    (with colour >= 0.95 and background >= 0.85). One probe's 4 samples per prompt swing by several
+    hundredths (flow seed 2 read 0.91 then 0.87); two of them halve that."""
+    if bar <= 0 or len(probes) < 2:
+        return False
+    mean = {k: (probes[-2][1][k] + probes[-1][1][k]) / 2 for k in ("shape", "color", "background")}
+    return mean["shape"] >= bar and mean["color"] >= 0.95 and mean["background"] >= 0.85
+
+
 @dataclass
 class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random choice in training"})
@@ -164,9 +174,9 @@ class TrainConfig:
         "help": "the denoiser stage's first probe step (probes only steer the early stop, never the "
                 "training); default by world: 0 UNet, 8000 flow"})
     unet_stop_at: float = field(default=0.93, metadata={
-        "help": "the UNet stage ends at the first probe whose shape accuracy reaches this (with colour "
-                ">= 0.95 and background >= 0.85), unet_steps being the most it trains; 0 = always "
-                "train unet_steps"})
+        "help": "the UNet stage ends at the first probe where the mean shape accuracy of it and the "
+                "probe before reaches this (with colour >= 0.95 and background >= 0.85), unet_steps "
+                "being the most it trains; 0 = always train unet_steps"})
     ip_stop_at: float = field(default=0.0, metadata={
         "help": "the image-branch stage ends at the first probe whose image steering reaches this "
                 "(with text + matching exemplar keeping the shape in >= 0.85); 0 = always train ip_steps "
@@ -608,12 +618,11 @@ class WorldTrainer:
             live = {k: v.clone() for k, v in unet.state_dict().items()}
             unet.load_state_dict(self.ema)
             try:
-                q = self._probe("text")
+                self._probe("text")
             finally:
                 unet.load_state_dict(live)
                 unet.train()
-            bar = self.tcfg.unet_stop_at
-            return bar > 0 and q["shape"] >= bar and q["color"] >= 0.95 and q["background"] >= 0.85
+            return denoiser_bar_met(self.probes[self.stage], self.tcfg.unet_stop_at)
 
         self._loop(self.tcfg.unet_steps, params, step, ema_update, probe)
         unet.load_state_dict(self.ema)  # sample (and train the image branch) with the EMA weights
