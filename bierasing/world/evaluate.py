@@ -47,7 +47,7 @@ def generate(backbone, prompts: Sequence[str], samples_per_prompt: int, seed: in
     seeds = [seed + (i * n if distinct_noise else 0) + j for i in range(len(prompts)) for j in range(n)]
     tokens = None
     if image_tokens is not None:
-        tokens = image_tokens.repeat_interleave(samples_per_prompt, dim=0)
+        tokens = image_tokens.repeat_interleave(n, dim=0)
     bar = tqdm(total=len(flat_prompts), desc=desc, disable=not progress, dynamic_ncols=True)
 
     def cb(done, total):
@@ -56,7 +56,7 @@ def generate(backbone, prompts: Sequence[str], samples_per_prompt: int, seed: in
     imgs = sample(backbone, flat_prompts, seeds, steps=steps, guidance=guidance,
                   image_tokens=tokens, batch_size=200, callback=cb)
     bar.close()
-    return _to_uint8(imgs).reshape(len(prompts), samples_per_prompt, *imgs.shape[2:], 3)
+    return _to_uint8(imgs).reshape(len(prompts), n, *imgs.shape[2:], 3)
 
 
 def _detect(images: np.ndarray) -> list[list[Detection]]:
