@@ -340,6 +340,7 @@ def test_the_denoiser_stops_on_the_mean_of_its_last_two_probes():
     # the flow world's recorded probes at steps 8000, 9000, ... (bench/results/world_seeds.md)
     assert _first_stop([0.77, 0.80, 0.86, 0.90, 0.92, 0.95]) == 5  # seed 0: step 13000, as one probe
     assert _first_stop([0.80, 0.91, 0.87, 0.93]) is None  # seed 2: one probe stopped it at 11000
+    assert _first_stop([0.91, 0.95]) == 1  # a mean of exactly the bar meets it
     assert _first_stop([0.95]) is None  # a single probe is not enough
     assert _first_stop([0.95, 0.95], bar=0.0) is None  # 0 = never stop
     assert _first_stop([0.95, 0.95], color=0.90) is None

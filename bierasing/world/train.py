@@ -99,7 +99,8 @@ def denoiser_bar_met(probes: list, bar: float) -> bool:
     hundredths (flow seed 2 read 0.91 then 0.87); two of them halve that."""
     if bar <= 0 or len(probes) < 2:
         return False
-    mean = {k: (probes[-2][1][k] + probes[-1][1][k]) / 2 for k in ("shape", "color", "background")}
+    # probes are rounded to 4 places; so is their mean, or (0.91 + 0.95) / 2 would fall short of 0.93
+    mean = {k: round((probes[-2][1][k] + probes[-1][1][k]) / 2, 4) for k in ("shape", "color", "background")}
     return mean["shape"] >= bar and mean["color"] >= 0.95 and mean["background"] >= 0.85
 
 
