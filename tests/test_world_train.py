@@ -356,7 +356,7 @@ def test_denoiser_probes_start_at_probe_from_and_image_stages_probe_from_the_sta
         probe = lambda: calls.append((trainer.stage, trainer.step))  # noqa: E731
         trainer._loop(10, [w], lambda: (w - 1) ** 2, probe=probe)
     assert calls == [("unet", 6), ("unet", 8), ("ip", 2), ("ip", 4), ("ip", 6), ("ip", 8)]
-    assert TrainConfig(arch="flow").probe_from == 8000 and TrainConfig().probe_from == 0
+    assert TrainConfig(arch="flow").probe_from == 11000 and TrainConfig().probe_from == 0
     with pytest.raises(ValueError, match="probe_from must be >= 0"):
         TrainConfig(probe_from=-1)
 

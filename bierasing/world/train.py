@@ -85,12 +85,12 @@ ARCHS = ("unet", "flow")
 #: at step 11000 (shape 0.92 evaluated), the slower decay keeping the rate up while shapes form. Redux reads one state of
 #: the image encoder, which must tell the shapes apart by itself: 3000 steps took that from 0.85 to
 #: 0.995 (nearest class mean) and steering from 0.71 to 0.855 on seed 0.
-#: The flow transformer's probes read shape 0.47-0.67 at step 7000 on seeds 0, 1 and 2
-#: (docs/shapesworld.md), far from the 0.93 stop, so its probes start at step 8000: seven fewer
-#: probes, 3.5 min of a run.
+#: The flow transformer's probes start at step 11000, so it never stops before 12000: Redux steers
+#: only a transformer further along than the shape stop needs (seed 2: 0.75 / 0.795 / 0.9525 at
+#: steps 10000 / 11000 / 12000; seed 3, not used to choose it: 0.9275 at 12000; docs/shapesworld.md).
 ARCH_DEFAULTS = {"unet": {"unet_steps": 5500, "flow_pooled_dropout": 0.0, "vision_steps": 1500, "probe_from": 0},
                  "flow": {"unet_steps": 16000, "flow_pooled_dropout": 0.5, "vision_steps": 3000,
-                          "probe_from": 8000}}
+                          "probe_from": 11000}}
 
 
 def denoiser_bar_met(probes: list, bar: float) -> bool:
@@ -173,7 +173,8 @@ class TrainConfig:
                 "steps when ip_stop_at is set; 0 = never"})
     probe_from: int | None = field(default=None, metadata={
         "help": "the denoiser stage's first probe step (probes only steer the early stop, never the "
-                "training); default by world: 0 UNet, 8000 flow"})
+                "training), so with the two-probe stop no stop comes before probe_from + probe_every; default "
+                "by world: 0 UNet, 11000 flow (its image branch needs the transformer past step 12000)"})
     unet_stop_at: float = field(default=0.93, metadata={
         "help": "the UNet stage ends at the first probe where the mean shape accuracy of it and the "
                 "probe before reaches this (with colour >= 0.95 and background >= 0.85), unet_steps "
