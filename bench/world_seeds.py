@@ -40,15 +40,28 @@ def row(folder: Path) -> dict:
             "meets_bar": all(q[k] >= v for k, v in BAR.items())}
 
 
-def markdown(rows: list[dict], notes: list[str]) -> str:
+HEADER = ("| run | seed | arch | edge weight | shape | colour | background | steering | text + image | "
+          "'none' | minutes | bar |", "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown(rows: list[dict], notes: list[str], defaults: dict | None = None) -> str:
     lines = ["# World training from several seeds", "",
              "Each row is one `bierasing world train` run on a 2-core CPU (torch threads 2), evaluated with "
              "16 samples per prompt. Bar: shape >= 0.90, colour >= 0.90, background >= 0.85, image "
              "steering >= 0.80.", "",
              "Flow rows: transformer blocks double+single, Redux tokens (0 = one per image-encoder hidden state, "
-             "n = the class state n times).", "",
-             "| run | seed | arch | edge weight | shape | colour | background | steering | text + image | "
-             "'none' | minutes | bar |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "n = the class state n times).", ""]
+    by_run = {r["run"]: r for r in rows}
+    for arch, spec in (defaults or {}).items():
+        lines += [f"## Today's default, {arch} world", "", spec["recipe"], "", *HEADER,
+                  *table_rows(by_run[name] for name in spec["runs"]), ""]
+    lines += ["## Every run", "", *HEADER, *table_rows(rows)]
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(rows) -> list[str]:
+    lines = []
     for r in rows:
         q, rc = r["quality"], r["recipe"]
         arch = rc["arch"] if "blocks" not in rc else f"flow {rc['blocks']}, Redux {rc['redux_tokens']}"
@@ -56,8 +69,7 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
                      f"{q['color_acc']:.3f} | {q['axis3_acc']:.3f} | {q['image_steer_acc']:.3f} | "
                      f"{q['text_image_shape_acc']:.3f} | {q['none_rate']:.3f} | {r['total_minutes']} | "
                      f"{'met' if r['meets_bar'] else 'missed'} |")
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(folders: list[str]) -> None:
@@ -69,7 +81,8 @@ def main(folders: list[str]) -> None:
         by_run[r["run"]] = r
     results["rows"] = sorted(by_run.values(), key=lambda r: (r["recipe"]["arch"], r["run"]))
     atomic_write_text(path, json.dumps(results, indent=2))
-    atomic_write_text(RESULTS / "world_seeds.md", markdown(results["rows"], results["notes"]))
+    atomic_write_text(RESULTS / "world_seeds.md",
+                      markdown(results["rows"], results["notes"], results.get("defaults")))
 
 
 if __name__ == "__main__":
