@@ -174,7 +174,7 @@ class TrainConfig:
     probe_from: int | None = field(default=None, metadata={
         "help": "the denoiser stage's first probe step (probes only steer the early stop, never the "
                 "training), so with the two-probe stop no stop comes before probe_from + probe_every; default "
-                "by world: 0 UNet, 11000 flow (its image branch needs the transformer past step 12000)"})
+                "by world: 0 UNet, 11000 flow (its image branch steered reliably only from transformer step 12000)"})
     unet_stop_at: float = field(default=0.93, metadata={
         "help": "the UNet stage ends at the first probe where the mean shape accuracy of it and the "
                 "probe before reaches this (with colour >= 0.95 and background >= 0.85), unet_steps "
