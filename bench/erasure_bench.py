@@ -385,9 +385,10 @@ def write_reports(results: dict) -> None:
     world = "ShapesWorld" if MODEL == "shapesworld" else "ShapesWorld-Flow, FLUX-layout transformer + Redux"
     lines = [f"# Erasure benchmark ({world})", "",
              f"Machine: 2 CPU cores, torch threads 2. {results['samples_per_prompt']} samples per prompt, "
-             "DDIM 20 steps, CFG 1.5, detector-scored. ACC_e lower is better, ACC_p and H higher. "
+             f"{'DDIM' if MODEL == 'shapesworld' else 'Euler'} 20 steps, CFG 1.5, detector-scored. "
+             "ACC_e lower is better, ACC_p and H higher. "
              "`syn ACC_e`: target named by synonyms never used in erasure training. "
-             "FE/sample: UNet forward-equivalents per x_t sample (backward = 2 forwards).", ""]
+             "FE/sample: model forward-equivalents per x_t sample (backward = 2 forwards).", ""]
     if results.get("baseline"):
         lines += ["## Untouched model", "", "| target | ACC_e | ACC_p | H | syn ACC_e |", "|---|---|---|---|---|"]
         for t, b in results["baseline"].items():
