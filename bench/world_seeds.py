@@ -48,7 +48,8 @@ def markdown(rows: list[dict], notes: list[str], defaults: dict | None = None) -
     lines = ["# World training from several seeds", "",
              "Each row is one `bierasing world train` run on a 2-core CPU (torch threads 2), evaluated with "
              "16 samples per prompt. Bar: shape >= 0.90, colour >= 0.90, background >= 0.85, image "
-             "steering >= 0.80.", "",
+             "steering >= 0.80. Minutes: the training stages, without the final evaluation (about 1 min "
+             "more on the flow world, 3-4 on the UNet world).", "",
              "Flow rows: transformer blocks double+single, Redux tokens (0 = one per image-encoder hidden state, "
              "n = the class state n times).", ""]
     by_run = {r["run"]: r for r in rows}
