@@ -171,9 +171,9 @@ def write_reports(results: dict) -> None:
     atomic_write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
 
 
-def _run_single(spec: dict) -> dict | None:
-    """One row in its own process (a crash or OOM there does not stop the rest)."""
-    proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+def run_single(spec: dict, script: str = __file__) -> dict | None:
+    """One row in its own process running ``script --single`` (a crash or OOM there does not stop the rest)."""
+    proc = subprocess.run([sys.executable, script, "--single", json.dumps(spec)],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -229,7 +229,7 @@ def main() -> int:
                 "embedding_steps": args.embedding_steps, "embedding_only": old is not None}
         # a row from before the embedding attack existed gets that column only
         print(f"[attack] {'embedding attack on ' if old else ''}{j['method']} on {j['target']} ...", flush=True)
-        out = _run_single(spec)
+        out = run_single(spec)
         if out is None:
             failed += 1
             continue
