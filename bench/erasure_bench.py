@@ -91,6 +91,8 @@ RUNS = {
     # 2026-12-07: does the adversarial row resist the benchmark's conditioning attack once it trains against
     # an attack as strong (40 steps, refreshed every 10 draws of a concept) at full weight?
     "bi-adv-strong": ("engine", {**DEFAULT, "adversarial": 1.0, "adversarial_steps": 40, "adversarial_every": 10}),
+    "bi-adv-strong-seed1": ("engine", {**DEFAULT, "adversarial": 1.0, "adversarial_steps": 40, "adversarial_every": 10,
+                                       "seed": 1}),
     "bi-warm-25": ("engine", {**DEFAULT, "warm_start": True, "steps": 25}),
     "bi-warm-50": ("engine", {**DEFAULT, "warm_start": True, "steps": 50}),
     "bi-warm-100": ("engine", {**DEFAULT, "warm_start": True, "steps": 100}),
