@@ -8,8 +8,8 @@ as attack_bench.py runs it, and then the same sampling is scored under ``--draws
 that move every token by exactly as much as the attack moved it, in a random direction. When the
 random offsets bring the concept back as often as the attack does, the attack's success measures
 how far the erasure reaches around the prompt, not what optimisation found. The attack's loss
-before and after (on one fixed batch) is reported too: a loss that does not fall means the
-optimisation found nothing.
+before and after (on one fixed batch) is reported too; it can stay flat where the attack succeeds
+(the highest-t denoising loss hardly changes, its gradient still points somewhere useful).
 
 Results: bench/results/attack_control[_flow].{json,md}; finished rows are skipped on a re-run.
 """

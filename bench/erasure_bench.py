@@ -44,6 +44,8 @@ DEFAULT = {"preserve": "auto", "contexts": -1}  # = EraseConfig(): the model's o
 # EraseConfig() on ShapesWorld 2026-11-25..12-05: the world's hand-made preserve set and contexts
 # (bierasing.world.related.suggest), the negative anchor 0.5 for every concept
 HAND = {"preserve": "auto", "contexts": -1, "_related": "hand", "neg_anchor": 0.5}
+# adversarial rows at full weight against an attack as strong as the benchmark's (40 steps), refreshed every 10 draws
+ADV_STRONG = {"adversarial": 1.0, "adversarial_steps": 40, "adversarial_every": 10}
 RUNS = {
     "bi-default": ("engine", {**DEFAULT}),  # = EraseConfig(), bierasing erase's defaults
     # the default on flow models until 2026-12-06: x0 weighting capped at 10 (now velocity MSE there)
@@ -90,9 +92,8 @@ RUNS = {
     "bi-instant": ("instant", {}),
     # 2026-12-07: does the adversarial row resist the benchmark's conditioning attack once it trains against
     # an attack as strong (40 steps, refreshed every 10 draws of a concept) at full weight?
-    "bi-adv-strong": ("engine", {**DEFAULT, "adversarial": 1.0, "adversarial_steps": 40, "adversarial_every": 10}),
-    "bi-adv-strong-seed1": ("engine", {**DEFAULT, "adversarial": 1.0, "adversarial_steps": 40, "adversarial_every": 10,
-                                       "seed": 1}),
+    "bi-adv-strong": ("engine", {**DEFAULT, **ADV_STRONG}),
+    "bi-adv-strong-seed1": ("engine", {**DEFAULT, **ADV_STRONG, "seed": 1}),
     "bi-warm-25": ("engine", {**DEFAULT, "warm_start": True, "steps": 25}),
     "bi-warm-50": ("engine", {**DEFAULT, "warm_start": True, "steps": 50}),
     "bi-warm-100": ("engine", {**DEFAULT, "warm_start": True, "steps": 100}),
